@@ -1,0 +1,45 @@
+"""token-exchange: OAuth 2.0 Token Exchange (RFC 8693) for SMART on FHIR."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Extension:
+    settings: object
+    engine: object
+    store: object
+    server: object
+    metrics: object
+    jwks_cache: object
+
+
+def create_app(settings=None, env=None):
+    """Application factory: settings, database, authorization server, blueprint, CLI."""
+    import requests
+    from flask import Flask
+
+    from . import endpoints, logs
+    from .db import make_engine
+    from .issuers import JWKSCache
+    from .metrics import Metrics
+    from .server import TokenExchangeServer
+    from .settings import Settings
+    from .store import Store
+    from .subject import TokenValidator
+
+    app = Flask(__name__, instance_relative_config=True)
+    settings = settings or Settings.from_env(env, instance_path=app.instance_path)
+    logs.configure()
+    engine = make_engine(settings.database_url)
+    store = Store(engine, settings)
+    metrics = Metrics()
+    http = requests.Session()
+    jwks_cache = JWKSCache(settings, http, metrics)
+    validator = TokenValidator(jwks_cache, http, settings)
+    server = TokenExchangeServer(settings, store, validator, metrics=metrics)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    app.extensions["token_exchange"] = Extension(settings, engine, store, server, metrics, jwks_cache)
+    app.register_blueprint(endpoints.bp)
+    endpoints.register_error_handlers(app)
+    return app

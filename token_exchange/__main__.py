@@ -1,0 +1,3 @@
+from token_exchange.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""HTTP: /token /jwks /.well-known/* /healthz /readyz /metrics (and /introspect, /revoke)."""
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, Response, current_app, json, request
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from . import keys, urns
+from .errors import InvalidRequest, OAuth2Error, RequestTooLarge, TemporarilyUnavailable
+from .server import TokenRequest
+
+log = logging.getLogger(__name__)
+bp = Blueprint("token_exchange", __name__)
+FORM = "application/x-www-form-urlencoded"
+
+
+def _ext():
+    return current_app.extensions["token_exchange"]
+
+
+def json_response(status, body, headers=()):
+    resp = Response(json.dumps(body), status=status, mimetype="application/json")
+    for k, v in headers:
+        if k.lower() != "content-type":
+            resp.headers[k] = v
+    return resp
+
+
+def oauth_error_response(error: OAuth2Error):
+    """The one place a typed error becomes HTTP (RFC 6749 §5.2)."""
+    status, body, headers = error()
+    return json_response(status, body, headers)
+
+
+def read_form() -> MultiDict:
+    """The request body as a form, strictly: size first, form-encoded POST only,
+    no parameters in the query string (RFC 6749 §3.2)."""
+    max_body = _ext().settings.max_body
+    if request.content_length is not None and request.content_length > max_body:
+        raise RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.")
+    if request.mimetype != FORM:
+        raise InvalidRequest(f"Send the request as {FORM}.")
+    if request.query_string:
+        raise InvalidRequest("Send parameters in the form body, not in the query string.")
+    try:
+        return request.form
+    except RequestEntityTooLarge:
+        raise RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.") from None
+
+
+@bp.post("/token")
+def token():
+    started = time.perf_counter()
+    ext = _ext()
+    try:
+        form = read_form()
+    except OAuth2Error as e:
+        ext.metrics.exchange("refused", e.error)
+        return oauth_error_response(e)
+    req = TokenRequest(request.method, ext.settings.token_endpoint, request.headers, form)
+    status, body, headers = ext.server.create_token_response(req)
+    ext.metrics.observe(time.perf_counter() - started)
+    return json_response(status, body, headers)
+
+
+@bp.get("/jwks")
+def jwks():
+    ext = _ext()
+    cfg = ext.store.config()
+    body = {"keys": keys.published(cfg.key_rows, ext.settings.key_grace)}
+    resp = json_response(200, body)
+    # Short enough that a rotation reaches verifiers well inside the grace period.
+    resp.headers["Cache-Control"] = f"public, max-age={min(300, max(1, ext.settings.key_grace // 4))}"
+    return resp
+
+
+def _metadata():
+    s = _ext().settings
+    base = s.issuer
+    return {
+        "issuer": base,
+        "token_endpoint": s.token_endpoint,
+        "jwks_uri": base + "/jwks",
+        "introspection_endpoint": base + "/introspect",
+        "revocation_endpoint": base + "/revoke",
+        "grant_types_supported": [urns.TOKEN_EXCHANGE],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": list(urns.CLIENT_ASSERTION_ALGS),
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "response_types_supported": [],
+        "scopes_supported": [],
+    }
+
+
+@bp.get("/.well-known/oauth-authorization-server")
+def oauth_metadata():
+    resp = json_response(200, _metadata())
+    resp.headers["Cache-Control"] = "public, max-age=300"
+    return resp
+
+
+@bp.get("/.well-known/smart-configuration")
+def smart_configuration():
+    meta = _metadata()
+    caps = ["token-exchange-accesstoken", "client-confidential-symmetric", "client-confidential-asymmetric"]
+    if _ext().store.config().any_id_token_trust:
+        caps.append("token-exchange-openid")
+    body = {k: meta[k] for k in ("issuer", "token_endpoint", "jwks_uri", "introspection_endpoint",
+                                  "revocation_endpoint", "grant_types_supported",
+                                  "token_endpoint_auth_methods_supported",
+                                  "token_endpoint_auth_signing_alg_values_supported")}
+    body.update(capabilities=caps, scopes_supported=[], response_types_supported=[])
+    resp = json_response(200, body)
+    resp.headers["Cache-Control"] = "public, max-age=60"
+    return resp
+
+
+@bp.get("/healthz")
+def healthz():
+    return json_response(200, {"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    try:
+        _ext().store.ping()
+    except SQLAlchemyError:
+        return json_response(503, {"status": "unavailable", "reason": "database unreachable"},
+                             [("Retry-After", "5")])
+    return json_response(200, {"status": "ready"})
+
+
+@bp.get("/metrics")
+def metrics():
+    ext = _ext()
+    if not ext.settings.metrics:
+        return json_response(404, {"error": "not_found"})
+    return Response(ext.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+
+def register_error_handlers(app):
+    @app.errorhandler(SQLAlchemyError)
+    def _db_down(exc):
+        ext = app.extensions["token_exchange"]
+        ext.metrics.inc("db_errors")
+        log.error("database error", extra={"reason": type(exc).__name__})
+        return oauth_error_response(TemporarilyUnavailable("The database is unreachable; retry shortly."))
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc):
+        return oauth_error_response(RequestTooLarge("The request body is larger than the limit."))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc):
+        return json_response(exc.code or 500, {"error": (exc.name or "error").lower().replace(" ", "_")})
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc):
+        log.exception("unexpected error")
+        return json_response(500, {"error": "server_error", "error_description": "An unexpected error occurred."},
+                             [("Cache-Control", "no-store")])

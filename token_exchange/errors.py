@@ -1,0 +1,64 @@
+"""Typed errors Authlib lacks, in its style: raise them, never return them.
+
+Each carries a public ``description`` (what the caller should fix) and may carry
+a private ``detail`` for the log. They become HTTP in exactly one place
+(``endpoints.oauth_error_response``).
+"""
+from authlib.oauth2.rfc6749.errors import (InvalidClientError, InvalidRequestError,  # noqa: F401
+                                           InvalidScopeError, OAuth2Error, UnauthorizedClientError,
+                                           UnsupportedGrantTypeError)
+
+
+class _Detailed:
+    def __init__(self, description=None, detail=None, **kw):
+        super().__init__(description=description, **kw)
+        self.detail = detail
+
+
+class InvalidTargetError(_Detailed, OAuth2Error):
+    """RFC 8693 §2.2.2: the requested resource or audience is unknown, malformed or not allowed."""
+    error = "invalid_target"
+    status_code = 400
+
+
+class InvalidRequest(_Detailed, InvalidRequestError):
+    pass
+
+
+class InvalidClient(_Detailed, InvalidClientError):
+    status_code = 401
+
+    def get_headers(self):
+        # RFC 6749 §5.2: a 401 for client authentication carries WWW-Authenticate.
+        return super().get_headers() + [("WWW-Authenticate", 'Basic realm="token-exchange"')]
+
+
+class UnauthorizedClient(_Detailed, UnauthorizedClientError):
+    pass
+
+
+class InvalidScope(_Detailed, InvalidScopeError):
+    pass
+
+
+class UnsupportedGrantType(_Detailed, UnsupportedGrantTypeError):
+    pass
+
+
+class RequestTooLarge(InvalidRequest):
+    status_code = 413
+
+
+class TemporarilyUnavailable(_Detailed, OAuth2Error):
+    """RFC 6749 §4.1.2.1 temporarily_unavailable, as an HTTP status with Retry-After."""
+    error = "temporarily_unavailable"
+
+    def __init__(self, description=None, status_code=503, retry_after=5, **kw):
+        super().__init__(description=description, status_code=status_code, **kw)
+        self.retry_after = retry_after
+
+    def get_headers(self):
+        return super().get_headers() + [("Retry-After", str(self.retry_after))]
+
+
+InvalidTarget = InvalidTargetError

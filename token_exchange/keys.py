@@ -1,0 +1,73 @@
+"""The service's signing keys and the tokens it mints (RFC 9068 at+jwt).
+
+Key life: staged (published in /jwks, not yet signing) -> active (signing) ->
+retired (published for TOKEN_EXCHANGE_KEY_GRACE, so tokens already out keep
+verifying) -> pruned.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime, timedelta, timezone
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+SIGNING_ALGS = ("RS256", "ES256")
+DEFAULT_ALG = "RS256"
+
+
+def generate(alg: str = DEFAULT_ALG) -> tuple[str, str, dict]:
+    """-> (kid, private PEM, public JWK)."""
+    if alg == "RS256":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif alg == "ES256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        raise ValueError(f"unsupported signing algorithm {alg}; use one of {', '.join(SIGNING_ALGS)}")
+    kid = secrets.token_urlsafe(12)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    jwk = json.loads(jwt.get_algorithm_by_name(alg).to_jwk(key.public_key()))
+    jwk.update(kid=kid, alg=alg, use="sig")
+    return kid, pem, jwk
+
+
+def load_private(pem: str):
+    return serialization.load_pem_private_key(pem.encode(), password=None)
+
+
+class ActiveKey:
+    """A loaded signing key; its private part never leaves this object."""
+    __slots__ = ("kid", "alg", "_key", "_algorithm")
+
+    def __init__(self, kid: str, alg: str, pem: str):
+        self.kid, self.alg = kid, alg
+        self._algorithm = jwt.get_algorithm_by_name(alg)
+        self._key = self._algorithm.prepare_key(load_private(pem))
+
+    def __repr__(self):
+        return f"ActiveKey(kid={self.kid!r}, alg={self.alg!r})"
+
+    def mint(self, claims: dict) -> str:
+        # RFC 9068 §2.1: typ "at+jwt"
+        return jwt.encode(claims, self._key, algorithm=self.alg,
+                          headers={"kid": self.kid, "typ": "at+jwt"})
+
+
+def published(rows, grace: int, now: datetime | None = None) -> list[dict]:
+    """Public JWKs to publish: staged, active, and retired keys inside the grace period."""
+    now = now or datetime.now(timezone.utc)
+    out = []
+    for row in rows:
+        if row.state in ("staged", "active"):
+            out.append(row.public_jwk)
+        elif row.state == "retired" and row.retired is not None and \
+                _aware(row.retired) + timedelta(seconds=grace) > now:
+            out.append(row.public_jwk)
+    return out
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)

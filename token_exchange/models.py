@@ -1,0 +1,148 @@
+"""The service's data. Created only by the Alembic migrations in migrations/."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+URL = String(2048)
+ID = String(255)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Issuer(Base):
+    """A trusted source authorization server (an EHR)."""
+    __tablename__ = "issuer"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(URL, unique=True)  # exact `iss`
+    jwks_uri: Mapped[str] = mapped_column(URL)
+    algs: Mapped[list] = mapped_column(JSON)
+    sources: Mapped[list] = mapped_column(JSON)  # FHIR base URLs it may vouch for
+    audiences: Mapped[list] = mapped_column(JSON)  # extra accepted access-token audiences
+    patient_claim: Mapped[str] = mapped_column(String(64), default="patient")
+    source_claim: Mapped[str] = mapped_column(String(64), default="source")
+    introspection_endpoint: Mapped[str | None] = mapped_column(URL)
+    introspection_client_id: Mapped[str | None] = mapped_column(ID)
+    introspection_secret: Mapped[str | None] = mapped_column(Text)  # sealed when a key secret is set
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Target(Base):
+    """A FHIR server that accepts minted tokens; its base URL is their `aud`."""
+    __tablename__ = "target"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_url: Mapped[str] = mapped_column(URL, unique=True)
+    name: Mapped[str | None] = mapped_column(ID, unique=True)
+    max_ttl: Mapped[int | None] = mapped_column(Integer)
+    secret_salt: Mapped[str | None] = mapped_column(String(64))
+    secret_hash: Mapped[str | None] = mapped_column(String(128))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Client(Base):
+    """A vendor backend that asks for exchanges."""
+    __tablename__ = "client"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(ID, unique=True)
+    auth_method: Mapped[str] = mapped_column(String(32))  # client_secret | private_key_jwt
+    secret_salt: Mapped[str | None] = mapped_column(String(64))
+    secret_hash: Mapped[str | None] = mapped_column(String(128))
+    jwks: Mapped[dict | None] = mapped_column(JSON)
+    jwks_uri: Mapped[str | None] = mapped_column(URL)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Trust(Base):
+    """Client C may exchange tokens from issuer I, issued to upstream client U, for target T."""
+    __tablename__ = "trust"
+    __table_args__ = (UniqueConstraint("client_id", "issuer_id", "target_id", name="uq_trust"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("client.id", ondelete="CASCADE"))
+    issuer_id: Mapped[int] = mapped_column(ForeignKey("issuer.id", ondelete="CASCADE"))
+    target_id: Mapped[int] = mapped_column(ForeignKey("target.id", ondelete="CASCADE"))
+    scopes: Mapped[str] = mapped_column(Text)
+    upstream_client_id: Mapped[str] = mapped_column(ID)
+    max_ttl: Mapped[int | None] = mapped_column(Integer)
+    allow_id_token: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PatientLink(Base):
+    """(source FHIR base, source patient id) -> (target, target patient id)."""
+    __tablename__ = "patient_link"
+    __table_args__ = (UniqueConstraint("source", "patient", "target_id", name="uq_patient_link"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(URL)
+    patient: Mapped[str] = mapped_column(ID)
+    target_id: Mapped[int] = mapped_column(ForeignKey("target.id", ondelete="CASCADE"), index=True)
+    target_patient: Mapped[str] = mapped_column(ID)
+
+
+class SigningKey(Base):
+    """The service's own signing keys: staged -> active -> retired."""
+    __tablename__ = "signing_key"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kid: Mapped[str] = mapped_column(String(64), unique=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # staged | active | retired
+    private_key: Mapped[str] = mapped_column(Text)  # PEM, sealed when a key secret is set
+    public_jwk: Mapped[dict] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    activated: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Every exchange decision, granted or refused. Never a token or a secret."""
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_time", "time"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    client_id: Mapped[str | None] = mapped_column(ID)
+    issuer: Mapped[str | None] = mapped_column(URL)
+    subject: Mapped[str | None] = mapped_column(ID)
+    target: Mapped[str | None] = mapped_column(URL)
+    source_patient: Mapped[str | None] = mapped_column(ID)
+    target_patient: Mapped[str | None] = mapped_column(ID)
+    scope_requested: Mapped[str | None] = mapped_column(Text)
+    scope_granted: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16))  # granted | refused
+    error: Mapped[str | None] = mapped_column(String(64))
+    jti: Mapped[str | None] = mapped_column(String(64))
+
+
+class AdminEvent(Base):
+    """Every change made with the CLI: who, what, when."""
+    __tablename__ = "admin_event"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(ID)
+    action: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class Revocation(Base):
+    """A minted token revoked before its expiry (RFC 7009); pruned after `exp`."""
+    __tablename__ = "revocation"
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    exp: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class AssertionJti(Base):
+    """Client-assertion `jti`s spent while unexpired (RFC 7523 §3 replay defence)."""
+    __tablename__ = "assertion_jti"
+    client_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    exp: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class Generation(Base):
+    """One row: bumped by every CLI change so running workers reload within seconds."""
+    __tablename__ = "generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,70 @@
+"""Trust, upstream client, scope and lifetime decisions: pure over their inputs."""
+from __future__ import annotations
+
+from . import scopes, urns
+from .errors import InvalidRequest, InvalidScope, InvalidTarget  # noqa: F401
+
+
+def find_trust(cfg, client_id: str, issuer_url: str, target):
+    """Contract order: a trust for this issuer (else invalid_request), then for this
+    target (else invalid_target)."""
+    trusts = cfg.trusts_by_client.get(client_id, ())
+    if not any(t.issuer == issuer_url for t in trusts):
+        raise InvalidRequest("This client is not trusted to exchange tokens from this issuer.")
+    trust = cfg.trusts.get((client_id, issuer_url, target.id))
+    if trust is None:
+        raise InvalidTarget("This client may not obtain tokens for this target from this issuer.")
+    return trust
+
+
+def check_upstream(presented, trust) -> None:
+    """Rule 3: the tokens were issued to the trust's upstream client, so a token
+    stolen from another app cannot be exchanged."""
+    up = trust.upstream_client_id
+    if presented.subject_type != urns.ID_TOKEN:
+        claims = presented.claims
+        issued_to = claims.get("client_id", claims.get("azp"))
+        if issued_to != up:
+            raise InvalidRequest("The subject_token was issued to another client than the one this trust names.")
+    ident = presented.id_claims
+    if ident is not None:
+        aud = ident.get("aud")
+        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if up not in auds or ("azp" in ident and ident["azp"] != up):
+            raise InvalidRequest("The ID token was issued to another client than the one this trust names.")
+
+
+def allowed_form(presented, trust) -> None:
+    if presented.subject_type == urns.ID_TOKEN and not trust.allow_id_token:
+        raise InvalidRequest("This trust does not allow the OpenID exchange; "
+                             "send the EHR access token as subject_token.")
+
+
+def decide_scopes(requested: str | None, presented, trust) -> scopes.ScopeSet:
+    """Rule 6: requested ∩ the access token's scopes ∩ the trust's scopes."""
+    bounds = [trust.scopes] if presented.token_scopes is None else [presented.token_scopes, trust.scopes]
+    granted = scopes.downscope(requested, *bounds)
+    if not granted:
+        raise InvalidScope("No scope is left after downscoping: request SMART resource scopes that "
+                           "both the subject token and this client's trust allow.")
+    return granted
+
+
+def without_patient(granted: scopes.ScopeSet) -> scopes.ScopeSet:
+    """Rule 7: no patient link, no patient scopes."""
+    rest = granted.without_patient()
+    if not rest:
+        raise InvalidScope("patient/ scopes need a patient known to the target: the launch names "
+                           "no patient, or no patient link maps it to this target.")
+    return rest
+
+
+def lifetime(ttl: int, trust, target, expires: int, now: int) -> int:
+    """The smallest of the service TTL, the trust's and the target's caps, and what
+    remains of every presented token."""
+    caps = [ttl, expires - now]
+    caps += [c for c in (trust.max_ttl, target.max_ttl) if c]
+    life = min(caps)
+    if life < 1:
+        raise InvalidRequest("The presented token has expired.")
+    return life

@@ -1,0 +1,88 @@
+"""Every setting, its default and its environment variable; validated at start.
+
+One source of truth: the rest of the code reads ``Settings``, never ``os.environ``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the variable."""
+
+
+def _int(env, name, default, minimum=0):
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number of seconds, not {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: TOKEN_EXCHANGE_DATABASE_URL: SQLAlchemy URL; default an SQLite file under instance/.
+    database_url: str
+    #: TOKEN_EXCHANGE_ISSUER: this service's issuer URL (iss of minted tokens, RFC 8414 issuer).
+    issuer: str = "http://127.0.0.1:8000"
+    #: TOKEN_EXCHANGE_TOKEN_TTL: the longest lifetime of a minted token, seconds.
+    token_ttl: int = 300
+    #: TOKEN_EXCHANGE_KEY_GRACE: how long a retired key stays in /jwks; default ttl + 60 s.
+    key_grace: int = 360
+    #: TOKEN_EXCHANGE_REDIS_URL: optional accelerator shared by instances.
+    redis_url: str | None = None
+    #: TOKEN_EXCHANGE_KEY_SECRET: optional; encrypts private keys and outbound secrets at rest,
+    #: peppers client-secret hashes.
+    key_secret: str | None = field(default=None, repr=False)
+    #: TOKEN_EXCHANGE_JWKS_CACHE_TTL: how long an issuer's JWKS is used before a refresh.
+    jwks_cache_ttl: int = 300
+    #: TOKEN_EXCHANGE_JWKS_STALE_MAX: how long cached keys keep serving while the issuer is down.
+    jwks_stale_max: int = 86400
+    #: TOKEN_EXCHANGE_JWKS_MIN_REFETCH: least seconds between two fetches of one issuer's JWKS.
+    jwks_min_refetch: int = 10
+    #: TOKEN_EXCHANGE_HTTP_TIMEOUT: seconds for any outbound call (JWKS, discovery, introspection).
+    http_timeout: int = 5
+    #: TOKEN_EXCHANGE_RELOAD_INTERVAL: seconds between checks for CLI changes (keys, config).
+    reload_interval: float = 1.0
+    #: TOKEN_EXCHANGE_RATE_LIMIT: exchanges per client per minute; 0 = off.
+    rate_limit: int = 0
+    #: TOKEN_EXCHANGE_METRICS: "on" to serve /metrics (default), "off" to hide it.
+    metrics: bool = True
+    #: request bodies above this are refused with 413 before parsing.
+    max_body: int = 64 * 1024
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.issuer.rstrip("/") + "/token"
+
+    @classmethod
+    def from_env(cls, env=None, instance_path="instance") -> Settings:
+        env = os.environ if env is None else env
+        issuer = env.get("TOKEN_EXCHANGE_ISSUER") or cls.issuer
+        parts = urlsplit(issuer)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise SettingsError("TOKEN_EXCHANGE_ISSUER must be an http(s) URL without query or fragment")
+        ttl = _int(env, "TOKEN_EXCHANGE_TOKEN_TTL", 300, minimum=1)
+        db = env.get("TOKEN_EXCHANGE_DATABASE_URL") or f"sqlite:///{os.path.abspath(instance_path)}/token_exchange.db"
+        return cls(
+            database_url=db,
+            issuer=issuer.rstrip("/") if parts.path not in ("", "/") else f"{parts.scheme}://{parts.netloc}",
+            token_ttl=ttl,
+            key_grace=_int(env, "TOKEN_EXCHANGE_KEY_GRACE", ttl + 60),
+            redis_url=env.get("TOKEN_EXCHANGE_REDIS_URL") or None,
+            key_secret=env.get("TOKEN_EXCHANGE_KEY_SECRET") or None,
+            jwks_cache_ttl=_int(env, "TOKEN_EXCHANGE_JWKS_CACHE_TTL", 300),
+            jwks_stale_max=_int(env, "TOKEN_EXCHANGE_JWKS_STALE_MAX", 86400),
+            jwks_min_refetch=_int(env, "TOKEN_EXCHANGE_JWKS_MIN_REFETCH", 10),
+            http_timeout=_int(env, "TOKEN_EXCHANGE_HTTP_TIMEOUT", 5, minimum=1),
+            reload_interval=float(_int(env, "TOKEN_EXCHANGE_RELOAD_INTERVAL", 1)),
+            rate_limit=_int(env, "TOKEN_EXCHANGE_RATE_LIMIT", 0),
+            metrics=(env.get("TOKEN_EXCHANGE_METRICS", "on").lower() not in ("off", "0", "false", "no")),
+        )

@@ -1,0 +1,242 @@
+"""Named queries: the only module that builds SQL.
+
+The request path reads configuration from an in-process ``Config`` snapshot,
+reloaded when the CLI bumps the generation row (checked at most every
+``reload_interval`` seconds), so no configuration query runs per request.
+Patient links, revocations, assertion jtis and audit records are queried or
+written directly: they are per-request facts.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import keys as keymod
+from . import scopes
+from .models import (AdminEvent, AssertionJti, AuditEvent, Client, Generation, Issuer, PatientLink,
+                     Revocation, SigningKey, Target, Trust)
+from .sealing import unseal
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class IssuerCfg:
+    url: str
+    jwks_uri: str
+    algs: tuple
+    sources: tuple
+    audiences: tuple
+    patient_claim: str
+    source_claim: str
+    introspection_endpoint: str | None
+    introspection_client_id: str | None
+    introspection_secret: str | None = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TargetCfg:
+    id: int
+    base_url: str
+    name: str | None
+    max_ttl: int | None
+    secret_salt: str | None = field(repr=False)
+    secret_hash: str | None = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TrustCfg:
+    client_id: str
+    issuer: str
+    target_id: int
+    scopes: scopes.ScopeSet
+    upstream_client_id: str
+    max_ttl: int | None
+    allow_id_token: bool
+
+
+@dataclass(frozen=True)
+class ClientCfg:
+    """A registered client, shaped as Authlib's ClientMixin where it needs one."""
+    client_id: str
+    auth_method: str
+    secret_salt: str | None = field(repr=False)
+    secret_hash: str | None = field(repr=False)
+    jwks: dict | None = None
+    jwks_uri: str | None = None
+
+    def get_client_id(self):
+        return self.client_id
+
+
+@dataclass
+class Config:
+    generation: int
+    issuers: dict  # url -> IssuerCfg
+    targets_by_url: dict  # base_url -> TargetCfg
+    targets_by_name: dict  # name -> TargetCfg
+    targets_by_id: dict
+    clients: dict  # client_id -> ClientCfg
+    trusts: dict  # (client_id, issuer_url, target_id) -> TrustCfg
+    trusts_by_client: dict  # client_id -> [TrustCfg]
+    active_key: keymod.ActiveKey | None
+    key_rows: list  # SigningKey rows (public parts) for /jwks
+
+    @property
+    def any_id_token_trust(self) -> bool:
+        return any(t.allow_id_token for t in self.trusts.values())
+
+
+class Store:
+    def __init__(self, engine, settings):
+        self.engine = engine
+        self.settings = settings
+        self._config: Config | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    # -- configuration snapshot -------------------------------------------
+    def config(self) -> Config:
+        now = time.monotonic()
+        cfg = self._config
+        if cfg is not None and now - self._checked < self.settings.reload_interval:
+            return cfg
+        with self._lock:
+            if self._config is not None and now - self._checked < self.settings.reload_interval:
+                return self._config
+            with self.engine.connect() as conn:
+                gen = conn.execute(select(Generation.value).where(Generation.id == 1)).scalar() or 0
+                if self._config is None or self._config.generation != gen:
+                    self._config = self._load(conn, gen)
+            self._checked = now
+            return self._config
+
+    def invalidate(self):
+        with self._lock:
+            self._config = None
+
+    def _load(self, conn, gen) -> Config:
+        secret = self.settings.key_secret
+        issuers, issuer_by_id = {}, {}
+        for r in conn.execute(select(Issuer)).all():
+            cfg = IssuerCfg(r.url, r.jwks_uri, tuple(r.algs), tuple(r.sources), tuple(r.audiences or ()),
+                            r.patient_claim, r.source_claim, r.introspection_endpoint,
+                            r.introspection_client_id,
+                            unseal(r.introspection_secret, secret) if r.introspection_secret else None)
+            issuers[r.url] = cfg
+            issuer_by_id[r.id] = cfg
+        targets = [TargetCfg(r.id, r.base_url, r.name, r.max_ttl, r.secret_salt, r.secret_hash)
+                   for r in conn.execute(select(Target)).all()]
+        clients, client_by_id = {}, {}
+        for r in conn.execute(select(Client)).all():
+            c = ClientCfg(r.client_id, r.auth_method, r.secret_salt, r.secret_hash, r.jwks, r.jwks_uri)
+            clients[r.client_id] = c
+            client_by_id[r.id] = c
+        trusts, by_client = {}, {}
+        for r in conn.execute(select(Trust)).all():
+            t = TrustCfg(client_by_id[r.client_id].client_id, issuer_by_id[r.issuer_id].url, r.target_id,
+                         scopes.parse(r.scopes, strict=False), r.upstream_client_id, r.max_ttl,
+                         bool(r.allow_id_token))
+            trusts[(t.client_id, t.issuer, t.target_id)] = t
+            by_client.setdefault(t.client_id, []).append(t)
+        key_rows = conn.execute(select(SigningKey.kid, SigningKey.alg, SigningKey.state, SigningKey.public_jwk,
+                                       SigningKey.retired, SigningKey.activated, SigningKey.private_key)
+                                .where(SigningKey.state.in_(("staged", "active", "retired")))
+                                .order_by(SigningKey.id)).all()
+        active = None
+        actives = [k for k in key_rows if k.state == "active"]
+        if actives:
+            newest = max(actives, key=lambda k: (k.activated or k.retired or utcnow()))
+            active = keymod.ActiveKey(newest.kid, newest.alg, unseal(newest.private_key, secret))
+        return Config(gen, issuers, {t.base_url: t for t in targets},
+                      {t.name: t for t in targets if t.name}, {t.id: t for t in targets},
+                      clients, trusts, by_client, active,
+                      [_PublicKey(k.kid, k.alg, k.state, k.public_jwk, k.retired) for k in key_rows])
+
+    # -- per-request facts -------------------------------------------------
+    def find_link(self, source: str, patient: str, target_id: int) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(PatientLink.target_patient).where(
+                    PatientLink.source == source, PatientLink.patient == patient,
+                    PatientLink.target_id == target_id)).scalar()
+
+    def record_audit(self, event: dict) -> None:
+        """Committed before the caller answers: a token issued always has its record."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(AuditEvent).values(time=utcnow(), **event))
+
+    def revoke(self, jti: str, exp: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(Revocation).where(Revocation.exp < int(time.time())))
+            if conn.execute(select(Revocation.jti).where(Revocation.jti == jti)).first() is None:
+                conn.execute(insert(Revocation).values(jti=jti, exp=exp))
+
+    def is_revoked(self, jti: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(Revocation.jti).where(Revocation.jti == jti)).first() is not None
+
+    def spend_assertion_jti(self, client_id: str, jti: str, exp: int) -> bool:
+        """True the first time (client, jti) is seen while unexpired; False on replay."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(AssertionJti).where(AssertionJti.exp < int(time.time()) - 120))
+                conn.execute(insert(AssertionJti).values(client_id=client_id, jti=jti, exp=exp))
+            return True
+        except IntegrityError:
+            return False
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    def audit_events(self, since=None, client=None, outcome=None, limit=None):
+        q = select(AuditEvent).order_by(AuditEvent.id)
+        if since is not None:
+            q = q.where(AuditEvent.time >= since)
+        if client:
+            q = q.where(AuditEvent.client_id == client)
+        if outcome:
+            q = q.where(AuditEvent.outcome == outcome)
+        if limit:
+            q = q.limit(limit)
+        with Session(self.engine) as s:
+            return list(s.scalars(q))
+
+    def admin_events(self, since=None):
+        q = select(AdminEvent).order_by(AdminEvent.id)
+        if since is not None:
+            q = q.where(AdminEvent.time >= since)
+        with Session(self.engine) as s:
+            return list(s.scalars(q))
+
+    # -- admin changes (the CLI) --------------------------------------------
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    @staticmethod
+    def bump(session: Session, actor: str, action: str, detail: str) -> None:
+        """Record an admin change and tell running workers to reload."""
+        session.execute(update(Generation).where(Generation.id == 1).values(value=Generation.value + 1))
+        session.add(AdminEvent(time=utcnow(), actor=actor, action=action, detail=detail))
+
+    @staticmethod
+    def count(session: Session, model) -> int:
+        return session.execute(select(func.count()).select_from(model)).scalar()
+
+
+@dataclass(frozen=True)
+class _PublicKey:
+    kid: str
+    alg: str
+    state: str
+    public_jwk: dict
+    retired: datetime | None

@@ -1,0 +1,237 @@
+"""Validate the presented subject and actor tokens -> one ``Presented`` context.
+
+Contract rules 1, 2 and 4: every token valid and from a registered issuer;
+subject and actor from one issuer naming one ``sub``; ``may_act`` honoured.
+The patient and its source come only from signed or introspected data.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import jwt
+
+from . import scopes, urns
+from .errors import InvalidRequest
+from .issuers import IssuerUnavailable, UnknownKey, introspect
+
+# Claims only an ID token carries (OIDC Core §2, §3.1.3.6): an access token has none.
+_ID_TOKEN_ONLY = ("nonce", "at_hash", "c_hash", "s_hash")
+_DECODE_OPTIONS = {"require": ["exp", "iss"], "verify_aud": False}
+
+
+@dataclass
+class Presented:
+    issuer: object  # IssuerCfg
+    subject_type: str
+    sub: str | None
+    claims: dict  # the subject token's claims (or introspection response)
+    id_claims: dict | None  # the ID token's claims, whichever slot it came in
+    token_scopes: scopes.ScopeSet | None  # None in the OpenID form
+    patient: str | None
+    source: str | None
+    fhir_user: str | None
+    expires: int  # the earliest exp of the tokens presented
+    opaque: bool = False
+    audit: dict = field(default_factory=dict)
+
+
+def looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2 and all(token.split("."))
+
+
+class TokenValidator:
+    def __init__(self, jwks_cache, http, settings):
+        self.jwks = jwks_cache
+        self.http = http
+        self.settings = settings
+
+    # -- one JWT ------------------------------------------------------------
+    def verify_jwt(self, token: str, cfg, what: str) -> tuple[object, dict]:
+        """Signature, algorithm, iss, exp, nbf, iat (rule 1) -> (IssuerCfg, claims)."""
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise InvalidRequest(f"The {what} is not a well-formed JWT.") from None
+        iss = unverified.get("iss")
+        issuer = cfg.issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise InvalidRequest(f"The {what} was not issued by a trusted issuer; "
+                                 "its iss must equal a registered issuer URL exactly.")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in issuer.algs or alg not in urns.ASYMMETRIC_ALGS:
+            raise InvalidRequest(f"The {what} is signed with an algorithm this issuer is not allowed to use.")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidRequest(f"The {what} has a malformed kid header.")
+        try:
+            key = self.jwks.key_for(issuer.jwks_uri, kid, alg)
+        except UnknownKey:
+            raise InvalidRequest(f"The {what} is signed with a key its issuer does not publish.") from None
+        except IssuerUnavailable:
+            raise InvalidRequest(f"The {what}'s issuer keys could not be fetched; try again later.") from None
+        try:
+            claims = jwt.decode(token, key, algorithms=[alg], options=_DECODE_OPTIONS,
+                                leeway=urns.CLOCK_LEEWAY)
+        except jwt.ExpiredSignatureError:
+            raise InvalidRequest(f"The {what} has expired.") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidRequest(f"The {what} is not yet valid (nbf or iat in the future).") from None
+        except jwt.MissingRequiredClaimError:
+            raise InvalidRequest(f"The {what} lacks a required claim (exp, iss).") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise InvalidRequest(f"The {what}'s signature does not verify.") from None
+        if claims.get("iss") != issuer.url:
+            raise InvalidRequest(f"The {what} was not issued by a trusted issuer.")
+        if "sub" in claims and not isinstance(claims["sub"], str):
+            raise InvalidRequest(f"The {what} has a malformed sub claim.")
+        return issuer, claims
+
+    # -- the whole request ----------------------------------------------------
+    def validate(self, req, cfg, client_id: str, target) -> Presented:
+        if req.subject_token_type == urns.ID_TOKEN:
+            issuer, claims = self.verify_jwt(req.subject_token, cfg, "subject_token (ID token)")
+            _check_id_token_shape(claims, "subject_token")
+            presented = Presented(issuer, req.subject_token_type, claims.get("sub"), claims, claims, None,
+                                  None, None, _str(claims.get("fhirUser")), int(claims["exp"]))
+        else:
+            presented = self._access_token(req, cfg, client_id, target)
+        _check_may_act(presented.claims, client_id)  # rule 4
+        self._locate_patient(presented)
+        return presented
+
+    def _access_token(self, req, cfg, client_id, target) -> Presented:
+        actor_issuer = actor = None
+        if req.actor_token is not None:
+            actor_issuer, actor = self.verify_jwt(req.actor_token, cfg, "actor_token (ID token)")
+            _check_id_token_shape(actor, "actor_token")
+        if looks_like_jwt(req.subject_token):
+            issuer, claims = self.verify_jwt(req.subject_token, cfg, "subject_token")
+            if any(c in claims for c in _ID_TOKEN_ONLY):
+                raise InvalidRequest("The subject_token is an ID token; send it as actor_token, "
+                                     "or as subject_token with subject_token_type id_token.")
+            aud = _aud(claims)
+            opaque = False
+        else:
+            if req.subject_token_type == urns.JWT:
+                raise InvalidRequest("subject_token_type jwt needs a JWT; this subject_token is opaque.")
+            issuer = actor_issuer or self._introspecting_issuer(cfg, client_id, target)
+            claims = self._introspect(issuer, req.subject_token)
+            aud = _aud(claims) if "aud" in claims else None
+            opaque = True
+        # Rule 1: a subject access token is meant for the issuer's FHIR servers.
+        accepted = set(issuer.sources) | set(issuer.audiences)
+        if aud is not None and not accepted.intersection(aud):
+            raise InvalidRequest("The subject_token is not an access token for a FHIR server this "
+                                 "issuer vouches for (its aud names none of the registered sources).")
+        # Rule 2: one issuer, one subject.
+        if actor is not None:
+            if actor_issuer.url != issuer.url:
+                raise InvalidRequest("The subject_token and actor_token come from different issuers.")
+            if "sub" in claims and "sub" in actor and claims["sub"] != actor["sub"]:
+                raise InvalidRequest("The subject_token and actor_token name different subjects (sub).")
+        raw_scope = claims.get("scope", claims.get("scp"))
+        if isinstance(raw_scope, list):
+            raw_scope = " ".join(s for s in raw_scope if isinstance(s, str))
+        token_scopes = scopes.parse(raw_scope if isinstance(raw_scope, str) else "", strict=False)
+        exps = [int(c["exp"]) for c in (claims, actor) if c is not None and isinstance(c.get("exp"), (int, float))]
+        sub = claims.get("sub") if isinstance(claims.get("sub"), str) else (actor or {}).get("sub")
+        fhir_user = _str((actor or {}).get("fhirUser"))
+        return Presented(issuer, req.subject_token_type, sub, claims, actor, token_scopes, None, None,
+                         fhir_user, min(exps) if exps else int(time.time()) + self.settings.token_ttl,
+                         opaque=opaque)
+
+    def _introspecting_issuer(self, cfg, client_id, target):
+        """An opaque token carries no iss: the one issuer with introspection among this
+        client's trusts for this target. Never send a token to more than one issuer."""
+        candidates = {t.issuer for t in cfg.trusts_by_client.get(client_id, ())
+                      if target is None or t.target_id == target.id}
+        candidates = [cfg.issuers[u] for u in sorted(candidates) if cfg.issuers[u].introspection_endpoint]
+        if len(candidates) != 1:
+            raise InvalidRequest("The subject_token is opaque and its issuer cannot be chosen; "
+                                 "send the EHR's ID token as actor_token.")
+        return candidates[0]
+
+    def _introspect(self, issuer, token: str) -> dict:
+        if not issuer.introspection_endpoint:
+            raise InvalidRequest("The subject_token is opaque and its issuer has no introspection "
+                                 "endpoint registered; send a JWT access token.")
+        try:
+            body = introspect(self.http, issuer, token, self.settings.http_timeout)
+        except IssuerUnavailable:
+            raise InvalidRequest("The subject_token could not be introspected at its issuer; try again later.") from None
+        if body.get("active") is not True:
+            raise InvalidRequest("The subject_token is not active at its issuer.")
+        now = time.time()
+        exp = body.get("exp")
+        if exp is not None and (not isinstance(exp, (int, float)) or exp + urns.CLOCK_LEEWAY < now):
+            raise InvalidRequest("The subject_token has expired.")
+        if "iss" in body and body["iss"] != issuer.url:
+            raise InvalidRequest("The subject_token's introspection names another issuer.")
+        if "sub" in body and not isinstance(body["sub"], str):
+            raise InvalidRequest("The subject_token's introspection has a malformed sub.")
+        body = dict(body)
+        body.setdefault("iss", issuer.url)
+        return body
+
+    def _locate_patient(self, p: Presented) -> None:
+        """The patient and its source: ID token, else access token, else introspection."""
+        issuer = p.issuer
+        pc, sc = issuer.patient_claim, issuer.source_claim
+        id_patient = _claim(p.id_claims, pc, "patient")
+        at_patient = None if p.subject_type == urns.ID_TOKEN else _claim(p.claims, pc, "patient")
+        if id_patient is not None and at_patient is not None and id_patient != at_patient:
+            raise InvalidRequest("The ID token and the access token name different patients.")
+        if id_patient is not None:
+            patient, source = id_patient, _claim(p.id_claims, sc, "source")
+        elif at_patient is not None:
+            patient, source = at_patient, _claim(p.claims, sc, "source")
+        else:
+            patient, source = None, _claim(p.id_claims, sc, "source") or (
+                None if p.subject_type == urns.ID_TOKEN else _claim(p.claims, sc, "source"))
+        if source is not None and source not in issuer.sources:
+            raise InvalidRequest("The token's source FHIR server is not one this issuer may vouch for.")
+        if source is None and len(issuer.sources) == 1:
+            source = issuer.sources[0]
+        if source is None:
+            patient = None  # several sources, none named: the patient is unknown
+        p.patient, p.source = patient, source
+
+
+def _check_id_token_shape(claims: dict, slot: str) -> None:
+    if "aud" not in claims or "sub" not in claims:
+        raise InvalidRequest(f"The {slot} is not an ID token (it needs aud and sub).")
+    if "scope" in claims or "scp" in claims:
+        raise InvalidRequest(f"The {slot} is an access token, not an ID token.")
+
+
+def _check_may_act(claims: dict, client_id: str) -> None:
+    """Rule 4 (RFC 8693 §4.4): may_act names who may act; never ignored."""
+    if "may_act" not in claims:
+        return
+    may_act = claims["may_act"]
+    if not isinstance(may_act, dict) or client_id not in (may_act.get("client_id"), may_act.get("sub")):
+        raise InvalidRequest("The subject_token's may_act does not name this client.")
+
+
+def _aud(claims: dict) -> list:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return [aud]
+    if isinstance(aud, list):
+        return [a for a in aud if isinstance(a, str)]
+    return []
+
+
+def _claim(claims, name, what):
+    if not claims or name not in claims or claims[name] is None:
+        return None
+    value = claims[name]
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise InvalidRequest(f"The token's {what} claim is malformed.")
+    return value
+
+
+def _str(v):
+    return v if isinstance(v, str) else None
