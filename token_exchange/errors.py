@@ -9,9 +9,17 @@ from authlib.oauth2.rfc6749.errors import (InvalidClientError, InvalidRequestErr
                                            UnsupportedGrantTypeError)
 
 
+def _ascii(text):
+    """RFC 6749 §5.2: error_description is %x20-21 / %x23-5B / %x5D-7E only."""
+    if text is None:
+        return None
+    return "".join(c if (0x20 <= ord(c) <= 0x7E and c not in '"\\') else "'" if c == '"' else "?"
+                   for c in text.replace("\u00a7", "section "))
+
+
 class _Detailed:
     def __init__(self, description=None, detail=None, **kw):
-        super().__init__(description=description, **kw)
+        super().__init__(description=_ascii(description), **kw)
         self.detail = detail
 
 
@@ -41,8 +49,9 @@ class InvalidScope(_Detailed, InvalidScopeError):
     pass
 
 
-class UnsupportedGrantType(_Detailed, UnsupportedGrantTypeError):
-    pass
+class UnsupportedGrantType(_Detailed, OAuth2Error):
+    """RFC 6749 §5.2 (Authlib's own takes the grant type, not a description)."""
+    error = "unsupported_grant_type"
 
 
 class RequestTooLarge(InvalidRequest):

@@ -140,7 +140,7 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
         for r in resources:
             parts = _split(r)
             if parts is None or not parts.scheme or not parts.netloc or "#" in r:
-                raise InvalidTargetError("resource must be an absolute URI without a fragment (RFC 8707 §2).")
+                raise InvalidTargetError("resource must be an absolute URI without a fragment (RFC 8707 section 2).")
             t = cfg.targets_by_url.get(r)
             if t is None:
                 raise InvalidTargetError("The resource is not a registered target FHIR server.")

@@ -70,7 +70,8 @@ class Scope:
             return None
         # A ?param scope survives only against the same resource scope with
         # no parameters or with identical ones.
-        pass
+        if self.params and other.params and self.params != other.params:
+            return None
         perms = self.perms & other.perms
         if not perms:
             return None

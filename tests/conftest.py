@@ -1,0 +1,185 @@
+"""Fixtures: a database per test (SQLite always; PostgreSQL when
+TOKEN_EXCHANGE_TEST_POSTGRES_URL is set), a fake EHR on loopback, the real CLI
+(click) and the real WSGI app (Flask's test client speaks its HTTP surface)."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from fakes import SOURCE, TARGET, TARGET2, UPSTREAM, FakeEHR
+
+PG_URL = os.environ.get("TOKEN_EXCHANGE_TEST_POSTGRES_URL")
+REDIS_URL = os.environ.get("TOKEN_EXCHANGE_TEST_REDIS_URL")
+BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+VENDOR_SECRET = "vendor-A-secret-0123456789abcdef0123"
+OTHER_SECRET = "vendor-B-secret-0123456789abcdef0123"
+TARGET_SECRET = "target-B-secret-0123456789abcdef0123"
+TARGET2_SECRET = "target-C-secret-0123456789abcdef0123"
+EHR_INTROSPECTION_SECRET = "ehr-introspection-secret-0123456789"
+SERVICE = "http://te.test"
+TE = "urn:ietf:params:oauth:grant-type:token-exchange"
+AT = "urn:ietf:params:oauth:token-type:access_token"
+JWT_T = "urn:ietf:params:oauth:token-type:jwt"
+IDT = "urn:ietf:params:oauth:token-type:id_token"
+
+
+def pytest_report_header(config):
+    lines = [f"database backends: {', '.join(BACKENDS)}"]
+    if not PG_URL:
+        lines.append("PostgreSQL tests NOT RUN: set TOKEN_EXCHANGE_TEST_POSTGRES_URL "
+                     "(e.g. postgresql://postgres@127.0.0.1:5432/test) to run them")
+    if not REDIS_URL:
+        lines.append("Redis tests NOT RUN: set TOKEN_EXCHANGE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in pytest_report_header(None)[1:]:
+        terminalreporter.write_line(line)
+
+
+def _pg_admin():
+    from sqlalchemy import create_engine
+
+    from token_exchange.db import normalize_url
+    return create_engine(normalize_url(PG_URL), isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/te.db"
+        return
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    name = f"te_test_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def env(db_url):
+    return {
+        "TOKEN_EXCHANGE_DATABASE_URL": db_url,
+        "TOKEN_EXCHANGE_ISSUER": SERVICE,
+        "TOKEN_EXCHANGE_RELOAD_INTERVAL": "0",
+        "TOKEN_EXCHANGE_ADMIN": "test-admin",
+        "VENDOR_SECRET": VENDOR_SECRET,
+        "OTHER_SECRET": OTHER_SECRET,
+        "TARGET_SECRET": TARGET_SECRET,
+        "TARGET2_SECRET": TARGET2_SECRET,
+        "EHR_SECRET": EHR_INTROSPECTION_SECRET,
+    }
+
+
+class CLI:
+    """The real `token-exchange` click commands, in process."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __call__(self, *args, check=True, input=None):
+        from token_exchange.cli import cli
+        result = CliRunner().invoke(cli, list(args), env=self.env, input=input, catch_exceptions=False)
+        if check and result.exit_code != 0:
+            raise AssertionError(f"token-exchange {' '.join(args)} failed ({result.exit_code}): "
+                                 f"{result.output}{result.stderr}")
+        return result
+
+
+@pytest.fixture
+def cli(env):
+    c = CLI(env)
+    c("db", "upgrade")
+    return c
+
+
+@pytest.fixture(scope="session")
+def ehr():
+    e = FakeEHR("ehr-a")
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="session")
+def ehr_b():
+    e = FakeEHR("ehr-b", alg="ES256")
+    yield e
+    e.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_ehrs(request):
+    yield
+    for name in ("ehr", "ehr_b"):
+        if name in request.fixturenames:
+            e = request.getfixturevalue(name)
+            e.down, e.hang, e.opaque, e.extra_keys = False, 0.0, {}, []
+
+
+@pytest.fixture
+def world(cli, ehr):
+    """Issuer A (the EHR), targets B and C, clients 'vendor' (trusted A -> B) and
+    'other' (no trust), one patient link a-123 -> b-456 at B."""
+    cli("issuer", "add", ehr.issuer, "--jwks-uri", ehr.issuer + "/jwks", "--source", SOURCE,
+        "--introspection-endpoint", ehr.issuer + "/introspect", "--introspection-client-id", "te",
+        "--introspection-secret-env", "EHR_SECRET")
+    cli("target", "add", TARGET, "--name", "hospital-b", "--introspection-secret-env", "TARGET_SECRET")
+    cli("target", "add", TARGET2, "--name", "clinic-c", "--introspection-secret-env", "TARGET2_SECRET")
+    cli("client", "add", "vendor", "--secret-env", "VENDOR_SECRET")
+    cli("client", "add", "other", "--secret-env", "OTHER_SECRET")
+    cli("trust", "add", "--client", "vendor", "--issuer", ehr.issuer, "--target", TARGET,
+        "--scopes", "patient/*.rs user/*.rs", "--upstream-client-id", UPSTREAM)
+    cli("link", "add", "--source", SOURCE, "--patient", "a-123", "--target", TARGET, "--target-patient", "b-456")
+    return cli
+
+
+@pytest.fixture
+def app(env, world):
+    from token_exchange import create_app
+    application = create_app(env=env)
+    yield application
+    application.extensions["token_exchange"].engine.dispose()
+
+
+@pytest.fixture
+def http(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def exchange(http, ehr):
+    """POST /token with the standard, valid access-token exchange; override any field
+    (None removes it)."""
+    def do(auth=("vendor", VENDOR_SECRET), headers=None, **over):
+        data = {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET,
+                "scope": "patient/Observation.rs"}
+        data.update(over)
+        data = {k: v for k, v in data.items() if v is not None}
+        return post_token(http, data, auth=auth, headers=headers)
+    return do
+
+
+def post_token(http, data, auth=("vendor", VENDOR_SECRET), headers=None):
+    import base64
+    h = dict(headers or {})
+    if auth is not None:
+        h["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    return http.post("/token", data=data, headers=h)
+
+
+def audit_rows(cli, *args):
+    import json
+    return json.loads(cli("audit", "list", "--json", *args).output)
