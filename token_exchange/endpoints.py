@@ -92,6 +92,7 @@ def _metadata():
         "token_endpoint_auth_signing_alg_values_supported": list(urns.CLIENT_ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "revocation_endpoint_auth_signing_alg_values_supported": list(urns.CLIENT_ASSERTION_ALGS),
         "response_types_supported": [],
         "scopes_supported": [],
     }
