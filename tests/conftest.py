@@ -125,7 +125,7 @@ def _reset_ehrs(request):
     for name in ("ehr", "ehr_b"):
         if name in request.fixturenames:
             e = request.getfixturevalue(name)
-            e.down, e.hang, e.opaque, e.extra_keys = False, 0.0, {}, []
+            e.down, e.hang, e.opaque, e.extra_keys, e.introspection_auth = False, 0.0, {}, [], []
 
 
 @pytest.fixture

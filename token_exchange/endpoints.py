@@ -9,7 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import keys, urns
+from . import keys, lifecycle, urns
 from .errors import InvalidRequest, OAuth2Error, RequestTooLarge, TemporarilyUnavailable
 from .server import TokenRequest
 
@@ -65,6 +65,38 @@ def token():
     status, body, headers = ext.server.create_token_response(req)
     ext.metrics.observe(time.perf_counter() - started)
     return json_response(status, body, headers)
+
+
+@bp.post("/introspect")
+def introspect_endpoint():
+    """RFC 7662 for target FHIR servers."""
+    ext = _ext()
+    try:
+        form = read_form()
+        cfg = ext.store.config()
+        target = lifecycle.authenticate_target(request, cfg, ext.settings.key_secret)
+        body = lifecycle.introspect(form, target, cfg, ext.store, ext.settings)
+    except OAuth2Error as e:
+        return oauth_error_response(e)
+    resp = json_response(200, body)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.post("/revoke")
+def revoke_endpoint():
+    """RFC 7009, by the client the token was issued to."""
+    ext = _ext()
+    try:
+        form = read_form()
+        req = TokenRequest(request.method, ext.settings.issuer + "/revoke", request.headers, form)
+        client = ext.server.authenticator(req)
+        lifecycle.revoke(form, client.client_id, ext.store.config(), ext.store, ext.settings)
+    except OAuth2Error as e:
+        return oauth_error_response(e)
+    resp = json_response(200, {})
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 @bp.get("/jwks")

@@ -1,0 +1,73 @@
+"""RFC 7662 introspection (for targets) and RFC 7009 revocation (for clients) of
+the tokens this service minted."""
+from __future__ import annotations
+
+import time
+
+import jwt
+
+from . import keys as keymod
+from .errors import InvalidClient, InvalidRequest, UnauthorizedClient
+from .sealing import check_secret
+
+INACTIVE = {"active": False}
+_FIELDS = ("scope", "client_id", "sub", "aud", "iss", "exp", "iat", "jti", "patient")
+
+
+def verify_minted(token: str, cfg, settings) -> dict | None:
+    """Claims of a token this service minted and still publishes the key of; else None."""
+    if not isinstance(token, str) or token.count(".") != 2:
+        return None
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        return None
+    kid = header.get("kid")
+    jwk = next((k for k in keymod.published(cfg.key_rows, settings.key_grace)
+                if isinstance(kid, str) and k.get("kid") == kid), None)
+    if jwk is None or header.get("typ") != "at+jwt" or header.get("alg") != jwk.get("alg"):
+        return None
+    try:
+        return jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=[jwk["alg"]], issuer=settings.issuer,
+                          options={"verify_aud": False, "require": ["exp", "iat", "jti", "aud"]})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return None
+
+
+def authenticate_target(request, cfg, key_secret):
+    """Targets introspect with HTTP Basic: their registered name and secret."""
+    auth = request.authorization
+    if auth is None or auth.type != "basic" or not auth.username or auth.password is None:
+        raise InvalidClient("Introspection requires HTTP Basic with the target's name and secret.")
+    target = cfg.targets_by_name.get(auth.username)
+    if target is None or not check_secret(auth.password, target.secret_salt, target.secret_hash, key_secret):
+        raise InvalidClient("Target authentication failed.")
+    return target
+
+
+def introspect(form, target, cfg, store, settings) -> dict:
+    token = form.get("token")
+    if not token:
+        raise InvalidRequest("The token parameter is required.")
+    claims = verify_minted(token, cfg, settings)
+    # A token meant for another target is inactive to this one (RFC 7662 §2.2).
+    if claims is None or claims.get("aud") != target.base_url or store.is_revoked(claims["jti"]):
+        return dict(INACTIVE)
+    out = {"active": True, "token_type": "Bearer"}
+    out.update({k: claims[k] for k in _FIELDS if k in claims})
+    for k in ("idp", "fhirUser", "act"):
+        if k in claims:
+            out[k] = claims[k]
+    return out
+
+
+def revoke(form, client_id, cfg, store, settings) -> None:
+    token = form.get("token")
+    if not token:
+        raise InvalidRequest("The token parameter is required.")
+    claims = verify_minted(token, cfg, settings)
+    if claims is None or claims["exp"] < time.time():
+        return  # RFC 7009 §2.2: invalid tokens need no action and get 200
+    if claims.get("client_id") != client_id:
+        raise UnauthorizedClient("This token was issued to another client; only that client may revoke it.")
+    store.revoke(claims["jti"], int(claims["exp"]))
