@@ -590,3 +590,23 @@ def test_lenient_parse_skips_only_the_malformed(a, bad, rnd):
     with pytest.raises(ScopeError):
         parse(mixed)
     assert ops(parse(mixed, strict=False)) == model_ops(a)
+
+
+# Targets the v1 corner the spelling property above rarely reaches: an
+# all-v1 request whose grant is only *partly* expressible in v1 (e.g.
+# patient/*.read ∩ "patient/Observation.rs patient/Condition.r").
+_v1_requests = st.lists(st.sampled_from(V1_TOKENS), min_size=1, max_size=6).map(" ".join)
+_mixed_bounds = st.lists(st.one_of(st.sampled_from(V1_TOKENS), st.sampled_from(V2_TOKENS)),
+                         min_size=2, max_size=8).map(" ".join)
+
+
+@PROPS
+@given(_v1_requests, _mixed_bounds)
+def test_v1_answer_only_when_v1_expresses_the_whole_grant(a, b):
+    ss = downscope(a, parse(b))
+    toks = ss.format().split()
+    if all(s.v1() is not None for s in ss.scopes):
+        assert all(is_v1(t) for t in toks)
+    else:
+        assert not any(is_v1(t) for t in toks)
+    assert ops(parse(ss.format())) == model_ops(a) & model_ops(b)

@@ -20,6 +20,7 @@ def create_app(settings=None, env=None):
     from flask import Flask
 
     from . import endpoints, logs
+    from .client_auth import ClientJWKS, PrivateKeyJWT
     from .db import make_engine
     from .issuers import JWKSCache
     from .metrics import Metrics
@@ -37,7 +38,8 @@ def create_app(settings=None, env=None):
     http = requests.Session()
     jwks_cache = JWKSCache(settings, http, metrics)
     validator = TokenValidator(jwks_cache, http, settings)
-    server = TokenExchangeServer(settings, store, validator, metrics=metrics)
+    assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, http))
+    server = TokenExchangeServer(settings, store, validator, assertion_method=assertion, metrics=metrics)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["token_exchange"] = Extension(settings, engine, store, server, metrics, jwks_cache)
     app.register_blueprint(endpoints.bp)

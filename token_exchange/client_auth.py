@@ -6,8 +6,16 @@ private_key_jwt (RFC 7523 §2.2 as SMART Backend Services profiles it).
 from __future__ import annotations
 
 import logging
+import re
+import threading
+import time
 
+import requests
 from authlib.oauth2.rfc6749.authenticate_client import ClientAuthentication
+from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
+from joserfc import jwt as jose_jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet as JoseKeySet
 
 from . import urns
 from .errors import InvalidClient, InvalidClientError, InvalidRequest
@@ -15,6 +23,7 @@ from .sealing import check_secret
 
 log = logging.getLogger(__name__)
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+_MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
 class AuthClient:
@@ -79,3 +88,94 @@ class Authenticator:
         if form_client is not None and form_client != client.client_id:
             raise InvalidClient("The client_id parameter does not match the authenticated client.")
         return client
+
+
+class ClientJWKS:
+    """Clients' registered JWKS: inline, or fetched from their jwks_uri and cached
+    as its Cache-Control allows (bounded)."""
+
+    def __init__(self, settings, http):
+        self.settings, self.http = settings, http
+        self._cache: dict = {}  # uri -> (expires, jwks dict)
+
+    def get(self, cfg) -> dict:
+        if cfg.jwks:
+            return cfg.jwks
+        if not cfg.jwks_uri:
+            raise InvalidClientError(description="The client has no registered keys.")
+        now = time.monotonic()
+        hit = self._cache.get(cfg.jwks_uri)
+        if hit and hit[0] > now:
+            return hit[1]
+        try:
+            r = self.http.get(cfg.jwks_uri, timeout=self.settings.http_timeout)
+            r.raise_for_status()
+            jwks = r.json()
+            if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+                raise ValueError("not a JWKS")
+        except (requests.RequestException, ValueError):
+            if hit:  # stale-if-error
+                return hit[1]
+            raise InvalidClientError(description="The client's JWKS could not be fetched.") from None
+        m = _MAX_AGE.search(r.headers.get("Cache-Control", ""))
+        ttl = min(int(m.group(1)), self.settings.jwks_cache_ttl) if m else self.settings.jwks_cache_ttl
+        if "no-store" in r.headers.get("Cache-Control", "") or "no-cache" in r.headers.get("Cache-Control", ""):
+            ttl = 0
+        self._cache[cfg.jwks_uri] = (now + ttl, jwks)
+        return jwks
+
+
+class PrivateKeyJWT(JWTBearerClientAssertion):
+    """RFC 7523 §2.2 client assertions, as SMART Backend Services profiles them:
+    iss = sub = client_id, aud = the token endpoint (or this issuer), exp at most
+    five minutes ahead, jti never twice while unexpired, kid selecting exactly one
+    registered key, jku only when it equals the registered JWKS URL."""
+    CLIENT_AUTH_METHOD = "private_key_jwt"
+
+    def __init__(self, settings, store, jwks: ClientJWKS):
+        super().__init__(validate_jti=True, leeway=urns.CLOCK_LEEWAY)
+        self.settings, self.store, self.jwks = settings, store, jwks
+        self._local = threading.local()  # the key chosen for the request in flight
+
+    def get_audiences(self):
+        return [self.settings.token_endpoint, self.settings.issuer]
+
+    def __call__(self, query_client, request):
+        assertion = request.form.get("client_assertion")
+        if not assertion:
+            raise InvalidClientError(description="client_assertion is required.")
+        headers, claims = self.extract_assertion(assertion)
+        alg = headers.get("alg")
+        if alg not in urns.CLIENT_ASSERTION_ALGS:
+            raise InvalidClientError(description="Unsupported client assertion algorithm.")
+        client = query_client(claims.get("sub")) if isinstance(claims.get("sub"), str) else None
+        if client is None or client.cfg.auth_method != "private_key_jwt":
+            raise InvalidClientError(description="Unknown client or not registered for private_key_jwt.")
+        if "jku" in headers and headers["jku"] != client.cfg.jwks_uri:
+            raise InvalidClientError(description="jku does not equal the registered JWKS URL.")
+        kid = headers.get("kid")
+        keys = [k for k in self.jwks.get(client.cfg).get("keys", []) if isinstance(k, dict)]
+        matching = [k for k in keys if k.get("kid") == kid] if kid is not None else keys
+        if len(matching) != 1:
+            raise InvalidClientError(description="The assertion's kid must select exactly one registered key.")
+        self._local.key, self._local.alg = matching[0], alg
+        return super().__call__(query_client, request)
+
+    def resolve_client_public_key(self, client):
+        return JoseKeySet.import_key_set({"keys": [self._local.key]})
+
+    def process_assertion_claims(self, assertion, resolve_key):
+        try:
+            token = jose_jwt.decode(assertion, resolve_key, algorithms=[self._local.alg])
+        except JoseError as e:
+            raise InvalidClientError(description="The client assertion's signature does not verify.") from e
+        self.verify_claims(token.claims)
+        return token.claims
+
+    def validate_jti(self, claims, jti):
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)) or exp > time.time() + urns.ASSERTION_MAX_AHEAD + urns.CLOCK_LEEWAY:
+            raise InvalidClientError(description="The assertion's exp is more than five minutes ahead.")
+        if not isinstance(jti, str) or not jti or len(jti) > 255:
+            return False
+        return self.store.spend_assertion_jti(claims["sub"], jti, int(exp))
