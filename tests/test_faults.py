@@ -1,0 +1,105 @@
+"""Faults: database unreachable (503 and recovery), issuer JWKS down (cached keys
+keep serving), issuer hanging (bounded timeouts)."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from conftest import PG_URL
+from fakes import TCPProxy
+from test_token import error_of
+
+needs_pg = pytest.mark.skipif(not PG_URL, reason="needs PostgreSQL: set TOKEN_EXCHANGE_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def proxied(env, world, db_url):
+    """The app on a database reached through a proxy the test can cut."""
+    from token_exchange import create_app
+    url = make_url(db_url)
+    if not url.drivername.startswith("postgresql"):
+        pytest.skip("the unreachable-database test needs PostgreSQL (set TOKEN_EXCHANGE_TEST_POSTGRES_URL)")
+    proxy = TCPProxy(url.port or 5432, url.host or "127.0.0.1")
+    env = dict(env, TOKEN_EXCHANGE_DATABASE_URL=url.set(host="127.0.0.1", port=proxy.port)
+               .render_as_string(hide_password=False))
+    yield proxy, env, create_app
+    proxy.down()
+
+
+@needs_pg
+def test_unreachable_database_is_503_and_recovers_by_itself(proxied, exchange):
+    proxy, env, create_app = proxied
+    app = create_app(env=env)
+    http = app.test_client()
+    from conftest import post_token
+    assert http.get("/readyz").status_code == 200
+    proxy.down()
+    r = http.get("/readyz")
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    body = error_of(post_token(http, {"grant_type": "x"}), 503, "temporarily_unavailable")
+    assert "Traceback" not in body["error_description"]
+    proxy.up()
+    assert http.get("/readyz").status_code == 200
+    assert post_token(http, {"grant_type": "x"}).status_code == 400  # past the database again
+    app.extensions["token_exchange"].engine.dispose()
+
+
+@needs_pg
+def test_service_started_while_database_is_down_serves_503_then_recovers(proxied):
+    proxy, env, create_app = proxied
+    proxy.down()
+    app = create_app(env=env)  # must not need the database to start
+    http = app.test_client()
+    from conftest import post_token
+    assert http.get("/healthz").status_code == 200
+    assert http.get("/readyz").status_code == 503
+    error_of(post_token(http, {"grant_type": "x"}), 503, "temporarily_unavailable")
+    proxy.up()
+    assert http.get("/readyz").status_code == 200
+    app.extensions["token_exchange"].engine.dispose()
+
+
+def test_cached_jwks_keeps_serving_while_the_issuer_is_down(exchange, ehr):
+    assert exchange().status_code == 200  # warms the cache
+    ehr.down = True
+    assert exchange().status_code == 200
+
+
+def test_unknown_kid_while_issuer_is_down_is_invalid_request(exchange, ehr):
+    from fakes import new_key
+    assert exchange().status_code == 200
+    ehr.down = True
+    tok = ehr.sign(ehr.access_claims(), key=new_key(), headers={"kid": "rotated-away"})
+    body = error_of(exchange(subject_token=tok), 400, "invalid_request")
+    assert "key" in body["error_description"]
+
+
+def test_forged_kids_refetch_the_jwks_at_most_once_per_interval(exchange, ehr):
+    from fakes import new_key
+    assert exchange().status_code == 200
+    hits = ehr.jwks_hits
+    for i in range(5):
+        tok = ehr.sign(ehr.access_claims(), key=new_key(), headers={"kid": f"forged-{i}"})
+        error_of(exchange(subject_token=tok), 400, "invalid_request")
+    assert ehr.jwks_hits - hits <= 1
+
+
+def test_issuer_first_seen_while_down_is_invalid_request(exchange, ehr, app):
+    ehr.down = True
+    error_of(exchange(), 400, "invalid_request")
+
+
+def test_hanging_issuer_is_bounded_by_the_timeout(world, env, ehr):
+    import time
+
+    from conftest import post_token
+    from token_exchange import create_app
+    env = dict(env, TOKEN_EXCHANGE_HTTP_TIMEOUT="1")
+    http = create_app(env=env).test_client()
+    ehr.hang = 3
+    started = time.monotonic()
+    data = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": ehr.access_token(),
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "resource": "https://fhir.b.example/fhir"}
+    error_of(post_token(http, data), 400, "invalid_request")
+    assert time.monotonic() - started < 2.9  # the 1 s timeout, not the 3 s hang
