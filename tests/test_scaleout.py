@@ -1,0 +1,122 @@
+"""Two real instances (`token-exchange serve`, gunicorn with two workers each,
+separate processes) on one database: shared state holds across them."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+
+from conftest import AT, IDT, TARGET_SECRET, TE, VENDOR_SECRET
+from fakes import TARGET, free_port
+
+BIN = Path(sys.executable).parent
+
+
+class Instance:
+    def __init__(self, env, tmp):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"serve-{self.port}.log", "w")
+        self.proc = subprocess.Popen([str(BIN / "token-exchange"), "serve", "--port", str(self.port), "--workers", "2"],
+                                     env=dict(os.environ, **env), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            assert self.proc.poll() is None, "instance exited at start"
+            time.sleep(0.1)
+        raise AssertionError("instance did not become ready")
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(20)
+        self.log.close()
+
+    def exchange(self, ehr, **auth):
+        data = {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET}
+        data.update(auth.pop("data", {}))
+        return requests.post(self.base + "/token", data=data, auth=auth.get("auth", ("vendor", VENDOR_SECRET)),
+                             timeout=10)
+
+
+def until(deadline_s, fn):
+    """Poll fn until true or the deadline: the guarantee under test is 'within seconds'."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if fn():
+            return True
+        time.sleep(0.1)
+    return fn()
+
+
+@pytest.fixture
+def pair(env, world, tmp_path):
+    env = {k: v for k, v in env.items() if k != "TOKEN_EXCHANGE_RELOAD_INTERVAL"}  # production default
+    a, b = Instance(env, tmp_path), Instance(env, tmp_path)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_rotation_reaches_every_worker_of_every_instance_within_seconds(pair, world, ehr):
+    a, b = pair
+    old = {jwt.get_unverified_header(i.exchange(ehr).json()["access_token"])["kid"] for i in (a, b)}
+    world("keys", "rotate")
+    new = [k["kid"] for k in __import__("json").loads(world("keys", "list", "--json").output) if k["state"] == "active"]
+
+    def all_new():
+        kids = {jwt.get_unverified_header(i.exchange(ehr).json()["access_token"])["kid"] for i in (a, b) for _ in range(4)}
+        return kids == set(new)
+    assert until(5, all_new)
+    assert old.isdisjoint(new)
+
+
+def test_trust_removed_by_cli_is_refused_by_every_instance_within_seconds(pair, world, ehr):
+    a, b = pair
+    assert a.exchange(ehr).status_code == 200 and b.exchange(ehr).status_code == 200
+    world("trust", "remove", "--client", "vendor", "--issuer", ehr.issuer, "--target", TARGET)
+    assert until(5, lambda: all(i.exchange(ehr).status_code == 400 for i in (a, b) for _ in range(4)))
+
+
+def test_revocation_at_one_instance_holds_at_the_other(pair, ehr):
+    a, b = pair
+    token = a.exchange(ehr).json()["access_token"]
+    assert requests.post(a.base + "/revoke", data={"token": token}, auth=("vendor", VENDOR_SECRET), timeout=10).ok
+    r = requests.post(b.base + "/introspect", data={"token": token}, auth=("hospital-b", TARGET_SECRET), timeout=10)
+    assert r.json() == {"active": False}
+
+
+def test_assertion_jti_spent_at_one_instance_is_refused_at_the_other(pair, world, ehr, tmp_path):
+    import json
+
+    from test_private_key_jwt import VendorKeys
+    a, b = pair
+    keys = VendorKeys("ES384", "k1")
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [keys.jwk()]}))
+    world("client", "add", "backend", "--jwks-file", str(tmp_path / "jwks.json"))
+    world("trust", "add", "--client", "backend", "--issuer", ehr.issuer, "--target", TARGET,
+          "--scopes", "patient/*.rs", "--upstream-client-id", "vendor-at-ehr")
+    assertion = keys.assertion(aud="http://te.test/token", jti=uuid.uuid4().hex)
+    form = {"client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion}
+    # the new client reaches both running instances within seconds
+    assert until(5, lambda: b.exchange(ehr, data=dict(form, client_assertion=keys.assertion(aud="http://te.test/token")),
+                                       auth=None).status_code == 200)
+    assert until(5, lambda: a.exchange(ehr, data=dict(form, client_assertion=keys.assertion(aud="http://te.test/token")),
+                                       auth=None).status_code == 200)
+    assert a.exchange(ehr, data=form, auth=None).status_code == 200
+    r = b.exchange(ehr, data=form, auth=None)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"
