@@ -177,6 +177,9 @@ def post_token(http, data, auth=("vendor", VENDOR_SECRET), headers=None):
     h = dict(headers or {})
     if auth is not None:
         h["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    if isinstance(data, list):
+        from werkzeug.datastructures import MultiDict
+        data = MultiDict(data)
     return http.post("/token", data=data, headers=h)
 
 
