@@ -18,7 +18,7 @@ def proxied(env, world, db_url):
     from token_exchange import create_app
     url = make_url(db_url)
     if not url.drivername.startswith("postgresql"):
-        pytest.skip("the unreachable-database test needs PostgreSQL (set TOKEN_EXCHANGE_TEST_POSTGRES_URL)")
+        pytest.skip("cutting the database connection applies to the PostgreSQL backend only")
     proxy = TCPProxy(url.port or 5432, url.host or "127.0.0.1")
     env = dict(env, TOKEN_EXCHANGE_DATABASE_URL=url.set(host="127.0.0.1", port=proxy.port)
                .render_as_string(hide_password=False))

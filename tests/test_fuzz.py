@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import AT, IDT, JWT_T, TE, VENDOR_SECRET, post_token
 from fakes import TARGET, TARGET2
 
-settings.register_profile("ci", max_examples=3000, deadline=None,
+settings.register_profile("ci", max_examples=2000, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.register_profile("default", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
