@@ -547,3 +547,33 @@ def test_jwks_publishes_public_keys_only_with_bounded_cache(http):
 def test_health_and_readiness(http):
     assert http.get("/healthz").status_code == 200
     assert http.get("/readyz").status_code == 200
+
+
+def test_rate_limit_exceeded_is_429_temporarily_unavailable(world, env):
+    from token_exchange import create_app
+    http = create_app(env=dict(env, TOKEN_EXCHANGE_RATE_LIMIT="2")).test_client()
+    data = {"grant_type": "client_credentials"}
+    assert post_token(http, data).status_code == 400
+    assert post_token(http, data).status_code == 400
+    r = post_token(http, data)
+    error_of(r, 429, "temporarily_unavailable")
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+
+
+def test_rate_limit_is_off_unless_configured(exchange):
+    assert all(exchange(grant_type="x").status_code == 400 for _ in range(30))
+
+
+def test_tokens_minted_here_are_not_accepted_as_subject_tokens(exchange):
+    minted = exchange().get_json()["access_token"]
+    error_of(exchange(subject_token=minted, actor_token=None, actor_token_type=None), 400, "invalid_request")
+
+
+def test_metrics_count_exchanges_by_outcome_and_error(exchange, http):
+    exchange()
+    exchange(resource="https://unknown.example/fhir")
+    text = http.get("/metrics").get_data(as_text=True)
+    assert 'token_exchange_requests_total{outcome="granted",error=""} 1' in text
+    assert 'token_exchange_requests_total{outcome="refused",error="invalid_target"} 1' in text
+    assert "token_exchange_request_seconds_count 2" in text
+    assert "token_exchange_jwks_fetches_total" in text

@@ -8,6 +8,8 @@ tokens, trust, upstream client, scopes, patient) -> audit -> response.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from authlib.oauth2.rfc6749 import AuthorizationServer
 from authlib.oauth2.rfc6749.requests import OAuth2Payload, OAuth2Request
@@ -15,7 +17,7 @@ from werkzeug.datastructures import MultiDict
 
 from . import urns
 from .client_auth import AuthClient, Authenticator
-from .errors import InvalidRequest, OAuth2Error, UnsupportedGrantType
+from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .grant import TokenExchangeGrant
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ class TokenExchangeServer(AuthorizationServer):
         self.settings, self.store, self.validator, self.metrics = settings, store, validator, metrics
         self.authenticator = Authenticator(self.query_client, assertion_method)
         self.register_grant(TokenExchangeGrant)
+        self._rate_lock = threading.Lock()
+        self._rate_window, self._rate_counts = None, {}
 
     def query_client(self, client_id):
         cfg = self.store.config().clients.get(client_id)
@@ -90,6 +94,7 @@ class TokenExchangeServer(AuthorizationServer):
             return self._error(request, e)
         request.audit["client_id"] = request.client.client_id
         try:
+            self._rate_limit(request.client.client_id)
             if len(form.getlist("grant_type")) > 1:
                 raise InvalidRequest("The grant_type parameter appears more than once.")
             grant_type = form.get("grant_type")
@@ -107,6 +112,23 @@ class TokenExchangeServer(AuthorizationServer):
         self.store.record_audit(request.audit)
         self._count("granted", None)
         return result
+
+    def _rate_limit(self, client_id):
+        """Per-client exchanges per minute (TOKEN_EXCHANGE_RATE_LIMIT; 0 = off), a fixed
+        one-minute window counted per worker process."""
+        limit = self.settings.rate_limit
+        if not limit:
+            return
+        now = time.time()
+        window = int(now // 60)
+        with self._rate_lock:
+            if self._rate_window != window:
+                self._rate_window, self._rate_counts = window, {}
+            n = self._rate_counts.get(client_id, 0) + 1
+            self._rate_counts[client_id] = n
+        if n > limit:
+            raise TemporarilyUnavailable("Too many exchanges for this client; retry after the indicated delay.",
+                                         status_code=429, retry_after=max(1, int(60 - now % 60)))
 
     def _error(self, request, error):
         self._count("refused", error.error)
