@@ -49,27 +49,132 @@ def _pg_admin():
     return create_engine(normalize_url(PG_URL), isolation_level="AUTOCOMMIT")
 
 
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/te.db"
-        return
-    from sqlalchemy import text
+def _pg_url(name):
     from sqlalchemy.engine import make_url
-    name = f"te_test_{uuid.uuid4().hex[:12]}"
+    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _create_pg(name, template=None):
+    from sqlalchemy import text
     admin = _pg_admin()
     with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        c.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    admin.dispose()
+
+
+def _drop_pg(name):
+    from sqlalchemy import text
+    admin = _pg_admin()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+class Templates:
+    """Databases built once per run through the real CLI (migrated; migrated + the
+    standard world) and restored per test, so each test starts from the same state
+    without paying for migrations: a file copy on SQLite; on PostgreSQL one database
+    for the whole run, reset per test (TRUNCATE and re-insert the template's rows),
+    created and dropped by the run."""
+
+    def __init__(self, tmp_factory, ehr):
+        self.dir = tmp_factory.mktemp("templates")
+        self.ehr = ehr
+        self.built = {}
+        self.snapshots = {}
+        self.pg_name = None
+        self.pg_engine = None
+
+    def _build(self, url, kind):
+        c = CLI(base_env(url))
+        c("db", "upgrade")
+        if kind == "world":
+            build_world(c, self.ehr)
+
+    def sqlite(self, kind, tmp_path):
+        import shutil
+        if kind not in self.built:
+            self.built[kind] = self.dir / f"{kind}.db"
+            self._build(f"sqlite:///{self.built[kind]}", kind)
+        dst = tmp_path / "te.db"
+        shutil.copyfile(self.built[kind], dst)
+        return f"sqlite:///{dst}"
+
+    def postgresql(self, kind):
+        """Reset the run's PostgreSQL database to `kind` (None: empty) and return its URL."""
+        from sqlalchemy import insert, select, text
+
+        from token_exchange import db
+        from token_exchange.models import Base
+        if self.pg_name is None:
+            self.pg_name = f"te_test_{uuid.uuid4().hex[:12]}"
+            _create_pg(self.pg_name)
+            self.pg_engine = db.make_engine(_pg_url(self.pg_name))
+        url, engine = _pg_url(self.pg_name), self.pg_engine
+        engine.dispose()
+        if kind is not None and kind not in self.snapshots:
+            self._wipe(engine)
+            self._build(url, kind)
+            with engine.connect() as conn:
+                self.snapshots[kind] = {t.name: [dict(r._mapping) for r in conn.execute(select(t))]
+                                        for t in Base.metadata.sorted_tables}
+        if kind is None:
+            self._wipe(engine)
+            return url
+        if not db.is_current(engine):
+            self._wipe(engine)
+            db.upgrade(engine)
+        with engine.begin() as conn:
+            for t in Base.metadata.sorted_tables:
+                conn.execute(text(f'TRUNCATE "{t.name}" RESTART IDENTITY CASCADE'))
+            for t in Base.metadata.sorted_tables:
+                rows = self.snapshots[kind][t.name]
+                if rows:
+                    conn.execute(insert(t), rows)
+                if "id" in t.c and rows:
+                    conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{t.name}', 'id'), "
+                                      f'(SELECT max(id) FROM "{t.name}"))'))
+        engine.dispose()
+        return url
+
+    @staticmethod
+    def _wipe(engine):
+        from sqlalchemy import text
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+
+    def drop(self):
+        if self.pg_name:
+            self.pg_engine.dispose()
+            _drop_pg(self.pg_name)
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory, ehr):
+    t = Templates(tmp_path_factory, ehr)
+    yield t
+    t.drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path, templates):
+    """A database for this test alone: empty, or (for tests that use the `cli` or
+    `world` fixtures) holding the migrated template's or the world template's state."""
+    kind = "world" if "world" in request.fixturenames else "migrated" if "cli" in request.fixturenames else None
+    if request.param == "postgresql":
+        return templates.postgresql(kind)
+    if kind is None:
+        return f"sqlite:///{tmp_path}/te.db"
+    return templates.sqlite(kind, tmp_path)
 
 
 @pytest.fixture
 def env(db_url):
+    return base_env(db_url)
+
+
+def base_env(db_url):
     return {
         "TOKEN_EXCHANGE_DATABASE_URL": db_url,
         "TOKEN_EXCHANGE_ISSUER": SERVICE,
@@ -100,9 +205,7 @@ class CLI:
 
 @pytest.fixture
 def cli(env):
-    c = CLI(env)
-    c("db", "upgrade")
-    return c
+    return CLI(env)  # on a database cloned from the migrated template
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +232,14 @@ def _reset_ehrs(request):
 
 
 @pytest.fixture
-def world(cli, ehr):
+def world(cli):
     """Issuer A (the EHR), targets B and C, clients 'vendor' (trusted A -> B) and
-    'other' (no trust), one patient link a-123 -> b-456 at B."""
+    'other' (no trust), one patient link a-123 -> b-456 at B: cloned from a template
+    that build_world made through the CLI."""
+    return cli
+
+
+def build_world(cli, ehr):
     cli("issuer", "add", ehr.issuer, "--jwks-uri", ehr.issuer + "/jwks", "--source", SOURCE,
         "--introspection-endpoint", ehr.issuer + "/introspect", "--introspection-client-id", "te",
         "--introspection-secret-env", "EHR_SECRET")

@@ -43,6 +43,9 @@ class Ctx:
         from .store import Store
         self.store = Store(self.engine, self.settings)
         self.actor = os.environ.get("TOKEN_EXCHANGE_ADMIN") or _whoami()
+        click_ctx = click.get_current_context(silent=True)
+        if click_ctx is not None:
+            click_ctx.call_on_close(self.engine.dispose)  # no connection outlives the command
 
 
 def _whoami():
@@ -106,7 +109,31 @@ def commit(ctx: Ctx, session, action: str, detail: str):
         raise Fail(f"{action}: conflicts with an existing record ({detail})") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _OneLineErrors(click.Group):
+    """Click's usage errors (missing option, bad choice, unknown command) print the
+    usage and a hint too; here they are one `error:` line like every other failure."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as e:  # a bare group: its help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}".replace("\n", " "), err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Administer the token-exchange service (RFC 8693 for SMART on FHIR)."""
 
@@ -206,6 +233,8 @@ def issuer_add(ctx, issuer_url, jwks_uri, discover, sources, audiences, algs, pa
                introspection_endpoint, introspection_client_id, introspection_secret_env):
     """Trust ISSUER_URL (its exact iss) as a source authorization server."""
     url_arg(issuer_url, "ISSUER_URL")
+    if introspection_endpoint is not None:
+        url_arg(introspection_endpoint, "--introspection-endpoint")
     if bool(jwks_uri) == bool(discover):
         raise Fail("give exactly one of --jwks-uri URL or --discover")
     if discover:
@@ -605,9 +634,19 @@ def link_import(ctx, file):
     """Import links from a CSV with header source,patient,target,target_patient (all or nothing)."""
     with ctx.store.session() as s:
         targets = {t.base_url: t.id for t in s.scalars(select(Target))}
+    try:
+        total = _import_links(ctx, file, targets)
+    except UnicodeDecodeError:
+        raise Fail(f"{file}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise Fail(f"{file}: not a readable CSV ({e})") from None
+    click.echo(f"imported {total} links")
+
+
+def _import_links(ctx, file, targets):
     seen = set()
     batch, total = [], 0
-    with open(file, newline="", encoding="utf-8") as f, ctx.engine.begin() as conn:
+    with open(file, newline="", encoding="utf-8-sig") as f, ctx.engine.begin() as conn:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != LINK_HEADER:
@@ -619,8 +658,12 @@ def link_import(ctx, file):
             tid = targets.get(target_url)
             if tid is None:
                 raise Fail(f"{file}:{n}: unknown target {target_url!r}")
-            if not patient or not target_patient or not source.startswith(("http://", "https://")):
-                raise Fail(f"{file}:{n}: malformed row")
+            try:
+                url_arg(source, "source")
+                _check_id(patient, "patient")
+                _check_id(target_patient, "target_patient")
+            except Fail as e:
+                raise Fail(f"{file}:{n}: {e.message}") from None
             key = (source, patient, tid)
             if key in seen:
                 raise Fail(f"{file}:{n}: duplicate link for patient {patient!r} at {source}")
@@ -637,7 +680,7 @@ def link_import(ctx, file):
         conn.execute(insert(AdminEvent).values(time=utcnow(), actor=ctx.actor, action="link.import",
                                                detail=f"{total} links from {os.path.basename(file)}"))
         del Store
-    click.echo(f"imported {total} links")
+    return total
 
 
 def _insert_links(conn, batch, file):
@@ -666,7 +709,10 @@ def _link_query(source=None, target_url=None):
 @pass_ctx
 def link_export(ctx, file):
     """Write all links as CSV to FILE (default: standard output)."""
-    out = open(file, "w", newline="", encoding="utf-8") if file else sys.stdout
+    try:
+        out = open(file, "w", newline="", encoding="utf-8") if file else sys.stdout
+    except OSError as e:
+        raise Fail(f"cannot write {file}: {e.strerror}") from None
     try:
         w = csv.writer(out)
         w.writerow(LINK_HEADER)
@@ -781,13 +827,13 @@ def audit():
 
 
 def _since(value):
-    if not value:
+    if value is None:
         return None
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise Fail(f"--since must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z; not {value!r}") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 AUDIT_FIELDS = ["time", "client_id", "issuer", "subject", "target", "source_patient", "target_patient",
