@@ -171,7 +171,7 @@ def db_url(request, tmp_path, templates):
 
 @pytest.fixture
 def env(db_url):
-    return base_env(db_url)
+    return dict(base_env(db_url), TOKEN_EXCHANGE_REDIS_PREFIX=f"te-test-{uuid.uuid4().hex}")
 
 
 def base_env(db_url):
@@ -267,10 +267,16 @@ def http(app):
 
 
 @pytest.fixture
-def exchange(http, ehr):
+def exchange(http, exchange_factory):
     """POST /token with the standard, valid access-token exchange; override any field
     (None removes it)."""
-    def do(auth=("vendor", VENDOR_SECRET), headers=None, **over):
+    return lambda **over: exchange_factory(http, **over)
+
+
+@pytest.fixture
+def exchange_factory(ehr):
+    """exchange() against any test client."""
+    def do(http, auth=("vendor", VENDOR_SECRET), headers=None, **over):
         data = {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
                 "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET,
                 "scope": "patient/Observation.rs"}

@@ -14,7 +14,7 @@ import jwt
 import pytest
 import requests
 
-from conftest import AT, IDT, TARGET_SECRET, TE, VENDOR_SECRET
+from conftest import AT, IDT, REDIS_URL, TARGET_SECRET, TE, VENDOR_SECRET
 from fakes import TARGET, free_port
 
 BIN = Path(sys.executable).parent
@@ -62,9 +62,13 @@ def until(deadline_s, fn):
     return fn()
 
 
-@pytest.fixture
-def pair(env, world, tmp_path):
+@pytest.fixture(params=["database"] + (["database+redis"] if REDIS_URL else []))
+def pair(request, env, world, tmp_path):
+    """Two instances; with Redis as well when TOKEN_EXCHANGE_TEST_REDIS_URL is set."""
     env = {k: v for k, v in env.items() if k != "TOKEN_EXCHANGE_RELOAD_INTERVAL"}  # production default
+    if request.param == "database+redis":
+        env["TOKEN_EXCHANGE_REDIS_URL"] = REDIS_URL
+        world.env = dict(world.env, TOKEN_EXCHANGE_REDIS_URL=REDIS_URL)
     a, b = Instance(env, tmp_path), Instance(env, tmp_path)
     yield a, b
     a.stop()

@@ -26,6 +26,7 @@ def create_app(settings=None, env=None):
     from .metrics import Metrics
     from .server import TokenExchangeServer
     from .settings import Settings
+    from .shared import Accelerator
     from .store import Store
     from .subject import TokenValidator
 
@@ -33,7 +34,8 @@ def create_app(settings=None, env=None):
     settings = settings or Settings.from_env(env, instance_path=app.instance_path)
     logs.configure()
     engine = make_engine(settings.database_url)
-    store = Store(engine, settings)
+    accelerator = Accelerator(settings.redis_url, settings.database_url, settings.redis_prefix)
+    store = Store(engine, settings, accelerator)
     metrics = Metrics()
     http = requests.Session()
     jwks_cache = JWKSCache(settings, http, metrics)

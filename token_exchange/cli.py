@@ -40,12 +40,18 @@ class Ctx:
         except SettingsError as e:
             raise Fail(str(e)) from None
         self.engine = make_engine(self.settings.database_url)
+        from .shared import Accelerator
         from .store import Store
-        self.store = Store(self.engine, self.settings)
+        self.accel = Accelerator(self.settings.redis_url, self.settings.database_url, self.settings.redis_prefix)
+        self.store = Store(self.engine, self.settings, self.accel)
         self.actor = os.environ.get("TOKEN_EXCHANGE_ADMIN") or _whoami()
         click_ctx = click.get_current_context(silent=True)
         if click_ctx is not None:
             click_ctx.call_on_close(self.engine.dispose)  # no connection outlives the command
+
+    def announce(self):
+        """Tell running workers (through Redis, when configured) to reload now."""
+        self.accel.publish_change()
 
 
 def _whoami():
@@ -107,6 +113,7 @@ def commit(ctx: Ctx, session, action: str, detail: str):
     except IntegrityError:
         session.rollback()
         raise Fail(f"{action}: conflicts with an existing record ({detail})") from None
+    ctx.announce()
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())

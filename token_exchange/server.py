@@ -115,17 +115,21 @@ class TokenExchangeServer(AuthorizationServer):
 
     def _rate_limit(self, client_id):
         """Per-client exchanges per minute (TOKEN_EXCHANGE_RATE_LIMIT; 0 = off), a fixed
-        one-minute window counted per worker process."""
+        one-minute window: counted in Redis across instances when configured, else
+        per worker process."""
         limit = self.settings.rate_limit
         if not limit:
             return
         now = time.time()
         window = int(now // 60)
-        with self._rate_lock:
+        with self._rate_lock:  # always counted here too, so losing Redis loses no count
             if self._rate_window != window:
                 self._rate_window, self._rate_counts = window, {}
             n = self._rate_counts.get(client_id, 0) + 1
             self._rate_counts[client_id] = n
+        accel = self.store.accel
+        shared = accel.incr_window(client_id) if accel is not None else None  # every instance's count
+        n = max(n, shared or 0)
         if n > limit:
             raise TemporarilyUnavailable("Too many exchanges for this client; retry after the indicated delay.",
                                          status_code=429, retry_after=max(1, int(60 - now % 60)))

@@ -38,6 +38,8 @@ class Settings:
     key_grace: int = 360
     #: TOKEN_EXCHANGE_REDIS_URL: optional accelerator shared by instances.
     redis_url: str | None = None
+    #: TOKEN_EXCHANGE_REDIS_PREFIX: key namespace in Redis; default derived from the database URL.
+    redis_prefix: str | None = None
     #: TOKEN_EXCHANGE_KEY_SECRET: optional; encrypts private keys and outbound secrets at rest,
     #: peppers client-secret hashes.
     key_secret: str | None = field(default=None, repr=False)
@@ -77,6 +79,7 @@ class Settings:
             token_ttl=ttl,
             key_grace=_int(env, "TOKEN_EXCHANGE_KEY_GRACE", ttl + 60),
             redis_url=env.get("TOKEN_EXCHANGE_REDIS_URL") or None,
+            redis_prefix=env.get("TOKEN_EXCHANGE_REDIS_PREFIX") or None,
             key_secret=env.get("TOKEN_EXCHANGE_KEY_SECRET") or None,
             jwks_cache_ttl=_int(env, "TOKEN_EXCHANGE_JWKS_CACHE_TTL", 300),
             jwks_stale_max=_int(env, "TOKEN_EXCHANGE_JWKS_STALE_MAX", 86400),

@@ -96,15 +96,22 @@ class Config:
 
 
 class Store:
-    def __init__(self, engine, settings):
+    def __init__(self, engine, settings, accelerator=None):
         self.engine = engine
         self.settings = settings
+        self.accel = accelerator
         self._config: Config | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
 
+    def changed(self) -> None:
+        """A change was announced (Redis): reload on the next request."""
+        self._checked = -1e9
+
     # -- configuration snapshot -------------------------------------------
     def config(self) -> Config:
+        if self.accel is not None:
+            self.accel.listen(self.changed)
         now = time.monotonic()
         cfg = self._config
         if cfg is not None and now - self._checked < self.settings.reload_interval:
@@ -185,14 +192,20 @@ class Store:
             return conn.execute(select(Revocation.jti).where(Revocation.jti == jti)).first() is not None
 
     def spend_assertion_jti(self, client_id: str, jti: str, exp: int) -> bool:
-        """True the first time (client, jti) is seen while unexpired; False on replay."""
+        """True the first time (client, jti) is seen while unexpired; False on replay.
+        The database is the record; Redis, when configured, refuses known replays
+        without touching it."""
+        if self.accel is not None and self.accel.jti_seen(client_id, jti):
+            return False
         try:
             with self.engine.begin() as conn:
                 conn.execute(delete(AssertionJti).where(AssertionJti.exp < int(time.time()) - 120))
                 conn.execute(insert(AssertionJti).values(client_id=client_id, jti=jti, exp=exp))
-            return True
         except IntegrityError:
             return False
+        if self.accel is not None:
+            self.accel.jti_spent(client_id, jti, exp - int(time.time()) + 120)
+        return True
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -227,6 +240,12 @@ class Store:
         """Record an admin change and tell running workers to reload."""
         session.execute(update(Generation).where(Generation.id == 1).values(value=Generation.value + 1))
         session.add(AdminEvent(time=utcnow(), actor=actor, action=action, detail=detail))
+
+    @staticmethod
+    def bump_conn(conn, actor: str, action: str, detail: str) -> None:
+        """bump() for a Core connection (bulk imports)."""
+        conn.execute(update(Generation).where(Generation.id == 1).values(value=Generation.value + 1))
+        conn.execute(insert(AdminEvent).values(time=utcnow(), actor=actor, action=action, detail=detail))
 
     @staticmethod
     def count(session: Session, model) -> int:
