@@ -691,13 +691,24 @@ def _import_links(ctx, file, targets):
 
 
 def _insert_links(conn, batch, file):
+    """One batch inside the import's transaction: COPY on PostgreSQL (a million rows
+    in seconds), executemany elsewhere."""
     if not batch:
         return 0
     try:
         with conn.begin_nested():
-            conn.execute(insert(PatientLink), batch)
-    except IntegrityError:
-        raise Fail(f"{file}: a link in the file already exists in the database; nothing was imported") from None
+            if conn.dialect.name == "postgresql":
+                raw = conn.connection.driver_connection
+                with raw.cursor() as cur, cur.copy(
+                        "COPY patient_link (source, patient, target_id, target_patient) FROM STDIN") as copy:
+                    for row in batch:
+                        copy.write_row((row["source"], row["patient"], row["target_id"], row["target_patient"]))
+            else:
+                conn.execute(insert(PatientLink), batch)
+    except Exception as e:  # IntegrityError, or the driver's own from COPY
+        if isinstance(e, IntegrityError) or type(e).__name__ in ("UniqueViolation", "IntegrityError"):
+            raise Fail(f"{file}: a link in the file already exists in the database; nothing was imported") from None
+        raise
     return len(batch)
 
 
