@@ -6,6 +6,7 @@ verifying) -> pruned.
 """
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from datetime import datetime, timedelta, timezone
@@ -40,20 +41,26 @@ def load_private(pem: str):
 
 class ActiveKey:
     """A loaded signing key; its private part never leaves this object."""
-    __slots__ = ("kid", "alg", "_key", "_algorithm")
+    __slots__ = ("kid", "alg", "_key", "_algorithm", "_header")
 
     def __init__(self, kid: str, alg: str, pem: str):
         self.kid, self.alg = kid, alg
         self._algorithm = jwt.get_algorithm_by_name(alg)
         self._key = self._algorithm.prepare_key(load_private(pem))
+        # RFC 9068 §2.1: typ "at+jwt". The header never changes for a key: encode it once.
+        self._header = _b64(json.dumps({"alg": alg, "kid": kid, "typ": "at+jwt"}, separators=(",", ":")).encode())
 
     def __repr__(self):
         return f"ActiveKey(kid={self.kid!r}, alg={self.alg!r})"
 
     def mint(self, claims: dict) -> str:
-        # RFC 9068 §2.1: typ "at+jwt"
-        return jwt.encode(claims, self._key, algorithm=self.alg,
-                          headers={"kid": self.kid, "typ": "at+jwt"})
+        """A compact JWS (RFC 7515 §7.1) signed with PyJWT's algorithm object."""
+        signing_input = self._header + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return (signing_input + b"." + _b64(self._algorithm.sign(signing_input, self._key))).decode()
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 def published(rows, grace: int, now: datetime | None = None) -> list[dict]:

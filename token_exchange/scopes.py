@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 CONTEXTS = ("patient", "user", "system")
 V2_ORDER = "cruds"
@@ -141,6 +142,7 @@ def is_v1(text: str) -> bool:
     return text.split("?", 1)[0].rsplit(".", 1)[-1] in V1_TO_V2
 
 
+@lru_cache(maxsize=4096)
 def parse(text: str | None, strict: bool = True) -> ScopeSet:
     """A space-separated scope string -> ScopeSet of its resource scopes.
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,6 +22,15 @@ from . import scopes
 from .models import (AdminEvent, AssertionJti, AuditEvent, Client, Generation, Issuer, PatientLink,
                      Revocation, SigningKey, Target, Trust)
 from .sealing import unseal
+
+
+# Hot-path statements, built once (Core on the tables: no ORM work per request).
+_LINKS = PatientLink.__table__
+_FIND_LINK = select(_LINKS.c.target_patient).where(
+    _LINKS.c.source == bindparam("source"), _LINKS.c.patient == bindparam("patient"),
+    _LINKS.c.target_id == bindparam("target_id"))
+_INSERT_AUDIT = insert(AuditEvent.__table__)
+_AUDIT_COLUMNS = [c.name for c in AuditEvent.__table__.c if c.name != "id"]
 
 
 def utcnow() -> datetime:
@@ -103,6 +112,7 @@ class Store:
         self._config: Config | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._hot = _HotPath(engine)
 
     def changed(self) -> None:
         """A change was announced (Redis): reload on the next request."""
@@ -170,16 +180,17 @@ class Store:
 
     # -- per-request facts -------------------------------------------------
     def find_link(self, source: str, patient: str, target_id: int) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(PatientLink.target_patient).where(
-                    PatientLink.source == source, PatientLink.patient == patient,
-                    PatientLink.target_id == target_id)).scalar()
+        """One indexed lookup (the (source, patient, target) unique index)."""
+        row = self._hot.run(self._hot.find_link, {"source": source, "patient": patient, "target_id": target_id},
+                            fetch=True)
+        return row[0] if row else None
 
     def record_audit(self, event: dict) -> None:
         """Committed before the caller answers: a token issued always has its record."""
-        with self.engine.begin() as conn:
-            conn.execute(insert(AuditEvent).values(time=utcnow(), **event))
+        row = dict.fromkeys(_AUDIT_COLUMNS)
+        row.update(event)
+        row["time"] = self._hot.time_bind(utcnow())
+        self._hot.run(self._hot.insert_audit, row, commit=True)
 
     def revoke(self, jti: str, exp: int) -> None:
         with self.engine.begin() as conn:
@@ -250,6 +261,46 @@ class Store:
     @staticmethod
     def count(session: Session, model) -> int:
         return session.execute(select(func.count()).select_from(model)).scalar()
+
+
+class _HotPath:
+    """The two statements every exchange runs (link lookup, audit insert), compiled
+    once for the engine's dialect and run on a pooled DBAPI connection: the
+    database does the same work, without SQLAlchemy's per-execute overhead.
+    Driver errors surface as SQLAlchemy's DBAPIError (503 at the endpoint)."""
+
+    def __init__(self, engine):
+        from sqlalchemy import exc
+        self.engine, self._exc = engine, exc
+        dialect = engine.dialect
+        self.find_link = self._compile(_FIND_LINK, dialect)
+        self.insert_audit = self._compile(
+            insert(AuditEvent.__table__).values({c: bindparam(c) for c in _AUDIT_COLUMNS}), dialect)
+        self.time_bind = AuditEvent.__table__.c.time.type.bind_processor(dialect) or (lambda v: v)
+
+    @staticmethod
+    def _compile(stmt, dialect):
+        compiled = stmt.compile(dialect=dialect)
+        names = list(compiled.positiontup) if dialect.positional else None
+        return compiled.string, names
+
+    def run(self, statement, params, fetch=False, commit=False):
+        sql, names = statement
+        args = tuple(params[n] for n in names) if names is not None else params
+        conn = self.engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            cur.execute(sql, args)
+            row = cur.fetchone() if fetch else None
+            cur.close()
+            if commit:
+                conn.commit()
+            return row
+        except self.engine.dialect.loaded_dbapi.Error as e:
+            conn.invalidate()
+            raise self._exc.DBAPIError.instance(sql, args, e, self.engine.dialect.loaded_dbapi.Error) from None
+        finally:
+            conn.close()
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import jwt
-
-from . import scopes, urns
+from . import jose, scopes, urns
 from .errors import InvalidRequest
 from .issuers import IssuerUnavailable, UnknownKey, introspect
 
 # Claims only an ID token carries (OIDC Core §2, §3.1.3.6): an access token has none.
 _ID_TOKEN_ONLY = ("nonce", "at_hash", "c_hash", "s_hash")
-_DECODE_OPTIONS = {"require": ["exp", "iss"], "verify_aud": False}
 
 
 @dataclass
@@ -48,13 +45,14 @@ class TokenValidator:
 
     # -- one JWT ------------------------------------------------------------
     def verify_jwt(self, token: str, cfg, what: str) -> tuple[object, dict]:
-        """Signature, algorithm, iss, exp, nbf, iat (rule 1) -> (IssuerCfg, claims)."""
+        """Signature, algorithm, iss, exp, nbf, iat (rule 1) -> (IssuerCfg, claims).
+        The token is decoded once (jose.parse)."""
         try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
+            parsed = jose.parse(token)
+        except jose.MalformedToken:
             raise InvalidRequest(f"The {what} is not a well-formed JWT.") from None
-        iss = unverified.get("iss")
+        header, claims = parsed.header, parsed.claims
+        iss = claims.get("iss")
         issuer = cfg.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
             raise InvalidRequest(f"The {what} was not issued by a trusted issuer; "
@@ -71,19 +69,15 @@ class TokenValidator:
             raise InvalidRequest(f"The {what} is signed with a key its issuer does not publish.") from None
         except IssuerUnavailable:
             raise InvalidRequest(f"The {what}'s issuer keys could not be fetched; try again later.") from None
-        try:
-            claims = jwt.decode(token, key, algorithms=[alg], options=_DECODE_OPTIONS,
-                                leeway=urns.CLOCK_LEEWAY)
-        except jwt.ExpiredSignatureError:
-            raise InvalidRequest(f"The {what} has expired.") from None
-        except jwt.ImmatureSignatureError:
-            raise InvalidRequest(f"The {what} is not yet valid (nbf or iat in the future).") from None
-        except jwt.MissingRequiredClaimError:
-            raise InvalidRequest(f"The {what} lacks a required claim (exp, iss).") from None
-        except (jwt.PyJWTError, ValueError, TypeError):
-            raise InvalidRequest(f"The {what}'s signature does not verify.") from None
-        if claims.get("iss") != issuer.url:
-            raise InvalidRequest(f"The {what} was not issued by a trusted issuer.")
+        if not jose.verify_signature(parsed, alg, key.key):
+            raise InvalidRequest(f"The {what}'s signature does not verify.")
+        failed = jose.check_times(claims, time.time(), urns.CLOCK_LEEWAY)
+        if failed == "exp":
+            raise InvalidRequest(f"The {what} lacks a valid exp claim.")
+        if failed == "expired":
+            raise InvalidRequest(f"The {what} has expired.")
+        if failed:
+            raise InvalidRequest(f"The {what} is not yet valid (nbf or iat in the future).")
         if "sub" in claims and not isinstance(claims["sub"], str):
             raise InvalidRequest(f"The {what} has a malformed sub claim.")
         return issuer, claims
