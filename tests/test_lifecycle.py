@@ -10,7 +10,7 @@ import uuid
 import jwt
 import pytest
 
-from conftest import (AT, IDT, OTHER_SECRET, SERVICE, TARGET2_SECRET, TARGET_SECRET, TE, VENDOR_SECRET,
+from conftest import (IDT, OTHER_SECRET, SERVICE, TARGET2_SECRET, TARGET_SECRET, TE, VENDOR_SECRET,
                       audit_rows, post_token)
 from fakes import SOURCE, TARGET, TARGET2, UPSTREAM
 from test_token import claims_of, error_of

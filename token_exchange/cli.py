@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import getpass
-import io
 import json
 import os
 import sys

@@ -5,8 +5,7 @@ a private ``detail`` for the log. They become HTTP in exactly one place
 (``endpoints.oauth_error_response``).
 """
 from authlib.oauth2.rfc6749.errors import (InvalidClientError, InvalidRequestError,  # noqa: F401
-                                           InvalidScopeError, OAuth2Error, UnauthorizedClientError,
-                                           UnsupportedGrantTypeError)
+                                           InvalidScopeError, OAuth2Error, UnauthorizedClientError)
 
 
 def _ascii(text):

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 
 from . import policy, scopes, urns
-from .errors import InvalidRequest, InvalidScope, InvalidTargetError
+from .errors import InvalidRequest, InvalidScope, InvalidTargetError, TemporarilyUnavailable, UnauthorizedClient
 
 SINGLE_VALUED = ("grant_type", "subject_token", "subject_token_type", "actor_token", "actor_token_type",
                  "scope", "requested_token_type", "client_id", "client_secret", "client_assertion",
@@ -43,7 +43,6 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
         self.target = self._resolve_target(req, cfg)
         self.audit["target"] = self.target.base_url
         if not cfg.trusts_by_client.get(client_id):
-            from .errors import UnauthorizedClient
             raise UnauthorizedClient("This client has no trust relationship; ask an administrator to add one.")
         p = server.validator.validate(req, cfg, client_id, self.target)  # rules 1, 2, 4
         self.presented = p
@@ -69,7 +68,6 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
         life = policy.lifetime(server.settings.token_ttl, self.trust, self.target, p.expires, now)
         key = server.store.config().active_key
         if key is None:
-            from .errors import TemporarilyUnavailable
             raise TemporarilyUnavailable("No signing key is active yet; run `token-exchange keys rotate`.")
         scope = self.granted.format()
         jti = uuid.uuid4().hex

@@ -42,7 +42,7 @@ class TokenRequest(OAuth2Request):
     deployment's (TLS at the proxy, see docs/OPERATIONS.md), so Authlib's
     http-URL check is not applied to the internal URL."""
 
-    def __init__(self, method, uri, headers, form: MultiDict):  # noqa: super().__init__ not called on purpose
+    def __init__(self, method, uri, headers, form: MultiDict):  # super().__init__ skipped on purpose (above)
         self.method, self.uri, self.headers = method, uri, headers
         self._body = None
         self._form = form
