@@ -577,3 +577,25 @@ def test_metrics_count_exchanges_by_outcome_and_error(exchange, http):
     assert 'token_exchange_requests_total{outcome="refused",error="invalid_target"} 1' in text
     assert "token_exchange_request_seconds_count 2" in text
     assert "token_exchange_jwks_fetches_total" in text
+
+
+def test_logs_are_json_with_request_id_and_never_a_token_or_secret(exchange, ehr):
+    import io
+    import logging
+
+    from token_exchange.logs import JSONFormatter
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    logging.getLogger("token_exchange").addHandler(handler)
+    subject = ehr.access_token()
+    r = exchange(subject_token=subject, auth=("vendor", "z" * 40), headers={"X-Request-Id": "req-42"})
+    assert r.headers["X-Request-Id"] == "req-42"
+    ok = exchange()
+    assert len(ok.headers["X-Request-Id"]) == 32
+    logging.getLogger("token_exchange").removeHandler(handler)
+    err = stream.getvalue()
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(rec.get("request_id") == "req-42" and rec["msg"] == "client authentication failed" for rec in lines)
+    for secret in (subject, "z" * 40, VENDOR_SECRET, ok.get_json()["access_token"]):
+        assert secret not in err

@@ -46,4 +46,5 @@ def create_app(settings=None, env=None):
     app.extensions["token_exchange"] = Extension(settings, engine, store, server, metrics, jwks_cache)
     app.register_blueprint(endpoints.bp)
     endpoints.register_error_handlers(app)
+    endpoints.register_request_ids(app)
     return app

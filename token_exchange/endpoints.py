@@ -176,6 +176,24 @@ def metrics():
     return Response(ext.metrics.render(), mimetype="text/plain; version=0.0.4")
 
 
+def register_request_ids(app):
+    """Every response carries X-Request-Id; every log line of the request names it."""
+    from flask import g
+
+    from .logs import request_id
+
+    @app.before_request
+    def _assign():
+        g.request_id = request_id(request.headers.get("X-Request-Id"))
+
+    @app.after_request
+    def _echo(resp):
+        rid = g.get("request_id")
+        if rid:
+            resp.headers["X-Request-Id"] = rid
+        return resp
+
+
 def register_error_handlers(app):
     @app.errorhandler(SQLAlchemyError)
     def _db_down(exc):

@@ -3,16 +3,37 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+
+
+def request_id(incoming: str | None) -> str:
+    """The caller's X-Request-Id when it is a plain token, else a new one."""
+    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def _current_request_id():
+    try:
+        from flask import g, has_request_context
+        return g.get("request_id") if has_request_context() else None
+    except Exception:  # noqa: BLE001 - logging must never fail
+        return None
 
 
 class JSONFormatter(logging.Formatter):
     def format(self, record):
         out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        rid = _current_request_id()
+        if rid:
+            out["request_id"] = rid
         for k, v in record.__dict__.items():
             if k not in _STD and not k.startswith("_"):
                 out[k] = v
