@@ -90,16 +90,15 @@ def test_issuer_first_seen_while_down_is_invalid_request(exchange, ehr, app):
 
 
 def test_hanging_issuer_is_bounded_by_the_timeout(world, env, ehr):
-    import time
-
+    """The EHR answers correctly, but only after 3 s: with a 1 s timeout the worker
+    gives up (invalid_request) instead of waiting; without one this would be a 200."""
     from conftest import post_token
     from token_exchange import create_app
     env = dict(env, TOKEN_EXCHANGE_HTTP_TIMEOUT="1")
     http = create_app(env=env).test_client()
     ehr.hang = 3
-    started = time.monotonic()
     data = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": ehr.access_token(),
             "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
             "resource": "https://fhir.b.example/fhir"}
-    error_of(post_token(http, data), 400, "invalid_request")
-    assert time.monotonic() - started < 2.9  # the 1 s timeout, not the 3 s hang
+    body = error_of(post_token(http, data), 400, "invalid_request")
+    assert "could not be fetched" in body["error_description"]
