@@ -248,3 +248,14 @@ def test_audit_list_filters_by_time_client_and_outcome(exchange, world):
     assert audit_rows(world, "--client", "nobody") == []
     assert audit_rows(world, "--outcome", "granted") == rows
     assert audit_rows(world, "--since", "2999-01-01T00:00:00Z") == []
+
+
+def test_key_sealed_under_another_key_secret_fails_cleanly_with_503(world, env, exchange_factory):
+    from token_exchange import create_app
+    env["TOKEN_EXCHANGE_KEY_SECRET"] = "first-key-secret-0123456789abcdef"
+    world("keys", "rotate")  # the active key is sealed under the first secret
+    env["TOKEN_EXCHANGE_KEY_SECRET"] = "another-secret-0123456789abcdef"
+    world("client", "rotate-secret", "vendor", "--secret-env", "VENDOR_SECRET")  # peppered anew
+    error_of(exchange_factory(create_app(env=env).test_client()), 503, "temporarily_unavailable")
+    world("keys", "rotate")  # the documented remedy: a key sealed under the new secret
+    assert exchange_factory(create_app(env=env).test_client()).status_code == 200

@@ -8,6 +8,7 @@ written directly: they are per-request facts.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,19 @@ from . import keys as keymod
 from . import scopes
 from .models import (AdminEvent, AssertionJti, AuditEvent, Client, Generation, Issuer, PatientLink,
                      Revocation, SigningKey, Target, Trust)
-from .sealing import unseal
+from .sealing import SealError, unseal
+
+
+def _unseal_or_none(value, key_secret, what):
+    """A secret sealed under another TOKEN_EXCHANGE_KEY_SECRET: log it and go without
+    (the dependent request fails cleanly) rather than fail every request."""
+    if not value:
+        return None
+    try:
+        return unseal(value, key_secret)
+    except SealError as e:
+        log.error("cannot unseal a stored secret", extra={"what": what, "reason": str(e)})
+        return None
 
 
 # Hot-path statements, built once (Core on the tables: no ORM work per request).
@@ -31,6 +44,9 @@ _FIND_LINK = select(_LINKS.c.target_patient).where(
     _LINKS.c.target_id == bindparam("target_id"))
 _INSERT_AUDIT = insert(AuditEvent.__table__)
 _AUDIT_COLUMNS = [c.name for c in AuditEvent.__table__.c if c.name != "id"]
+
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -147,7 +163,7 @@ class Store:
             cfg = IssuerCfg(r.url, r.jwks_uri, tuple(r.algs), tuple(r.sources), tuple(r.audiences or ()),
                             r.patient_claim, r.source_claim, r.introspection_endpoint,
                             r.introspection_client_id,
-                            unseal(r.introspection_secret, secret) if r.introspection_secret else None)
+                            _unseal_or_none(r.introspection_secret, secret, f"issuer {r.url}"))
             issuers[r.url] = cfg
             issuer_by_id[r.id] = cfg
         targets = [TargetCfg(r.id, r.base_url, r.name, r.max_ttl, r.secret_salt, r.secret_hash)
@@ -172,7 +188,8 @@ class Store:
         actives = [k for k in key_rows if k.state == "active"]
         if actives:
             newest = max(actives, key=lambda k: (k.activated or k.retired or utcnow()))
-            active = keymod.ActiveKey(newest.kid, newest.alg, unseal(newest.private_key, secret))
+            pem = _unseal_or_none(newest.private_key, secret, f"signing key {newest.kid}")
+            active = keymod.ActiveKey(newest.kid, newest.alg, pem) if pem else None
         return Config(gen, issuers, {t.base_url: t for t in targets},
                       {t.name: t for t in targets if t.name}, {t.id: t for t in targets},
                       clients, trusts, by_client, active,
