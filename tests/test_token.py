@@ -599,3 +599,23 @@ def test_logs_are_json_with_request_id_and_never_a_token_or_secret(exchange, ehr
     assert any(rec.get("request_id") == "req-42" and rec["msg"] == "client authentication failed" for rec in lines)
     for secret in (subject, "z" * 40, VENDOR_SECRET, ok.get_json()["access_token"]):
         assert secret not in err
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_exp_is_invalid_request_never_500(exchange, ehr, literal):
+    """Python's json reads NaN and Infinity; a signed token carrying them is refused."""
+    import base64 as b64
+    claims = json.dumps(ehr.access_claims(exp=0)).replace('"exp": 0', f'"exp": {literal}')
+    header = json.dumps({"alg": "RS256", "kid": ehr.kid, "typ": "JWT"})
+    seg = lambda b: b64.urlsafe_b64encode(b.encode()).rstrip(b"=").decode()  # noqa: E731
+    signing_input = f"{seg(header)}.{seg(claims)}"
+    sig = jwt.get_algorithm_by_name("RS256").sign(signing_input.encode(), ehr.key)
+    token = signing_input + "." + b64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+    error_of(exchange(subject_token=token), 400, "invalid_request")
+
+
+@pytest.mark.parametrize("exp", ["NaN", "Infinity"])
+def test_opaque_token_with_non_finite_exp_is_invalid_request(exchange, ehr, exp):
+    ehr.opaque["opaque-nan"] = {"active": True, "sub": "user-1", "client_id": UPSTREAM, "scope": "patient/*.rs",
+                                "exp": float(exp.lower() if exp == "NaN" else "inf")}
+    error_of(exchange(subject_token="opaque-nan"), 400, "invalid_request")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 
 import jwt
@@ -47,8 +48,8 @@ def parse(token: str) -> Parsed:
     if len(parts) != 3:
         raise MalformedToken()
     try:
-        header = json.loads(b64url_decode(parts[0]))
-        claims = json.loads(b64url_decode(parts[1]))
+        header = json.loads(b64url_decode(parts[0]), parse_constant=_no_constants)
+        claims = json.loads(b64url_decode(parts[1]), parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError):
         raise MalformedToken() from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
@@ -71,7 +72,7 @@ def verify_signature(parsed: Parsed, alg: str, key) -> bool:
 def check_times(claims: dict, now: float, leeway: int) -> str | None:
     """RFC 7519 §4.1.4-6 -> None, or which check failed: 'exp', 'expired', 'nbf', 'iat'."""
     exp = claims.get("exp")
-    if not _number(exp):
+    if not is_number(exp):
         return "exp"
     if exp <= now - leeway:
         return "expired"
@@ -79,10 +80,15 @@ def check_times(claims: dict, now: float, leeway: int) -> str | None:
         value = claims.get(name)
         if value is None:
             continue
-        if not _number(value) or value > now + leeway:
+        if not is_number(value) or value > now + leeway:
             return name
     return None
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _no_constants(name):
+    """RFC 8259 has no NaN or Infinity; Python's json would accept them."""
+    raise ValueError(name)

@@ -129,7 +129,7 @@ class TokenValidator:
         if isinstance(raw_scope, list):
             raw_scope = " ".join(s for s in raw_scope if isinstance(s, str))
         token_scopes = scopes.parse(raw_scope if isinstance(raw_scope, str) else "", strict=False)
-        exps = [int(c["exp"]) for c in (claims, actor) if c is not None and isinstance(c.get("exp"), (int, float))]
+        exps = [int(c["exp"]) for c in (claims, actor) if c is not None and jose.is_number(c.get("exp"))]
         sub = claims.get("sub") if isinstance(claims.get("sub"), str) else (actor or {}).get("sub")
         fhir_user = _str((actor or {}).get("fhirUser"))
         return Presented(issuer, req.subject_token_type, sub, claims, actor, token_scopes, None, None,
@@ -159,7 +159,7 @@ class TokenValidator:
             raise InvalidRequest("The subject_token is not active at its issuer.")
         now = time.time()
         exp = body.get("exp")
-        if exp is not None and (not isinstance(exp, (int, float)) or exp + urns.CLOCK_LEEWAY < now):
+        if exp is not None and (not jose.is_number(exp) or exp + urns.CLOCK_LEEWAY < now):
             raise InvalidRequest("The subject_token has expired.")
         if "iss" in body and body["iss"] != issuer.url:
             raise InvalidRequest("The subject_token's introspection names another issuer.")
