@@ -259,3 +259,9 @@ def test_key_sealed_under_another_key_secret_fails_cleanly_with_503(world, env, 
     error_of(exchange_factory(create_app(env=env).test_client()), 503, "temporarily_unavailable")
     world("keys", "rotate")  # the documented remedy: a key sealed under the new secret
     assert exchange_factory(create_app(env=env).test_client()).status_code == 200
+
+
+def test_openid_exchange_refuses_an_access_token_without_scope(openid_world, http, ehr):
+    token = ehr.sign(ehr.access_claims(scope=None, aud=UPSTREAM))
+    data = {"grant_type": TE, "subject_token": token, "subject_token_type": IDT, "resource": TARGET}
+    error_of(post_token(http, data), 400, "invalid_request")

@@ -619,3 +619,43 @@ def test_opaque_token_with_non_finite_exp_is_invalid_request(exchange, ehr, exp)
     ehr.opaque["opaque-nan"] = {"active": True, "sub": "user-1", "client_id": UPSTREAM, "scope": "patient/*.rs",
                                 "exp": float(exp.lower() if exp == "NaN" else "inf")}
     error_of(exchange(subject_token="opaque-nan"), 400, "invalid_request")
+
+
+@pytest.mark.parametrize("header", ["Basic //46/w==", "Basic é", "Basic \u0085", "Basic ", "Basic !!!", "Basic Og=="])
+def test_malformed_basic_credentials_are_invalid_client_never_500(http, header):
+    for path, data in (("/token", {"grant_type": TE}), ("/revoke", {"token": "x"}), ("/introspect", {"token": "x"})):
+        r = http.post(path, data=data, headers={"Authorization": header.encode("utf-8").decode("latin-1")})
+        error_of(r, 401, "invalid_client")
+
+
+def test_chunked_body_over_64_kib_is_413_before_anything_else(http):
+    body = b"grant_type=x&pad=" + b"a" * 70000
+    r = http.post("/token", input_stream=__import__("io").BytesIO(body),
+                  headers={"Transfer-Encoding": "chunked", "Content-Type": "text/plain"},
+                  environ_overrides={"wsgi.input_terminated": True})  # as gunicorn sets for chunked
+    error_of(r, 413, "invalid_request")
+
+
+def test_chunked_form_body_is_parsed_like_any_other(http, ehr):
+    from urllib.parse import urlencode
+    body = urlencode({"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                      "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET}).encode()
+    auth = "Basic " + base64.b64encode(f"vendor:{VENDOR_SECRET}".encode()).decode()
+    r = http.post("/token", input_stream=__import__("io").BytesIO(body),
+                  headers={"Transfer-Encoding": "chunked", "Content-Type": "application/x-www-form-urlencoded",
+                           "Authorization": auth}, environ_overrides={"wsgi.input_terminated": True})
+    assert r.status_code == 200, r.get_json()
+
+
+def test_unsigned_jwt_with_empty_signature_is_refused_locally(exchange, ehr):
+    head = base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
+    body = base64.urlsafe_b64encode(json.dumps(ehr.access_claims()).encode()).rstrip(b"=").decode()
+    ehr.introspection_auth.clear()
+    error_of(exchange(subject_token=f"{head}.{body}."), 400, "invalid_request")
+    assert ehr.introspection_auth == []  # never sent to the EHR as if opaque
+
+
+def test_get_on_token_endpoint_is_json_no_store(http):
+    r = http.get("/token")
+    assert r.status_code == 405 and r.headers["Cache-Control"] == "no-store"
+    assert r.get_json()["error"] == "invalid_request"

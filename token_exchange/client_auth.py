@@ -5,10 +5,14 @@ private_key_jwt (RFC 7523 §2.2 as SMART Backend Services profiles it).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import threading
 import time
+
+from urllib.parse import unquote
 
 import requests
 from authlib.oauth2.rfc6749.authenticate_client import ClientAuthentication
@@ -49,6 +53,23 @@ class AuthClient:
         return grant_type == urns.TOKEN_EXCHANGE
 
 
+def parse_basic(header: str) -> tuple[str, str]:
+    """RFC 7617 / RFC 6749 §2.3.1 credentials, strictly: any malformation is
+    invalid_client, never an exception further down (Authlib's helper and
+    Werkzeug's parser both raise on some inputs)."""
+    try:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic" or not token.strip():
+            raise ValueError
+        decoded = base64.b64decode(token.strip().encode("ascii"), validate=True).decode("utf-8")
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            raise ValueError
+        return unquote(user, errors="strict"), unquote(password, errors="strict")
+    except (ValueError, UnicodeError, binascii.Error):
+        raise InvalidClient("Malformed HTTP Basic credentials.") from None
+
+
 def presented_method(request) -> str:
     """Which one method the request uses; more than one is invalid_request (RFC 6749 §2.3)."""
     form = request.form
@@ -57,6 +78,7 @@ def presented_method(request) -> str:
     if auth:
         if auth.split(" ", 1)[0].lower() != "basic":
             raise InvalidClient("Authenticate the client with HTTP Basic, client_secret_post or private_key_jwt.")
+        parse_basic(auth)  # malformed credentials stop here, as invalid_client
         methods.append("client_secret_basic")
     if "client_secret" in form:
         methods.append("client_secret_post")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, current_app, json, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,16 +41,28 @@ def read_form() -> MultiDict:
     """The request body as a form, strictly: size first, form-encoded POST only,
     no parameters in the query string (RFC 6749 §3.2)."""
     max_body = _ext().settings.max_body
-    if request.content_length is not None and request.content_length > max_body:
-        raise RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.")
+    too_large = RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.")
+    chunked = request.content_length is None
+    if chunked:
+        # No Content-Length (chunked): read at most the limit + 1 byte, never more. The raw
+        # input, because Werkzeug's limited stream stops silently at the limit.
+        body = request.environ["wsgi.input"].read(max_body + 1) if request.environ.get(
+            "wsgi.input_terminated") else b""
+        if len(body) > max_body:
+            raise too_large
+    elif request.content_length > max_body:
+        raise too_large
     if request.mimetype != FORM:
         raise InvalidRequest(f"Send the request as {FORM}.")
     if request.query_string:
         raise InvalidRequest("Send parameters in the form body, not in the query string.")
+    if chunked:
+        return MultiDict(parse_qsl(body.decode("latin-1"), keep_blank_values=True, encoding="utf-8",
+                                   errors="replace"))
     try:
         return request.form
     except RequestEntityTooLarge:
-        raise RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.") from None
+        raise too_large from None
 
 
 @bp.post("/token")
@@ -208,7 +221,9 @@ def register_error_handlers(app):
 
     @app.errorhandler(HTTPException)
     def _http(exc):
-        return json_response(exc.code or 500, {"error": (exc.name or "error").lower().replace(" ", "_")})
+        body = {"error": "invalid_request" if exc.code in (400, 405) else (exc.name or "error").lower().replace(" ", "_"),
+                "error_description": "Use POST with a form body." if exc.code == 405 else (exc.name or "Error")}
+        return json_response(exc.code or 500, body, [("Cache-Control", "no-store")])
 
     @app.errorhandler(Exception)
     def _unexpected(exc):

@@ -7,6 +7,7 @@ import time
 import jwt
 
 from . import keys as keymod
+from .client_auth import parse_basic
 from .errors import InvalidClient, InvalidRequest, UnauthorizedClient
 from .sealing import check_secret
 
@@ -36,11 +37,12 @@ def verify_minted(token: str, cfg, settings) -> dict | None:
 
 def authenticate_target(request, cfg, key_secret):
     """Targets introspect with HTTP Basic: their registered name and secret."""
-    auth = request.authorization
-    if auth is None or auth.type != "basic" or not auth.username or auth.password is None:
+    header = request.headers.get("Authorization")
+    if not header:
         raise InvalidClient("Introspection requires HTTP Basic with the target's name and secret.")
-    target = cfg.targets_by_name.get(auth.username)
-    if target is None or not check_secret(auth.password, target.secret_salt, target.secret_hash, key_secret):
+    name, password = parse_basic(header)
+    target = cfg.targets_by_name.get(name)
+    if target is None or not check_secret(password, target.secret_salt, target.secret_hash, key_secret):
         raise InvalidClient("Target authentication failed.")
     return target
 

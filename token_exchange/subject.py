@@ -34,7 +34,8 @@ class Presented:
 
 
 def looks_like_jwt(token: str) -> bool:
-    return token.count(".") == 2 and all(token.split("."))
+    """Three dot-separated parts: a JWS (validated as one, even with an empty part)."""
+    return token.count(".") == 2
 
 
 class TokenValidator:
@@ -194,9 +195,11 @@ class TokenValidator:
 
 
 def _check_id_token_shape(claims: dict, slot: str) -> None:
+    """OIDC Core §2: an ID token has aud and sub; RFC 9068 access-token claims
+    (scope, client_id) mark an access token."""
     if "aud" not in claims or "sub" not in claims:
         raise InvalidRequest(f"The {slot} is not an ID token (it needs aud and sub).")
-    if "scope" in claims or "scp" in claims:
+    if any(c in claims for c in ("scope", "scp", "client_id")):
         raise InvalidRequest(f"The {slot} is an access token, not an ID token.")
 
 
