@@ -258,6 +258,7 @@ def app(env, world):
     from token_exchange import create_app
     application = create_app(env=env)
     yield application
+    application.extensions["token_exchange"].store.close()
     application.extensions["token_exchange"].engine.dispose()
 
 

@@ -78,7 +78,6 @@ def presented_method(request) -> str:
     if auth:
         if auth.split(" ", 1)[0].lower() != "basic":
             raise InvalidClient("Authenticate the client with HTTP Basic, client_secret_post or private_key_jwt.")
-        parse_basic(auth)  # malformed credentials stop here, as invalid_client
         methods.append("client_secret_basic")
     if "client_secret" in form:
         methods.append("client_secret_post")
@@ -93,9 +92,19 @@ def presented_method(request) -> str:
     return methods[0]
 
 
+def authenticate_secret_basic(query_client, request):
+    """client_secret_basic over parse_basic (the header is decoded once, strictly)."""
+    client_id, secret = parse_basic(request.headers.get("Authorization", ""))
+    client = query_client(client_id)
+    if client is not None and client.check_client_secret(secret):
+        return client
+    return None
+
+
 class Authenticator:
     def __init__(self, query_client, assertion_method=None):
         self._auth = ClientAuthentication(query_client)
+        self._auth.register("client_secret_basic", authenticate_secret_basic)
         if assertion_method is not None:
             self._auth.register("private_key_jwt", assertion_method)
 

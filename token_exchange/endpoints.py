@@ -41,7 +41,9 @@ def read_form() -> MultiDict:
     """The request body as a form, strictly: size first, form-encoded POST only,
     no parameters in the query string (RFC 6749 §3.2)."""
     max_body = _ext().settings.max_body
-    too_large = RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.")
+
+    def too_large():
+        return RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.")
     chunked = request.content_length is None
     if chunked:
         # No Content-Length (chunked): read at most the limit + 1 byte, never more. The raw
@@ -49,9 +51,9 @@ def read_form() -> MultiDict:
         body = request.environ["wsgi.input"].read(max_body + 1) if request.environ.get(
             "wsgi.input_terminated") else b""
         if len(body) > max_body:
-            raise too_large
+            raise too_large()
     elif request.content_length > max_body:
-        raise too_large
+        raise too_large()
     if request.mimetype != FORM:
         raise InvalidRequest(f"Send the request as {FORM}.")
     if request.query_string:
@@ -62,7 +64,7 @@ def read_form() -> MultiDict:
     try:
         return request.form
     except RequestEntityTooLarge:
-        raise too_large from None
+        raise too_large() from None
 
 
 @bp.post("/token")

@@ -130,6 +130,10 @@ class Store:
         self._lock = threading.Lock()
         self._hot = _HotPath(engine)
 
+    def close(self) -> None:
+        """Release this thread's hot-path connection (shutdown, tests)."""
+        self._hot.close()
+
     def changed(self) -> None:
         """A change was announced (Redis): reload on the next request."""
         self._checked = -1e9
@@ -294,6 +298,7 @@ class _HotPath:
         self.insert_audit = self._compile(
             insert(AuditEvent.__table__).values({c: bindparam(c) for c in _AUDIT_COLUMNS}), dialect)
         self.time_bind = AuditEvent.__table__.c.time.type.bind_processor(dialect) or (lambda v: v)
+        self._local = threading.local()
 
     @staticmethod
     def _compile(stmt, dialect):
@@ -301,23 +306,39 @@ class _HotPath:
         names = list(compiled.positiontup) if dialect.positional else None
         return compiled.string, names
 
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
     def run(self, statement, params, fetch=False, commit=False):
+        """Each thread keeps one DBAPI connection for these statements (no pool
+        checkout per request). A failure drops it; one retry on a fresh connection
+        covers a database that restarted since."""
         sql, names = statement
         args = tuple(params[n] for n in names) if names is not None else params
-        conn = self.engine.raw_connection()
-        try:
-            cur = conn.cursor()
-            cur.execute(sql, args)
-            row = cur.fetchone() if fetch else None
-            cur.close()
-            if commit:
-                conn.commit()
-            return row
-        except self.engine.dialect.loaded_dbapi.Error as e:
-            conn.invalidate()
-            raise self._exc.DBAPIError.instance(sql, args, e, self.engine.dialect.loaded_dbapi.Error) from None
-        finally:
-            conn.close()
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        for attempt in (1, 2):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self.engine.raw_connection()
+            try:
+                cur = conn.cursor()
+                cur.execute(sql, args)
+                row = cur.fetchone() if fetch else None
+                cur.close()
+                if commit:
+                    conn.commit()
+                return row
+            except dbapi_error as e:
+                self._local.conn = None
+                try:
+                    conn.invalidate()
+                except Exception:  # noqa: BLE001 - the connection is already gone
+                    pass
+                if attempt == 2:
+                    raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
 
 
 @dataclass(frozen=True)
