@@ -193,19 +193,11 @@ def metrics():
 
 def register_request_ids(app):
     """Every response carries X-Request-Id; every log line of the request names it."""
-    from flask import g
-
-    from .logs import request_id
-
-    @app.before_request
-    def _assign():
-        g.request_id = request_id(request.headers.get("X-Request-Id"))
+    from .logs import current_request_id
 
     @app.after_request
     def _echo(resp):
-        rid = g.get("request_id")
-        if rid:
-            resp.headers["X-Request-Id"] = rid
+        resp.headers["X-Request-Id"] = current_request_id()
         return resp
 
 

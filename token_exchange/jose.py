@@ -48,8 +48,8 @@ def parse(token: str) -> Parsed:
     if len(parts) != 3:
         raise MalformedToken()
     try:
-        header = json.loads(b64url_decode(parts[0]), parse_constant=_no_constants)
-        claims = json.loads(b64url_decode(parts[1]), parse_constant=_no_constants)
+        header = _DECODER.decode(b64url_decode(parts[0]).decode("utf-8"))
+        claims = _DECODER.decode(b64url_decode(parts[1]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise MalformedToken() from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
@@ -92,3 +92,6 @@ def is_number(v) -> bool:
 def _no_constants(name):
     """RFC 8259 has no NaN or Infinity; Python's json would accept them."""
     raise ValueError(name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # built once, not per token

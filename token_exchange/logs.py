@@ -19,10 +19,16 @@ def request_id(incoming: str | None) -> str:
     return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
 
 
-def _current_request_id():
+def current_request_id():
+    """This request's id, made on first use (a log line or the response header)."""
     try:
-        from flask import g, has_request_context
-        return g.get("request_id") if has_request_context() else None
+        from flask import g, has_request_context, request
+        if not has_request_context():
+            return None
+        rid = g.get("request_id")
+        if rid is None:
+            rid = g.request_id = request_id(request.headers.get("X-Request-Id"))
+        return rid
     except Exception:  # noqa: BLE001 - logging must never fail
         return None
 
@@ -31,7 +37,7 @@ class JSONFormatter(logging.Formatter):
     def format(self, record):
         out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        rid = _current_request_id()
+        rid = current_request_id()
         if rid:
             out["request_id"] = rid
         for k, v in record.__dict__.items():
