@@ -112,11 +112,19 @@ class ScopeSet:
 
     def format(self) -> str:
         """v2 spelling; v1 when the set was asked for in v1 and v1 says it exactly."""
+        return _format(self)
+
+    def _format(self) -> str:
         if self.v1:
             words = [s.v1() for s in self.scopes]
             if all(words):
                 return " ".join(words)
         return " ".join(s.v2() for s in self.scopes)
+
+
+@lru_cache(maxsize=4096)
+def _format(scope_set: ScopeSet) -> str:
+    return scope_set._format()
 
 
 def parse_scope(text: str) -> Scope | None:
@@ -182,6 +190,7 @@ def _simplify(scopes) -> tuple:
                             for j, o in enumerate(items)))
 
 
+@lru_cache(maxsize=4096)
 def downscope(requested: str | None, *bounds: ScopeSet) -> ScopeSet:
     """requested ∩ every bound (contract rule 6). Absent request: all the bounds allow."""
     result = parse(requested) if requested is not None else None
