@@ -47,11 +47,16 @@ def authenticate_target(request, cfg, key_secret):
     return target
 
 
-def introspect(form, target, cfg, store, settings) -> dict:
+def _presented_claims(form, cfg, settings) -> dict | None:
+    """The `token` parameter (RFC 7662 §2.1, RFC 7009 §2.1), verified as one of ours."""
     token = form.get("token")
     if not token:
         raise InvalidRequest("The token parameter is required.")
-    claims = verify_minted(token, cfg, settings)
+    return verify_minted(token, cfg, settings)
+
+
+def introspect(form, target, cfg, store, settings) -> dict:
+    claims = _presented_claims(form, cfg, settings)
     # A token meant for another target is inactive to this one (RFC 7662 §2.2).
     if claims is None or claims.get("aud") != target.base_url or store.is_revoked(claims["jti"]):
         return dict(INACTIVE)
@@ -64,10 +69,7 @@ def introspect(form, target, cfg, store, settings) -> dict:
 
 
 def revoke(form, client_id, cfg, store, settings) -> None:
-    token = form.get("token")
-    if not token:
-        raise InvalidRequest("The token parameter is required.")
-    claims = verify_minted(token, cfg, settings)
+    claims = _presented_claims(form, cfg, settings)
     if claims is None or claims["exp"] < time.time():
         return  # RFC 7009 §2.2: invalid tokens need no action and get 200
     if claims.get("client_id") != client_id:
