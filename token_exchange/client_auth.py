@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import re
 import threading
 import time
 
@@ -23,11 +22,11 @@ from joserfc.jwk import KeySet as JoseKeySet
 
 from . import urns
 from .errors import InvalidClient, InvalidClientError, InvalidRequest
+from .issuers import max_age
 from .sealing import check_secret
 
 log = logging.getLogger(__name__)
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
-_MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
 class AuthClient:
@@ -148,8 +147,8 @@ class ClientJWKS:
             if hit:  # stale-if-error
                 return hit[1]
             raise InvalidClientError(description="The client's JWKS could not be fetched.") from None
-        m = _MAX_AGE.search(r.headers.get("Cache-Control", ""))
-        ttl = min(int(m.group(1)), self.settings.jwks_cache_ttl) if m else self.settings.jwks_cache_ttl
+        advertised = max_age(r.headers)
+        ttl = self.settings.jwks_cache_ttl if advertised is None else min(advertised, self.settings.jwks_cache_ttl)
         if "no-store" in r.headers.get("Cache-Control", "") or "no-cache" in r.headers.get("Cache-Control", ""):
             ttl = 0
         self._cache[cfg.jwks_uri] = (now + ttl, jwks)

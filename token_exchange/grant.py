@@ -15,9 +15,9 @@ from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 from . import policy, scopes, urns
 from .errors import InvalidRequest, InvalidScope, InvalidTargetError, TemporarilyUnavailable, UnauthorizedClient
 
-SINGLE_VALUED = ("grant_type", "subject_token", "subject_token_type", "actor_token", "actor_token_type",
-                 "scope", "requested_token_type", "client_id", "client_secret", "client_assertion",
-                 "client_assertion_type")
+# grant_type and the client-authentication parameters are checked by the server first.
+SINGLE_VALUED = ("subject_token", "subject_token_type", "actor_token", "actor_token_type", "scope",
+                 "requested_token_type")
 MAX_TOKEN_LENGTH = 16 * 1024
 
 

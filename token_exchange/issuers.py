@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 _MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
+def max_age(headers) -> int | None:
+    """The max-age of a response's Cache-Control, if it gives one."""
+    m = _MAX_AGE.search(headers.get("Cache-Control", ""))
+    return int(m.group(1)) if m else None
+
+
 class IssuerUnavailable(Exception):
     """The issuer's JWKS or introspection endpoint could not be used."""
 
@@ -94,11 +100,10 @@ class JWKSCache:
                 keys = {}
                 for k in keyset.keys:
                     keys.setdefault(k.key_id or "", k)
-                max_age = self.settings.jwks_cache_ttl
-                m = _MAX_AGE.search(r.headers.get("Cache-Control", ""))
-                if m:
-                    max_age = max(self.settings.jwks_min_refetch, min(int(m.group(1)), max_age))
-                e.keys, e.fetched, e.expires = keys, now, now + max_age
+                ttl, advertised = self.settings.jwks_cache_ttl, max_age(r.headers)
+                if advertised is not None:
+                    ttl = max(self.settings.jwks_min_refetch, min(advertised, ttl))
+                e.keys, e.fetched, e.expires = keys, now, now + ttl
                 self._count("jwks_fetches")
             except (requests.RequestException, ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
                 self._count("jwks_fetch_failures")

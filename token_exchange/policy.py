@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import scopes, urns
+from .subject import audiences
 from .errors import InvalidRequest, InvalidScope, InvalidTarget  # noqa: F401
 
 
@@ -28,9 +29,7 @@ def check_upstream(presented, trust) -> None:
             raise InvalidRequest("The subject_token was issued to another client than the one this trust names.")
     ident = presented.id_claims
     if ident is not None:
-        aud = ident.get("aud")
-        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if up not in auds or ("azp" in ident and ident["azp"] != up):
+        if up not in audiences(ident) or ("azp" in ident and ident["azp"] != up):
             raise InvalidRequest("The ID token was issued to another client than the one this trust names.")
 
 

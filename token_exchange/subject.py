@@ -106,14 +106,14 @@ class TokenValidator:
             if any(c in claims for c in _ID_TOKEN_ONLY):
                 raise InvalidRequest("The subject_token is an ID token; send it as actor_token, "
                                      "or as subject_token with subject_token_type id_token.")
-            aud = _aud(claims)
+            aud = audiences(claims)
             opaque = False
         else:
             if req.subject_token_type == urns.JWT:
                 raise InvalidRequest("subject_token_type jwt needs a JWT; this subject_token is opaque.")
             issuer = actor_issuer or self._introspecting_issuer(cfg, client_id, target)
             claims = self._introspect(issuer, req.subject_token)
-            aud = _aud(claims) if "aud" in claims else None
+            aud = audiences(claims) if "aud" in claims else None
             opaque = True
         # Rule 1: a subject access token is meant for the issuer's FHIR servers.
         accepted = set(issuer.sources) | set(issuer.audiences)
@@ -212,7 +212,8 @@ def _check_may_act(claims: dict, client_id: str) -> None:
         raise InvalidRequest("The subject_token's may_act does not name this client.")
 
 
-def _aud(claims: dict) -> list:
+def audiences(claims: dict) -> list:
+    """A token's aud as a list of strings (RFC 7519 §4.1.3: a string or an array)."""
     aud = claims.get("aud")
     if isinstance(aud, str):
         return [aud]
