@@ -4,6 +4,7 @@ EHR serving its JWKS over loopback HTTP."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 
@@ -630,7 +631,7 @@ def test_malformed_basic_credentials_are_invalid_client_never_500(http, header):
 
 def test_chunked_body_over_64_kib_is_413_before_anything_else(http):
     body = b"grant_type=x&pad=" + b"a" * 70000
-    r = http.post("/token", input_stream=__import__("io").BytesIO(body),
+    r = http.post("/token", input_stream=io.BytesIO(body),
                   headers={"Transfer-Encoding": "chunked", "Content-Type": "text/plain"},
                   environ_overrides={"wsgi.input_terminated": True})  # as gunicorn sets for chunked
     error_of(r, 413, "invalid_request")
@@ -641,7 +642,7 @@ def test_chunked_form_body_is_parsed_like_any_other(http, ehr):
     body = urlencode({"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
                       "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET}).encode()
     auth = "Basic " + base64.b64encode(f"vendor:{VENDOR_SECRET}".encode()).decode()
-    r = http.post("/token", input_stream=__import__("io").BytesIO(body),
+    r = http.post("/token", input_stream=io.BytesIO(body),
                   headers={"Transfer-Encoding": "chunked", "Content-Type": "application/x-www-form-urlencoded",
                            "Authorization": auth}, environ_overrides={"wsgi.input_terminated": True})
     assert r.status_code == 200, r.get_json()
@@ -659,3 +660,17 @@ def test_get_on_token_endpoint_is_json_no_store(http):
     r = http.get("/token")
     assert r.status_code == 405 and r.headers["Cache-Control"] == "no-store"
     assert r.get_json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("body", [b"grant_type=\xff\xfe", b"grant_type=%FF%FE", b"scope=patient%2F\xe9"])
+def test_form_body_that_is_not_utf8_is_invalid_request_naming_the_encoding(http, body):
+    """Werkzeug's form parser reads such a body as an empty form; here it is refused for what it is."""
+    auth = "Basic " + base64.b64encode(f"vendor:{VENDOR_SECRET}".encode()).decode()
+    for chunked in (False, True):
+        extra = ({"headers": {"Transfer-Encoding": "chunked", "Content-Type": "application/x-www-form-urlencoded",
+                              "Authorization": auth}, "environ_overrides": {"wsgi.input_terminated": True}}
+                 if chunked else {"headers": {"Content-Type": "application/x-www-form-urlencoded",
+                                              "Authorization": auth}})
+        r = http.post("/token", input_stream=io.BytesIO(body), **extra)
+        err = error_of(r, 400, "invalid_request")
+        assert "UTF-8" in err["error_description"]

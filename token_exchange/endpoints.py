@@ -1,11 +1,12 @@
 """HTTP: /token /jwks /.well-known/* /healthz /readyz /metrics (and /introspect, /revoke)."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from urllib.parse import parse_qsl
 
-from flask import Blueprint, Response, current_app, json, request
+from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -58,13 +59,19 @@ def read_form() -> MultiDict:
         raise InvalidRequest(f"Send the request as {FORM}.")
     if request.query_string:
         raise InvalidRequest("Send parameters in the form body, not in the query string.")
-    if chunked:
-        return MultiDict(parse_qsl(body.decode("latin-1"), keep_blank_values=True, encoding="utf-8",
-                                   errors="replace"))
+    if not chunked:
+        body = request.get_data(cache=False)  # at most Content-Length bytes; a short body is 400
+    return parse_form(body)
+
+
+def parse_form(body: bytes) -> MultiDict:
+    """application/x-www-form-urlencoded -> MultiDict, the same parse Werkzeug's form
+    parser runs (urllib's parse_qsl), without its stream and parser objects, and strict
+    where Werkzeug is silent: a body that is not UTF-8 is refused, not read as empty."""
     try:
-        return request.form
-    except RequestEntityTooLarge:
-        raise too_large() from None
+        return MultiDict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        raise InvalidRequest("The form body is not UTF-8; percent-encode parameters as UTF-8.") from None
 
 
 @bp.post("/token")
