@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
+
+from flask import has_request_context, request
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -15,19 +17,23 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 
 
 def request_id(incoming: str | None) -> str:
-    """The caller's X-Request-Id when it is a plain token, else a new one."""
-    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    """The caller's X-Request-Id when it is a plain token, else a new one (128 random bits, hex)."""
+    return incoming if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()
+
+
+_ENVIRON_KEY = "token_exchange.request_id"
 
 
 def current_request_id():
-    """This request's id, made on first use (a log line or the response header)."""
+    """This request's id, made on first use (a log line or the response header) and
+    kept in the WSGI environ for the rest of the request."""
     try:
-        from flask import g, has_request_context, request
         if not has_request_context():
             return None
-        rid = g.get("request_id")
+        environ = request.environ
+        rid = environ.get(_ENVIRON_KEY)
         if rid is None:
-            rid = g.request_id = request_id(request.headers.get("X-Request-Id"))
+            rid = environ[_ENVIRON_KEY] = request_id(environ.get("HTTP_X_REQUEST_ID"))
         return rid
     except Exception:  # noqa: BLE001 - logging must never fail
         return None

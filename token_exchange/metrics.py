@@ -5,6 +5,7 @@ worker behind the load balancer, or gunicorn with one worker per container).
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import Counter
 
@@ -29,8 +30,7 @@ class Metrics:
 
     def observe(self, seconds):
         with self._lock:
-            i = next((i for i, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))
-            self.latency[i] += 1
+            self.latency[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
             self.latency_sum += seconds
 
     def render(self) -> str:

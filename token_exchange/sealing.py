@@ -9,6 +9,7 @@ at a few exchanges per second without adding strength.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -25,6 +26,7 @@ class SealError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=8)  # a pure function of its inputs: derived once, not per request
 def _derive(key_secret: str, purpose: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"token-exchange", info=purpose).derive(
         key_secret.encode())
