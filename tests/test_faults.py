@@ -102,3 +102,46 @@ def test_hanging_issuer_is_bounded_by_the_timeout(world, env, ehr):
             "resource": "https://fhir.b.example/fhir"}
     body = error_of(post_token(http, data), 400, "invalid_request")
     assert "could not be fetched" in body["error_description"]
+
+
+@pytest.fixture
+def writer_lock(env):
+    """The sidecar file the service's SQLite audit writers queue on, opened as another
+    worker would open it."""
+    import fcntl
+    url = make_url(env["TOKEN_EXCHANGE_DATABASE_URL"])
+    if not url.drivername.startswith("sqlite"):
+        pytest.skip("the writer lock orders SQLite writers; PostgreSQL has row-level locking")
+    with open(f"{url.database}-writer.lock", "ab") as f:
+        yield f, fcntl
+
+
+def test_sqlite_audit_writers_take_turns_on_the_writer_lock(writer_lock, exchange):
+    import threading
+    f, fcntl = writer_lock
+    assert exchange().status_code == 200  # the service has made its lock file
+    fcntl.flock(f, fcntl.LOCK_EX)  # another worker is writing its audit record
+    done, results = threading.Event(), []
+    worker = threading.Thread(target=lambda: (results.append(exchange().status_code), done.set()))
+    worker.start()
+    try:
+        assert not done.wait(0.5), "the exchange committed its audit record while another writer held the lock"
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+    worker.join(30)
+    assert results == [200]
+
+
+def test_a_failed_audit_write_releases_the_writer_lock(writer_lock, exchange, env):
+    import sqlite3
+    f, fcntl = writer_lock
+    db = sqlite3.connect(make_url(env["TOKEN_EXCHANGE_DATABASE_URL"]).database)
+    db.execute("ALTER TABLE audit_event RENAME TO audit_event_away")
+    db.commit()
+    error_of(exchange(), 503, "temporarily_unavailable")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if the service still held it
+    fcntl.flock(f, fcntl.LOCK_UN)
+    db.execute("ALTER TABLE audit_event_away RENAME TO audit_event")
+    db.commit()
+    db.close()
+    assert exchange().status_code == 200

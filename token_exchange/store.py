@@ -14,6 +14,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's busy handler alone
+    fcntl = None
+
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -299,6 +304,8 @@ class _HotPath:
             insert(AuditEvent.__table__).values({c: bindparam(c) for c in _AUDIT_COLUMNS}), dialect)
         self.time_bind = AuditEvent.__table__.c.time.type.bind_processor(dialect) or (lambda v: v)
         self._local = threading.local()
+        path = engine.url.database if dialect.name == "sqlite" else None
+        self._writer_lock_path = f"{path}-writer.lock" if fcntl and path and path != ":memory:" else None
 
     @staticmethod
     def _compile(stmt, dialect):
@@ -311,6 +318,27 @@ class _HotPath:
         self._local.conn = None
         if conn is not None:
             conn.close()
+        lock = getattr(self._local, "writer_lock", None)
+        self._local.writer_lock = None
+        if lock is not None:
+            lock.close()
+
+    def _writer_lock(self):
+        """SQLite has one write lock per database, and a writer that finds it taken
+        sleeps in SQLite's busy handler for 1 ms or more, then retries: with two
+        workers writing an audit record per exchange that idles a core often. The
+        writers here queue on flock(2) of a sidecar file instead, which hands the
+        turn over the moment it is free. (Writers outside the hot path, e.g. the
+        CLI, still meet SQLite's own lock and busy timeout, as before.)"""
+        lock = getattr(self._local, "writer_lock", None)
+        if lock is None:
+            try:
+                lock = self._local.writer_lock = open(self._writer_lock_path, "ab")  # noqa: SIM115 - kept open
+            except OSError as e:
+                log.warning("no writer lock file; SQLite's busy handler alone orders writers",
+                            extra={"path": self._writer_lock_path, "reason": e.strerror})
+                self._writer_lock_path = None
+        return lock
 
     def run(self, statement, params, fetch=False, commit=False):
         """Each thread keeps one DBAPI connection for these statements (no pool
@@ -318,6 +346,16 @@ class _HotPath:
         covers a database that restarted since."""
         sql, names = statement
         args = tuple(params[n] for n in names) if names is not None else params
+        lock = self._writer_lock() if commit and self._writer_lock_path else None
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._run(sql, args, fetch, commit)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return self._run(sql, args, fetch, commit)
+
+    def _run(self, sql, args, fetch, commit):
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
         for attempt in (1, 2):
             conn = getattr(self._local, "conn", None)
