@@ -510,6 +510,25 @@ def test_audit_list_json_has_the_contract_fields_and_filters(world, exchange, eh
     assert bundle["resourceType"] == "Bundle" and len(bundle["entry"]) == 2
 
 
+
+def test_audit_time_is_stored_in_the_form_of_every_other_timestamp(world, exchange, env):
+    """The hot path writes audit rows without the ORM; their time still goes through the
+    column type (on SQLite the text form SQLAlchemy writes everywhere, so --since compares
+    like with like), never through the driver's default datetime adapter."""
+    import re
+    from sqlalchemy import create_engine, text
+    assert exchange().status_code == 200
+    engine = create_engine(env["TOKEN_EXCHANGE_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            audit = conn.execute(text("SELECT CAST(time AS TEXT) FROM audit_event")).scalar_one()
+            admin = conn.execute(text("SELECT CAST(time AS TEXT) FROM admin_event LIMIT 1")).scalar_one()
+    finally:
+        engine.dispose()
+    def shape(stamp):  # digits and the length of the fraction aside (PostgreSQL trims its zeros)
+        return re.sub(r"\d", "9", re.sub(r"\.\d+", "", stamp))
+    assert shape(audit) == shape(admin), (audit, admin)
+
 # -- links -----------------------------------------------------------------------------
 def test_link_import_then_export_round_trips_the_csv(world, tmp_path):
     rows = [f"{SOURCE},p-1,{TARGET},q-1", f"{SOURCE}-2,p-2,{TARGET2},q-2", f'{SOURCE},"p,3",{TARGET},q-3',

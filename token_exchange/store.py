@@ -302,7 +302,8 @@ class _HotPath:
         self.find_link = self._compile(_FIND_LINK, dialect)
         self.insert_audit = self._compile(
             insert(AuditEvent.__table__).values({c: bindparam(c) for c in _AUDIT_COLUMNS}), dialect)
-        self.time_bind = AuditEvent.__table__.c.time.type.bind_processor(dialect) or (lambda v: v)
+        time_type = AuditEvent.__table__.c.time.type.dialect_impl(dialect)  # e.g. SQLite's DATETIME, as the ORM writes it
+        self.time_bind = time_type.bind_processor(dialect) or (lambda v: v)
         self._local = threading.local()
         path = engine.url.database if dialect.name == "sqlite" else None
         self._writer_lock_path = f"{path}-writer.lock" if fcntl and path and path != ":memory:" else None
