@@ -785,7 +785,7 @@ def main(argv=None):
                    help="smoke-test the script: 3 s runs, 1 s warm-ups, 100,000 links instead of 1,000,000")
     p.add_argument("--duration", type=float, help="seconds per measured run (default 8; --quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up before each run (default 2; --quick 1)")
-    p.add_argument("--rounds", type=int, default=3, help="floor+service rounds per link count (default 3)")
+    p.add_argument("--rounds", type=int, default=4, help="floor+service rounds per link count (default 4)")
     p.add_argument("--quiet-wait", type=float, help="before each run, wait up to this many seconds for other "
                    "processes to leave the cores alone (default 120; --quick 10)")
     p.add_argument("--retries", type=int, default=2, help="run again a run that other processes disturbed "
