@@ -22,7 +22,7 @@ from . import keys as keymod
 from . import scopes, urns
 from .models import Client, Issuer, PatientLink, SigningKey, Target, Trust
 from .sealing import generate_secret, hash_secret, seal
-from .store import utcnow
+from .store import Store, utcnow
 
 
 class Fail(click.ClickException):
@@ -40,7 +40,6 @@ class Ctx:
             raise Fail(str(e)) from None
         self.engine = make_engine(self.settings.database_url)
         from .shared import Accelerator
-        from .store import Store
         self.accel = Accelerator(self.settings.redis_url, self.settings.database_url, self.settings.redis_prefix)
         self.store = Store(self.engine, self.settings, self.accel)
         self.actor = os.environ.get("TOKEN_EXCHANGE_ADMIN") or _whoami()
@@ -679,13 +678,7 @@ def _import_links(ctx, file, targets):
                 total += _insert_links(conn, batch, file)
                 batch = []
         total += _insert_links(conn, batch, file)
-        from .store import Store
-        from .models import AdminEvent, Generation
-        from sqlalchemy import update
-        conn.execute(update(Generation).where(Generation.id == 1).values(value=Generation.value + 1))
-        conn.execute(insert(AdminEvent).values(time=utcnow(), actor=ctx.actor, action="link.import",
-                                               detail=f"{total} links from {os.path.basename(file)}"))
-        del Store
+        Store.bump_conn(conn, ctx.actor, "link.import", f"{total} links from {os.path.basename(file)}")
     return total
 
 
