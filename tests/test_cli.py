@@ -293,6 +293,12 @@ def test_link_import_refuses_a_bad_file_whole(world, tmp_path):
     refuse("link", "import", str(path), mentions="latin1.csv")
 
 
+def test_link_import_duplicate_means_same_source_patient_and_target(world, tmp_path):
+    rows = [f"{SOURCE},p-1,{TARGET},q-1", f"{SOURCE},p-1,{TARGET2},q-1",  # one patient, two targets
+            f"https://ehr.other.example/fhir,p-1,{TARGET},q-9"]  # the same id at another source
+    assert world("link", "import", write_csv(tmp_path / "links.csv", [LINK_HEADER, *rows])).stdout == "imported 3 links\n"
+
+
 def test_link_import_accepts_a_utf8_bom_and_crlf_as_spreadsheets_write(world, tmp_path):
     path = tmp_path / "links.csv"
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join([LINK_HEADER, *GOOD_ROWS, ""]).encode())

@@ -649,7 +649,7 @@ def link_import(ctx, file):
 
 
 def _import_links(ctx, file, targets):
-    seen = set()
+    seen = {}  # (source, target id) -> the patients in the file so far: one string per row, not a tuple
     batch, total = [], 0
     with open(file, newline="", encoding="utf-8-sig") as f, ctx.engine.begin() as conn:
         reader = csv.reader(f)
@@ -669,10 +669,10 @@ def _import_links(ctx, file, targets):
                 _check_id(target_patient, "target_patient")
             except Fail as e:
                 raise Fail(f"{file}:{n}: {e.message}") from None
-            key = (source, patient, tid)
-            if key in seen:
+            patients = seen.setdefault((source, tid), set())
+            if patient in patients:
                 raise Fail(f"{file}:{n}: duplicate link for patient {patient!r} at {source}")
-            seen.add(key)
+            patients.add(patient)
             batch.append({"source": source, "patient": patient, "target_id": tid, "target_patient": target_patient})
             if len(batch) >= 20000:
                 total += _insert_links(conn, batch, file)
