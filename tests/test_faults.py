@@ -145,3 +145,18 @@ def test_a_failed_audit_write_releases_the_writer_lock(writer_lock, exchange, en
     db.commit()
     db.close()
     assert exchange().status_code == 200
+
+
+def test_a_filesystem_that_refuses_flock_leaves_the_ordering_to_sqlite(writer_lock, exchange, monkeypatch, caplog):
+    import errno
+    from token_exchange import store
+    calls = []
+
+    def refuse(f, op):
+        calls.append(op)
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(store.fcntl, "flock", refuse)
+    assert exchange().status_code == 200
+    assert exchange().status_code == 200
+    assert calls == [store.fcntl.LOCK_EX], "the lock was tried again after the filesystem refused it"
+    assert any("busy handler alone" in r.getMessage() for r in caplog.records)

@@ -324,22 +324,30 @@ class _HotPath:
         if lock is not None:
             lock.close()
 
-    def _writer_lock(self):
+    def _take_writer_lock(self):
         """SQLite has one write lock per database, and a writer that finds it taken
         sleeps in SQLite's busy handler for 1 ms or more, then retries: with two
         workers writing an audit record per exchange that idles a core often. The
         writers here queue on flock(2) of a sidecar file instead, which hands the
         turn over the moment it is free. (Writers outside the hot path, e.g. the
-        CLI, still meet SQLite's own lock and busy timeout, as before.)"""
+        CLI, still meet SQLite's own lock and busy timeout, as before.) The lock
+        only orders writers, so where it cannot be had (the file cannot be opened,
+        the filesystem refuses flock) SQLite's busy handler orders them alone.
+        Returns the locked file, or None."""
         lock = getattr(self._local, "writer_lock", None)
-        if lock is None:
-            try:
+        try:
+            if lock is None:
                 lock = self._local.writer_lock = open(self._writer_lock_path, "ab")  # noqa: SIM115 - kept open
-            except OSError as e:
-                log.warning("no writer lock file; SQLite's busy handler alone orders writers",
-                            extra={"path": self._writer_lock_path, "reason": e.strerror})
-                self._writer_lock_path = None
-        return lock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return lock
+        except OSError as e:
+            log.warning("no writer lock; SQLite's busy handler alone orders writers",
+                        extra={"path": self._writer_lock_path, "reason": e.strerror})
+            self._writer_lock_path = None
+            self._local.writer_lock = None
+            if lock is not None:
+                lock.close()
+            return None
 
     def run(self, statement, params, fetch=False, commit=False):
         """Each thread keeps one DBAPI connection for these statements (no pool
@@ -347,14 +355,12 @@ class _HotPath:
         covers a database that restarted since."""
         sql, names = statement
         args = tuple(params[n] for n in names) if names is not None else params
-        lock = self._writer_lock() if commit and self._writer_lock_path else None
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                return self._run(sql, args, fetch, commit)
-            finally:
+        lock = self._take_writer_lock() if commit and self._writer_lock_path else None
+        try:
+            return self._run(sql, args, fetch, commit)
+        finally:
+            if lock is not None:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        return self._run(sql, args, fetch, commit)
 
     def _run(self, sql, args, fetch, commit):
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
