@@ -669,8 +669,10 @@ def _import_links(ctx, file, targets):
                 _check_id(target_patient, "target_patient")
             except Fail as e:
                 raise Fail(f"{file}:{n}: {e.message}") from None
-            patients = seen.setdefault((source, tid), set())
-            if patient in patients:
+            patients = seen.get((source, tid))
+            if patients is None:
+                patients = seen[(source, tid)] = set()
+            elif patient in patients:
                 raise Fail(f"{file}:{n}: duplicate link for patient {patient!r} at {source}")
             patients.add(patient)
             batch.append({"source": source, "patient": patient, "target_id": tid, "target_patient": target_patient})
