@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint)
+                        UniqueConstraint, false as sa_false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 URL = String(2048)
@@ -29,6 +29,18 @@ class Issuer(Base):
     introspection_endpoint: Mapped[str | None] = mapped_column(URL)
     introspection_client_id: Mapped[str | None] = mapped_column(ID)
     introspection_secret: Mapped[str | None] = mapped_column(Text)  # sealed when a key secret is set
+    # Patient matching: the identifier systems it may vouch for, and the claim carrying them.
+    identifier_systems: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    identifier_claim: Mapped[str] = mapped_column(String(64), default="patient_identifier",
+                                                  server_default="patient_identifier")
+    # SMART Backend Services at this EHR (reading the source Patient), and the
+    # consent sign-in (OpenID Connect): the service's own client ids there.
+    fhir_client_id: Mapped[str | None] = mapped_column(ID)
+    fhir_scope: Mapped[str | None] = mapped_column(String(255))
+    login_client_id: Mapped[str | None] = mapped_column(ID)
+    login_secret: Mapped[str | None] = mapped_column(Text)  # sealed when a key secret is set
+    authorization_endpoint: Mapped[str | None] = mapped_column(URL)
+    token_endpoint: Mapped[str | None] = mapped_column(URL)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -41,6 +53,9 @@ class Target(Base):
     max_ttl: Mapped[int | None] = mapped_column(Integer)
     secret_salt: Mapped[str | None] = mapped_column(String(64))
     secret_hash: Mapped[str | None] = mapped_column(String(128))
+    # Patient matching: identifier systems that name one patient here, and how long a match holds.
+    match_identifiers: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    match_ttl_days: Mapped[int] = mapped_column(Integer, default=30, server_default="30")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -54,6 +69,8 @@ class Client(Base):
     secret_hash: Mapped[str | None] = mapped_column(String(128))
     jwks: Mapped[dict | None] = mapped_column(JSON)
     jwks_uri: Mapped[str | None] = mapped_column(URL)
+    name: Mapped[str | None] = mapped_column(ID)  # shown on the consent page
+    redirect_uris: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -69,18 +86,38 @@ class Trust(Base):
     upstream_client_id: Mapped[str] = mapped_column(ID)
     max_ttl: Mapped[int | None] = mapped_column(Integer)
     allow_id_token: Mapped[bool] = mapped_column(Boolean, default=False)
+    allow_jwt_grant: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    consent: Mapped[str] = mapped_column(String(16), default="none", server_default="none")  # none | required
+    consent_max_days: Mapped[int] = mapped_column(Integer, default=90, server_default="90")
+    consent_signer: Mapped[str] = mapped_column(String(16), default="patient", server_default="patient")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class PatientLink(Base):
-    """(source FHIR base, source patient id) -> (target, target patient id)."""
+    """(source FHIR base, source patient id) -> (target, target patient id).
+
+    origin: ``table`` (an admin's), ``matched`` (found at the target by an
+    identifier, with the system that matched and when), or ``blocked`` (an
+    admin's "never match": no target patient)."""
     __tablename__ = "patient_link"
     __table_args__ = (UniqueConstraint("source", "patient", "target_id", name="uq_patient_link"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     source: Mapped[str] = mapped_column(URL)
     patient: Mapped[str] = mapped_column(ID)
     target_id: Mapped[int] = mapped_column(ForeignKey("target.id", ondelete="CASCADE"), index=True)
-    target_patient: Mapped[str] = mapped_column(ID)
+    target_patient: Mapped[str | None] = mapped_column(ID)
+    origin: Mapped[str] = mapped_column(String(16), default="table", server_default="table")
+    system: Mapped[str | None] = mapped_column(URL)
+    matched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MatchMemory(Base):
+    """A match that found no patient or several, remembered for 10 minutes by every
+    instance: key = SHA-256 of (source, patient, target, the usable identifiers)."""
+    __tablename__ = "match_memory"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # none | ambiguous
+    expires: Mapped[int] = mapped_column(Integer, index=True)
 
 
 class SigningKey(Base):
@@ -114,6 +151,13 @@ class AuditEvent(Base):
     outcome: Mapped[str] = mapped_column(String(16))  # granted | refused
     error: Mapped[str | None] = mapped_column(String(64))
     jti: Mapped[str | None] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32), default="exchange", server_default="exchange")
+    grant: Mapped[str | None] = mapped_column(String(32))  # token-exchange | jwt-bearer
+    consent: Mapped[str | None] = mapped_column(String(64))  # the consent id
+    link: Mapped[str | None] = mapped_column(String(16))  # how the patient was mapped
+    assertion_jti: Mapped[str | None] = mapped_column(String(255))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)  # internal reason of a refusal; never a token
 
 
 class AdminEvent(Base):
@@ -146,3 +190,58 @@ class Generation(Base):
     __tablename__ = "generation"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[int] = mapped_column(Integer)
+
+
+class Consent(Base):
+    """A user's approval that a client reach a target for a patient, with scopes,
+    until it expires or is withdrawn."""
+    __tablename__ = "consent"
+    __table_args__ = (Index("ix_consent_key", "issuer", "sub", "client_id", "target_id", "source", "patient"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    issuer: Mapped[str] = mapped_column(URL)
+    sub: Mapped[str] = mapped_column(ID)
+    signer: Mapped[str | None] = mapped_column(URL)  # the signer's fhirUser
+    source: Mapped[str] = mapped_column(URL, default="")  # "" when none
+    patient: Mapped[str] = mapped_column(ID, default="")  # "" for user-only grants
+    client_id: Mapped[str] = mapped_column(ID)
+    target_id: Mapped[int] = mapped_column(ForeignKey("target.id", ondelete="CASCADE"))
+    scopes: Mapped[str] = mapped_column(Text)
+    granted: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    withdrawn: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ConsentToken(Base):
+    """Each token minted under a consent, so introspection can answer inactive once
+    the consent is withdrawn; pruned after exp."""
+    __tablename__ = "consent_token"
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    consent_id: Mapped[str] = mapped_column(String(64), index=True)
+    exp: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class ConsentTicket(Base):
+    """A consent_uri's ticket: only its SHA-256 is stored; single use, 10 minutes,
+    bound to what the exchange asked for."""
+    __tablename__ = "consent_ticket"
+    ticket_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires: Mapped[int] = mapped_column(Integer, index=True)
+    client_id: Mapped[str] = mapped_column(ID)
+    issuer: Mapped[str] = mapped_column(URL)
+    sub: Mapped[str] = mapped_column(ID)
+    source: Mapped[str] = mapped_column(URL, default="")
+    patient: Mapped[str] = mapped_column(ID, default="")
+    target_id: Mapped[int] = mapped_column(ForeignKey("target.id", ondelete="CASCADE"))
+    scopes: Mapped[str] = mapped_column(Text)
+    session_hash: Mapped[str | None] = mapped_column(String(64))  # the browser session it is bound to
+    spent: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BrowserSession(Base):
+    """Server-side state of a browser flow (sign-in state, nonce, PKCE verifier,
+    ticket), keyed by the SHA-256 of a random cookie, so any instance can finish a
+    flow another started."""
+    __tablename__ = "browser_session"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[dict] = mapped_column(JSON)
+    expires: Mapped[int] = mapped_column(Integer, index=True)

@@ -214,6 +214,7 @@ class Store:
     def record_audit(self, event: dict) -> None:
         """Committed before the caller answers: a token issued always has its record."""
         row = dict.fromkeys(_AUDIT_COLUMNS)
+        row["event"] = "exchange"
         row.update(event)
         row["time"] = self._hot.time_bind(utcnow())
         self._hot.run(self._hot.insert_audit, row, commit=True)
