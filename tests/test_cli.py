@@ -187,7 +187,9 @@ def test_trust_accepts_v1_v2_wildcard_and_parameter_scopes_verbatim(world, ehr):
           "--upstream-client-id", UPSTREAM, "--max-ttl", "120", "--allow-id-token")
     row = [t for t in as_json(world, "trust", "list") if t["target"] == TARGET2]
     assert row == [{"client": "vendor", "issuer": ehr.issuer, "target": TARGET2, "scopes": text,
-                    "upstream_client_id": UPSTREAM, "max_ttl": 120, "allow_id_token": True}]
+                    "upstream_client_id": UPSTREAM, "max_ttl": 120, "allow_id_token": True,
+                    "allow_jwt_grant": False, "consent": "none", "consent_max_days": 90,
+                    "consent_signer": "patient"}]
 
 
 def test_issuer_add_refusals(world):
@@ -272,7 +274,7 @@ BAD_IMPORTS = [
     (["source;patient;target;target_patient"], "first line"),
     ([LINK_HEADER, *GOOD_ROWS, f"{SOURCE},p-3,https://ghost.example/fhir,q-3"], (":4:", "unknown target")),
     ([LINK_HEADER, *GOOD_ROWS, f"{SOURCE},p-1,{TARGET},q-other"], (":4:", "duplicate")),
-    ([LINK_HEADER, *GOOD_ROWS, f"{SOURCE},a-123,{TARGET},b-999"], "already exists"),
+    ([LINK_HEADER, *GOOD_ROWS, f"{SOURCE},a-123,{TARGET},b-999"], (":4:", "already stored")),
     ([LINK_HEADER, *GOOD_ROWS, f"{SOURCE},p-3,{TARGET}"], (":4:", "4 fields")),
     ([LINK_HEADER, *GOOD_ROWS, f"{SOURCE},p-3,{TARGET},q-3,extra"], (":4:", "4 fields")),
     ([LINK_HEADER, *GOOD_ROWS, f"{SOURCE},,{TARGET},q-3"], ":4:"),
@@ -422,26 +424,30 @@ def test_every_list_and_show_takes_json_with_the_documented_fields(world, ehr):
     issuer = {"issuer": ehr.issuer, "jwks_uri": ehr.issuer + "/jwks", "algs": ["RS256", "RS384", "ES256", "ES384"],
               "sources": [SOURCE], "audiences": [], "patient_claim": "patient", "source_claim": "source",
               "introspection_endpoint": ehr.issuer + "/introspect", "introspection_client_id": "te",
-              "introspection_secret": "set"}
+              "introspection_secret": "set", **NO_MATCHING_OR_LOGIN}
     assert as_json(world, "issuer", "show", ehr.issuer) == issuer
     assert as_json(world, "issuer", "list") == [issuer]
-    target_b = {"base_url": TARGET, "name": "hospital-b", "max_ttl": None, "introspection_secret": "set"}
-    target_c = {"base_url": TARGET2, "name": "clinic-c", "max_ttl": None, "introspection_secret": "set"}
+    target_b = {"base_url": TARGET, "name": "hospital-b", "max_ttl": None, "introspection_secret": "set",
+                "match_identifiers": [], "match_ttl_days": 30}
+    target_c = {"base_url": TARGET2, "name": "clinic-c", "max_ttl": None, "introspection_secret": "set",
+                "match_identifiers": [], "match_ttl_days": 30}
     assert as_json(world, "target", "show", TARGET) == target_b
     assert as_json(world, "target", "list") == [target_b, target_c]
     clients = as_json(world, "client", "list")
     assert [c["client_id"] for c in clients] == ["other", "vendor"]
     vendor = as_json(world, "client", "show", "vendor")
     assert vendor == clients[1]
-    assert set(vendor) == {"client_id", "auth_methods", "jwks_uri", "jwks_kids", "created"}
+    assert set(vendor) == {"client_id", "name", "auth_methods", "jwks_uri", "jwks_kids", "redirect_uris", "created"}
     assert vendor["auth_methods"] == "client_secret_basic,client_secret_post"
     assert vendor["jwks_uri"] is None and vendor["jwks_kids"] is None
     assert datetime.fromisoformat(vendor["created"])
     assert as_json(world, "trust", "list") == [
         {"client": "vendor", "issuer": ehr.issuer, "target": TARGET, "scopes": "patient/*.rs user/*.rs",
-         "upstream_client_id": UPSTREAM, "max_ttl": None, "allow_id_token": False}]
+         "upstream_client_id": UPSTREAM, "max_ttl": None, "allow_id_token": False, "allow_jwt_grant": False,
+         "consent": "none", "consent_max_days": 90, "consent_signer": "patient"}]
     assert as_json(world, "link", "list") == [
-        {"source": SOURCE, "patient": "a-123", "target": TARGET, "target_patient": "b-456"}]
+        {"source": SOURCE, "patient": "a-123", "target": TARGET, "target_patient": "b-456", "origin": "table",
+         "system": None, "matched_at": None}]
     (key,) = as_json(world, "keys", "list")
     assert set(key) == {"kid", "alg", "state", "created", "activated", "retired"}
     assert key["state"] == "active" and key["alg"] == "RS256" and key["retired"] is None
@@ -462,6 +468,11 @@ def test_plain_lists_are_a_table_and_shows_are_key_value_lines(world, ehr, cli):
     assert as_json(world, "link", "list") == []
 
 
+NO_MATCHING_OR_LOGIN = {"identifier_systems": [], "identifier_claim": "patient_identifier", "fhir_client_id": None,
+                        "fhir_scope": None, "token_endpoint": None, "authorization_endpoint": None,
+                        "login_client_id": None, "login_secret": None}
+
+
 def test_issuer_add_stores_every_option_given(cli):
     cli("issuer", "add", NEW_ISSUER, "--jwks-uri", NEW_ISSUER + "/keys", "--source", SOURCE,
         "--source", SOURCE + "-2", "--source", SOURCE, "--audience", "https://api.new.example",
@@ -471,13 +482,14 @@ def test_issuer_add_stores_every_option_given(cli):
         "issuer": NEW_ISSUER, "jwks_uri": NEW_ISSUER + "/keys", "algs": ["ES384", "PS256"],
         "sources": [SOURCE, SOURCE + "-2"], "audiences": ["https://api.new.example"], "patient_claim": "pid",
         "source_claim": "fhir_base", "introspection_endpoint": NEW_ISSUER + "/introspect",
-        "introspection_client_id": None, "introspection_secret": None}
+        "introspection_client_id": None, "introspection_secret": None, **NO_MATCHING_OR_LOGIN}
 
 
 def test_target_add_stores_name_and_max_ttl(cli):
     cli("target", "add", NEW_TARGET, "--max-ttl", "60")
     assert as_json(cli, "target", "show", NEW_TARGET) == {
-        "base_url": NEW_TARGET, "name": None, "max_ttl": 60, "introspection_secret": None}
+        "base_url": NEW_TARGET, "name": None, "max_ttl": 60, "introspection_secret": None,
+        "match_identifiers": [], "match_ttl_days": 30}
 
 
 def test_client_add_with_public_keys_registers_private_key_jwt(cli, tmp_path):
@@ -496,7 +508,8 @@ def test_audit_list_json_has_the_contract_fields_and_filters(world, exchange, eh
     assert exchange().status_code == 200
     assert exchange(scope="patient/Observation.c").status_code == 400
     fields = {"time", "client_id", "issuer", "subject", "target", "source_patient", "target_patient",
-              "scope_requested", "scope_granted", "outcome", "error", "jti"}
+              "scope_requested", "scope_granted", "outcome", "error", "jti", "event", "grant", "consent", "link",
+              "assertion_jti", "request_id", "reason"}
     rows = audit_rows(world)
     assert [r["outcome"] for r in rows] == ["granted", "refused"]
     for r in rows:
@@ -579,7 +592,8 @@ def test_link_remove_removes_exactly_that_link(world):
     assert world("link", "remove", "--source", SOURCE, "--patient", "a-123", "--target", TARGET).stdout == \
         "link removed\n"
     assert as_json(world, "link", "list") == [
-        {"source": SOURCE, "patient": "a-123", "target": TARGET2, "target_patient": "c-1"}]
+        {"source": SOURCE, "patient": "a-123", "target": TARGET2, "target_patient": "c-1", "origin": "table",
+         "system": None, "matched_at": None}]
     refused(world, "link", "remove", "--source", SOURCE, "--patient", "a-123", "--target", TARGET,
             mentions="no such link")
 
@@ -587,11 +601,11 @@ def test_link_remove_removes_exactly_that_link(world):
 def test_removing_a_client_issuer_or_target_removes_what_names_it(world, ehr):
     world("trust", "add", "--client", "other", "--issuer", ehr.issuer, "--target", TARGET2,
           "--scopes", "patient/*.rs", "--upstream-client-id", UPSTREAM)
-    world("client", "remove", "other")
+    world("client", "remove", "other", "--yes")
     assert [t["client"] for t in as_json(world, "trust", "list")] == ["vendor"]
-    world("target", "remove", TARGET)
+    world("target", "remove", TARGET, "--yes")
     assert as_json(world, "trust", "list") == [] and as_json(world, "link", "list") == []
-    world("issuer", "remove", ehr.issuer)
+    world("issuer", "remove", ehr.issuer)  # its trusts went with the target
     assert as_json(world, "issuer", "list") == []
     assert [c["client_id"] for c in as_json(world, "client", "list")] == ["vendor"]
     assert [t["base_url"] for t in as_json(world, "target", "list")] == [TARGET2]
@@ -608,7 +622,7 @@ def test_keys_rotate_activates_a_new_key_and_retires_the_old(cli):
     old = active_kid(cli)
     r = cli("keys", "rotate")
     new = active_kid(cli)
-    assert new != old and r.stdout == f"active key is now {new}\n"
+    assert new != old and r.stdout == f"active key is now {new} (RS256)\n"
     rows = {k["kid"]: k for k in as_json(cli, "keys", "list")}
     assert rows[old]["state"] == "retired" and rows[old]["retired"] is not None
     assert rows[new]["state"] == "active" and rows[new]["retired"] is None and rows[new]["activated"]

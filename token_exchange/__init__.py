@@ -30,8 +30,8 @@ def create_app(settings=None, env=None):
     from .store import Store
     from .subject import TokenValidator
 
-    app = Flask(__name__, instance_relative_config=True)
-    settings = settings or Settings.from_env(env, instance_path=app.instance_path)
+    app = Flask(__name__)
+    settings = settings or Settings.from_env(env)
     logs.configure()
     engine = make_engine(settings.database_url)
     accelerator = Accelerator(settings.redis_url, settings.database_url, settings.redis_prefix)

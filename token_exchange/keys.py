@@ -15,16 +15,17 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-SIGNING_ALGS = ("RS256", "ES256")
+SIGNING_ALGS = ("RS256", "PS256", "ES256", "ES384")
 DEFAULT_ALG = "RS256"
+_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
 
 
 def generate(alg: str = DEFAULT_ALG) -> tuple[str, str, dict]:
     """-> (kid, private PEM, public JWK)."""
-    if alg == "RS256":
+    if alg in ("RS256", "PS256"):
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    elif alg == "ES256":
-        key = ec.generate_private_key(ec.SECP256R1())
+    elif alg in _CURVES:
+        key = ec.generate_private_key(_CURVES[alg]())
     else:
         raise ValueError(f"unsupported signing algorithm {alg}; use one of {', '.join(SIGNING_ALGS)}")
     kid = secrets.token_urlsafe(12)

@@ -5,7 +5,9 @@ One source of truth: the rest of the code reads ``Settings``, never ``os.environ
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 
@@ -24,6 +26,17 @@ def _int(env, name, default, minimum=0):
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}")
     return value
+
+
+def default_instance_path() -> str:
+    """Where the default SQLite database lives, one place for the CLI and the server:
+    ``<checkout>/instance`` when running from a source checkout (an editable install),
+    else ``<sys.prefix>/var/token_exchange-instance`` (Flask's place for an installed
+    package's instance folder)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "setup.cfg").is_file() and (checkout / "migrations").is_dir():
+        return str(checkout / "instance")
+    return os.path.join(sys.prefix, "var", "token_exchange-instance")
 
 
 @dataclass(frozen=True)
@@ -64,14 +77,21 @@ class Settings:
     def token_endpoint(self) -> str:
         return self.issuer.rstrip("/") + "/token"
 
+    def names_service(self, url: str) -> bool:
+        """True when url is this service: its issuer URL, its token endpoint, or any URL
+        under its issuer URL (tokens addressed here are grants, not access tokens)."""
+        base = self.issuer.rstrip("/")
+        return isinstance(url, str) and (url.rstrip("/") == base or url.startswith(base + "/"))
+
     @classmethod
-    def from_env(cls, env=None, instance_path="instance") -> Settings:
+    def from_env(cls, env=None, instance_path=None) -> Settings:
         env = os.environ if env is None else env
         issuer = env.get("TOKEN_EXCHANGE_ISSUER") or cls.issuer
         parts = urlsplit(issuer)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
             raise SettingsError("TOKEN_EXCHANGE_ISSUER must be an http(s) URL without query or fragment")
         ttl = _int(env, "TOKEN_EXCHANGE_TOKEN_TTL", 300, minimum=1)
+        instance_path = instance_path or default_instance_path()
         db = env.get("TOKEN_EXCHANGE_DATABASE_URL") or f"sqlite:///{os.path.abspath(instance_path)}/token_exchange.db"
         return cls(
             database_url=db,

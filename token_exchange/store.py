@@ -249,8 +249,10 @@ class Store:
         with self.engine.connect() as conn:
             conn.execute(select(1))
 
-    def audit_events(self, since=None, client=None, outcome=None, limit=None):
+    def audit_events(self, since=None, client=None, outcome=None, limit=None, event=None):
         q = select(AuditEvent).order_by(AuditEvent.id)
+        if event:
+            q = q.where(AuditEvent.event == event)
         if since is not None:
             q = q.where(AuditEvent.time >= since)
         if client:

@@ -1,0 +1,216 @@
+"""`client add|update|rotate-secret|list|show|remove`: vendor backends."""
+from __future__ import annotations
+
+import json
+
+import click
+from sqlalchemy import delete, func, select
+
+from .. import urns
+from ..models import Client, Issuer, Trust
+from ..sealing import generate_secret, hash_secret
+from ..store import utcnow
+from .common import (Fail, check_id, cli, commit, confirm_cascade, emit, get_row, given_options, json_option,
+                     pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
+from .issuers import _list
+
+
+@cli.group()
+def client():
+    """Vendor backends that ask for exchanges."""
+
+
+def _credential_options(f):
+    for opt in reversed([
+        click.option("--secret-env", metavar="VAR",
+                     help="Environment variable holding its secret (at least 32 characters; stored hashed)."),
+        click.option("--generate-secret", "generate", is_flag=True, default=None,
+                     help="Make a new secret and print it once."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _options(update: bool):
+    listed = " Given in update, replaces the whole list ('' clears it)." if update else ""
+    opts = [
+        click.option("--jwks-file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Its public keys (JWKS) for private_key_jwt."),
+        click.option("--jwks-uri", metavar="URL", help="Where its public keys (JWKS) are published, for "
+                                                       "private_key_jwt."),
+        click.option("--name", help="Display name, shown to users on the consent page."),
+        click.option("--redirect-uri", "redirect_uris", multiple=True, metavar="URI",
+                     help="Where the consent flow may send the browser back: an absolute https URI without a "
+                          "fragment (http only for loopback) (repeatable)." + listed),
+    ]
+
+    def deco(f):
+        f = _credential_options(f)
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _credentials(ctx, o, required: bool):
+    """-> ({column: value}, secret to show once or None) for the one credential option given."""
+    chosen = [k for k in ("secret_env", "generate", "jwks_file", "jwks_uri") if o.get(k)]
+    if len(chosen) > 1 or (required and not chosen):
+        raise Fail("give exactly one of --secret-env VAR, --generate-secret, --jwks-file FILE, --jwks-uri URL")
+    if not chosen:
+        return {}, None
+    out = {"auth_method": "client_secret", "secret_salt": None, "secret_hash": None, "jwks": None,
+           "jwks_uri": None}
+    shown = None
+    if o.get("secret_env") or o.get("generate"):
+        secret = generate_secret() if o.get("generate") else secret_from_env(
+            o["secret_env"], "client secret", "--secret-env", urns.MIN_SECRET_LENGTH)
+        out["secret_salt"], out["secret_hash"] = hash_secret(secret, ctx.settings.key_secret)
+        shown = secret if o.get("generate") else None
+    elif o.get("jwks_file"):
+        out["auth_method"] = "private_key_jwt"
+        out["jwks"] = _read_public_jwks(o["jwks_file"])
+    else:
+        out["auth_method"] = "private_key_jwt"
+        out["jwks_uri"] = url_arg(o["jwks_uri"], "--jwks-uri")
+    return out, shown
+
+
+def _read_public_jwks(path):
+    import jwt
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        keyset = jwt.PyJWKSet.from_dict(data)
+    except (OSError, ValueError, RecursionError, jwt.PyJWKSetError, jwt.PyJWKError) as e:
+        raise Fail(f"--jwks-file {printable(path)}: not a readable JWKS ({type(e).__name__})") from None
+    for k in data.get("keys", []):
+        if any(p in k for p in ("d", "p", "q", "dp", "dq", "qi", "k")):
+            raise Fail(f"--jwks-file {printable(path)} contains private key material; register public keys only")
+    if not keyset.keys:
+        raise Fail(f"--jwks-file {printable(path)} has no usable keys")
+    return {"keys": data["keys"]}
+
+
+def _apply(ctx, row: Client, o: dict):
+    if o.get("name") is not None:
+        name = o["name"].strip()
+        if len(name) > 255 or not name.isprintable():
+            raise Fail("--name must be at most 255 printable characters")
+        row.name = name or None
+    if o.get("redirect_uris"):
+        row.redirect_uris = [url_arg(u, "--redirect-uri", https_only_beyond_loopback=True)
+                             for u in _list(o["redirect_uris"])]
+
+
+def _check_client_id(ctx, s, client_id):
+    check_id(client_id, "CLIENT_ID")
+    if ctx.settings.names_service(client_id):
+        raise Fail("CLIENT_ID must not be this service's issuer URL (the service uses it for its own searches)")
+    if s.execute(select(Issuer.id).where(Issuer.url == client_id)).first():
+        raise Fail(f"{printable(client_id)} is a registered issuer URL; a client id must not be one")
+
+
+@client.command("add")
+@click.argument("client_id")
+@_options(update=False)
+@pass_ctx
+def client_add(ctx, client_id, **o):
+    """Register CLIENT_ID with a secret (>= 32 characters) or public keys (private_key_jwt)."""
+    with ctx.store.session() as s:
+        _check_client_id(ctx, s, client_id)
+        creds, shown = _credentials(ctx, o, required=True)
+        if s.execute(select(Client.id).where(Client.client_id == client_id)).first():
+            raise Fail(f"client {printable(client_id)!r} already exists; change it with `client update`")
+        row = Client(client_id=client_id, created=utcnow(), redirect_uris=[], **creds)
+        _apply(ctx, row, o)
+        s.add(row)
+        commit(ctx, s, "client.add", client_id)
+    click.echo(f"client {printable(client_id)} added ({creds['auth_method']})")
+    if shown:
+        click.echo(f"client_secret: {shown}")
+        click.echo("Store it now: it is not shown again.", err=True)
+
+
+@client.command("update")
+@click.argument("client_id")
+@_options(update=True)
+@pass_ctx
+def client_update(ctx, client_id, **o):
+    """Change CLIENT_ID's settings or credentials: only the options given change."""
+    given = given_options(o)
+    if not given:
+        raise Fail("nothing to change: give at least one option (see `client update --help`)")
+    with ctx.store.session() as s:
+        row = get_row(s, Client, Client.client_id, client_id, "client")
+        creds, shown = _credentials(ctx, given, required=False)
+        for k, v in creds.items():
+            setattr(row, k, v)
+        _apply(ctx, row, given)
+        commit(ctx, s, "client.update", f"{client_id}: {', '.join(sorted(given))}")
+    click.echo(f"client {printable(client_id)} updated")
+    if shown:
+        click.echo(f"client_secret: {shown}")
+        click.echo("Store it now: it is not shown again.", err=True)
+
+
+@client.command("rotate-secret")
+@click.argument("client_id")
+@_credential_options
+@pass_ctx
+def client_rotate(ctx, client_id, **o):
+    """Replace CLIENT_ID's secret; the old one stops working at once."""
+    creds, shown = _credentials(ctx, o, required=True)
+    with ctx.store.session() as s:
+        c = get_row(s, Client, Client.client_id, client_id, "client")
+        for k, v in creds.items():
+            setattr(c, k, v)
+        commit(ctx, s, "client.rotate-secret", client_id)
+    click.echo(f"client {printable(client_id)} secret replaced")
+    if shown:
+        click.echo(f"client_secret: {shown}")
+
+
+def client_row(c: Client) -> dict:
+    method = ("private_key_jwt" if c.auth_method == "private_key_jwt"
+              else "client_secret_basic,client_secret_post")
+    return {"client_id": c.client_id, "name": c.name, "auth_methods": method, "jwks_uri": c.jwks_uri,
+            "jwks_kids": [k.get("kid") for k in (c.jwks or {}).get("keys", [])] or None,
+            "redirect_uris": c.redirect_uris or [],
+            "created": c.created.isoformat() if c.created else None}
+
+
+@client.command("list")
+@json_option
+@pass_ctx
+def client_list(ctx, as_json):
+    """List the clients (never their secrets)."""
+    with ctx.store.session() as s:
+        rows = [client_row(c) for c in s.scalars(select(Client).order_by(Client.client_id))]
+    emit(rows, as_json, ["client_id", "name", "auth_methods", "jwks_uri"])
+
+
+@client.command("show")
+@click.argument("client_id")
+@json_option
+@pass_ctx
+def client_show(ctx, client_id, as_json):
+    """Show one client (never its secret)."""
+    with ctx.store.session() as s:
+        show(client_row(get_row(s, Client, Client.client_id, client_id, "client")), as_json)
+
+
+@client.command("remove")
+@click.argument("client_id")
+@yes_option
+@pass_ctx
+def client_remove(ctx, client_id, yes):
+    """Remove a client (with --yes, also its trusts)."""
+    with ctx.store.session() as s:
+        c = get_row(s, Client, Client.client_id, client_id, "client")
+        n = s.execute(select(func.count()).select_from(Trust).where(Trust.client_id == c.id)).scalar()
+        confirm_cascade(f"client {printable(client_id)}", {"trust(s)": n}, yes)
+        s.execute(delete(Trust).where(Trust.client_id == c.id))
+        s.delete(c)
+        commit(ctx, s, "client.remove", f"{client_id} (and {n} trusts)")
+    click.echo(f"client {printable(client_id)} removed" + (f" with {n} trust(s)" if n else ""))

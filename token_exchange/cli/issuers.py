@@ -1,0 +1,255 @@
+"""`issuer add|update|list|show|remove`: trusted source authorization servers (EHRs)."""
+from __future__ import annotations
+
+import click
+from sqlalchemy import delete, func, select
+
+from .. import urns
+from ..models import Client, Issuer, Trust
+from ..sealing import seal
+from ..store import utcnow
+from .common import (Fail, cli, commit, confirm_cascade, emit, get_row, given_options, json_option, pass_ctx,
+                     printable, secret_from_env, show, url_arg, yes_option)
+
+
+@cli.group()
+def issuer():
+    """Trusted source authorization servers (EHRs)."""
+
+
+def _options(update: bool):
+    """The options of `issuer add`, shared by `issuer update` (where only those given change)."""
+    d = (lambda v: None) if update else (lambda v: v)
+    listed = " Given in update, replaces the whole list ('' clears it)." if update else ""
+    opts = [
+        click.option("--jwks-uri", metavar="URL", help="The issuer's JWKS URL."),
+        click.option("--discover", is_flag=True, default=None if update else False,
+                     help="Read jwks_uri (and the introspection and token endpoints) from the issuer's "
+                          "OpenID Connect or RFC 8414 discovery document."),
+        click.option("--source", "sources", multiple=True, metavar="FHIR_BASE",
+                     help="A FHIR base URL whose patients this issuer may vouch for (repeatable)." + listed),
+        click.option("--audience", "audiences", multiple=True, metavar="AUD",
+                     help="Another accepted aud of its access tokens besides the sources (repeatable)." + listed),
+        click.option("--algs", default=d(",".join(urns.DEFAULT_ISSUER_ALGS)), show_default=not update,
+                     help="Comma-separated signing algorithms accepted from it (asymmetric only)."),
+        click.option("--patient-claim", default=d("patient"), show_default=not update, metavar="NAME",
+                     help="The claim that carries the launch patient."),
+        click.option("--source-claim", default=d("source"), show_default=not update, metavar="NAME",
+                     help="The claim that carries the FHIR base URL the patient id belongs to."),
+        click.option("--introspection-endpoint", metavar="URL",
+                     help="RFC 7662 endpoint for its opaque access tokens."),
+        click.option("--introspection-client-id", metavar="ID", help="The service's client id there."),
+        click.option("--introspection-secret-env", metavar="VAR",
+                     help="Environment variable holding the introspection secret (stored encrypted)."),
+        click.option("--identifier-system", "identifier_systems", multiple=True, metavar="SYSTEM",
+                     help="A patient identifier system this issuer may vouch for, for matching (repeatable)."
+                          + listed),
+        click.option("--identifier-claim", default=d("patient_identifier"), show_default=not update, metavar="NAME",
+                     help="The claim that carries the patient's identifiers."),
+        click.option("--fhir-client-id", metavar="ID",
+                     help="The service's SMART Backend Services client id at this EHR (reads the source "
+                          "Patient's identifiers when its tokens carry none)."),
+        click.option("--fhir-scope", metavar="SCOPE", help="Scope asked for with --fhir-client-id "
+                                                           "(default system/Patient.rs)."),
+        click.option("--token-endpoint", metavar="URL",
+                     help="The EHR's token endpoint (default: from discovery)."),
+        click.option("--login-client-id", metavar="ID",
+                     help="The service's OpenID Connect client id at this EHR, for consent sign-in."),
+        click.option("--login-secret-env", metavar="VAR",
+                     help="Environment variable holding that client's secret (without one: private_key_jwt)."),
+        click.option("--authorization-endpoint", metavar="URL",
+                     help="The EHR's authorization endpoint (default: from discovery)."),
+    ]
+    if update:
+        opts.append(click.option("--no-introspection", is_flag=True, help="Remove the introspection settings."))
+
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _list(values):
+    """A repeatable option's values, without duplicates; a lone '' clears the list."""
+    return [] if list(values) == [""] else list(dict.fromkeys(values))
+
+
+def _apply(ctx, s, row: Issuer, o: dict, creating: bool):
+    """Validate the given options and set them on row; then check the whole."""
+    if o.get("discover") and o.get("jwks_uri"):
+        raise Fail("give --jwks-uri URL or --discover, not both")
+    if creating and not o.get("discover") and not o.get("jwks_uri"):
+        raise Fail("give exactly one of --jwks-uri URL or --discover")
+    if o.get("discover"):
+        from ..issuers import discover
+        try:
+            doc = discover(row.url, ctx.settings.http_timeout)
+        except ValueError as e:
+            raise Fail(printable(str(e))) from None
+        row.jwks_uri = url_arg(doc["jwks_uri"], "the discovered jwks_uri")
+        for key, attr in (("introspection_endpoint", "introspection_endpoint"),
+                          ("token_endpoint", "token_endpoint"),
+                          ("authorization_endpoint", "authorization_endpoint")):
+            if o.get(attr) is None and isinstance(doc.get(key), str):
+                o[attr] = doc[key]
+    if o.get("jwks_uri") is not None:
+        row.jwks_uri = url_arg(o["jwks_uri"], "--jwks-uri")
+    if o.get("sources"):
+        row.sources = [url_arg(v, "--source") for v in _list(o["sources"])]
+    if o.get("audiences"):
+        row.audiences = [_audience(ctx, v) for v in _list(o["audiences"])]
+    if o.get("algs") is not None:
+        algs = [a.strip() for a in o["algs"].split(",") if a.strip()]
+        bad = [a for a in algs if a not in urns.ASYMMETRIC_ALGS]
+        if not algs or bad:
+            raise Fail(f"--algs must list asymmetric algorithms from {','.join(urns.ASYMMETRIC_ALGS)}; "
+                       f"not {printable(','.join(bad)) or 'empty'}")
+        row.algs = algs
+    for opt, attr in (("patient_claim", "patient_claim"), ("source_claim", "source_claim"),
+                      ("identifier_claim", "identifier_claim")):
+        if o.get(opt) is not None:
+            value = o[opt]
+            if not value or len(value) > 64 or not value.isprintable() or " " in value:
+                raise Fail(f"--{opt.replace('_', '-')} must be a claim name (1-64 characters, no spaces)")
+            setattr(row, attr, value)
+    if o.get("no_introspection"):
+        row.introspection_endpoint = row.introspection_client_id = row.introspection_secret = None
+    for opt in ("introspection_endpoint", "token_endpoint", "authorization_endpoint"):
+        if o.get(opt) is not None:
+            clear = o[opt] == "" and not creating  # update: '' removes it
+            setattr(row, opt, None if clear else url_arg(o[opt], "--" + opt.replace("_", "-")))
+    for opt in ("introspection_client_id", "fhir_client_id", "login_client_id", "fhir_scope"):
+        if o.get(opt) is not None:
+            value = o[opt]
+            if value and (len(value) > 255 or not value.isprintable()):
+                raise Fail(f"--{opt.replace('_', '-')} must be 1-255 printable characters")
+            setattr(row, opt, value or None)
+    if o.get("introspection_secret_env"):
+        row.introspection_secret = seal(secret_from_env(o["introspection_secret_env"], "introspection secret",
+                                                        "--introspection-secret-env"), ctx.settings.key_secret)
+    if o.get("login_secret_env"):
+        row.login_secret = seal(secret_from_env(o["login_secret_env"], "login client secret",
+                                                "--login-secret-env"), ctx.settings.key_secret)
+    if o.get("identifier_systems"):
+        row.identifier_systems = [_system(v) for v in _list(o["identifier_systems"])]
+    # The whole, as it will be stored.
+    if not row.sources:
+        raise Fail("give at least one --source FHIR_BASE the issuer may vouch for")
+    intro = (row.introspection_endpoint, row.introspection_client_id, row.introspection_secret)
+    if (row.introspection_client_id or row.introspection_secret) and not all(intro):
+        raise Fail("introspection needs --introspection-endpoint, --introspection-client-id and "
+                   "--introspection-secret-env together")
+    if row.fhir_client_id:
+        _check_backend_services_key(ctx, s)
+
+
+def _audience(ctx, value):
+    """An accepted access-token aud; never this service itself (a token addressed to
+    the service is a grant, not an access token for a FHIR server)."""
+    if not value or len(value) > 2048 or not value.isprintable():
+        raise Fail("--audience must be 1-2048 printable characters")
+    if ctx.settings.names_service(value):
+        raise Fail(f"--audience {printable(value)!r} names this service; only FHIR servers' audiences belong here")
+    return value
+
+
+def _system(value):
+    if not value or len(value) > 2048 or not value.isprintable() or any(c.isspace() for c in value) \
+            or "|" in value:
+        raise Fail(f"--identifier-system must be a URI without spaces or '|': {printable(value)!r}")
+    return value
+
+
+def _check_backend_services_key(ctx, s):
+    """SMART Backend Services assertions are RS384 or ES384: an RSA or P-384 active key."""
+    from ..models import SigningKey
+    alg = s.scalars(select(SigningKey.alg).where(SigningKey.state == "active")).first()
+    if alg is not None and alg not in ("RS256", "PS256", "ES384"):
+        raise Fail(f"--fhir-client-id needs an active RSA or P-384 signing key (Backend Services sign RS384 or "
+                   f"ES384); the active key is {alg}: run `token-exchange keys rotate --alg RS256`")
+
+
+@issuer.command("add")
+@click.argument("issuer_url")
+@_options(update=False)
+@pass_ctx
+def issuer_add(ctx, issuer_url, **o):
+    """Trust ISSUER_URL (its exact iss) as a source authorization server."""
+    url_arg(issuer_url, "ISSUER_URL")
+    if ctx.settings.names_service(issuer_url):
+        raise Fail("ISSUER_URL is this service's own issuer URL")
+    with ctx.store.session() as s:
+        if s.execute(select(Issuer.id).where(Issuer.url == issuer_url)).first():
+            raise Fail(f"issuer {printable(issuer_url)} already exists; change it with `issuer update`")
+        if s.execute(select(Client.id).where(Client.client_id == issuer_url)).first():
+            raise Fail(f"{printable(issuer_url)} is a registered client id; an issuer URL must not be one")
+        row = Issuer(url=issuer_url, sources=[], audiences=[], identifier_systems=[], created=utcnow())
+        _apply(ctx, s, row, o, creating=True)
+        s.add(row)
+        commit(ctx, s, "issuer.add", issuer_url)
+    click.echo(f"issuer {printable(issuer_url)} added")
+
+
+@issuer.command("update")
+@click.argument("issuer_url")
+@_options(update=True)
+@pass_ctx
+def issuer_update(ctx, issuer_url, **o):
+    """Change ISSUER_URL's settings: only the options given change."""
+    given = given_options(o)
+    if not given:
+        raise Fail("nothing to change: give at least one option (see `issuer update --help`)")
+    with ctx.store.session() as s:
+        row = get_row(s, Issuer, Issuer.url, issuer_url, "issuer")
+        _apply(ctx, s, row, given, creating=False)
+        commit(ctx, s, "issuer.update", f"{issuer_url}: {', '.join(sorted(given))}")
+    click.echo(f"issuer {printable(issuer_url)} updated")
+
+
+def issuer_row(i: Issuer) -> dict:
+    return {"issuer": i.url, "jwks_uri": i.jwks_uri, "algs": i.algs, "sources": i.sources,
+            "audiences": i.audiences, "patient_claim": i.patient_claim, "source_claim": i.source_claim,
+            "introspection_endpoint": i.introspection_endpoint,
+            "introspection_client_id": i.introspection_client_id,
+            "introspection_secret": "set" if i.introspection_secret else None,
+            "identifier_systems": i.identifier_systems or [], "identifier_claim": i.identifier_claim,
+            "fhir_client_id": i.fhir_client_id, "fhir_scope": i.fhir_scope,
+            "token_endpoint": i.token_endpoint, "authorization_endpoint": i.authorization_endpoint,
+            "login_client_id": i.login_client_id, "login_secret": "set" if i.login_secret else None}
+
+
+@issuer.command("list")
+@json_option
+@pass_ctx
+def issuer_list(ctx, as_json):
+    """List the trusted issuers."""
+    with ctx.store.session() as s:
+        rows = [issuer_row(i) for i in s.scalars(select(Issuer).order_by(Issuer.url))]
+    emit(rows, as_json, ["issuer", "jwks_uri", "sources", "algs"])
+
+
+@issuer.command("show")
+@click.argument("issuer_url")
+@json_option
+@pass_ctx
+def issuer_show(ctx, issuer_url, as_json):
+    """Show one issuer's settings (secrets only as 'set')."""
+    with ctx.store.session() as s:
+        show(issuer_row(get_row(s, Issuer, Issuer.url, issuer_url, "issuer")), as_json)
+
+
+@issuer.command("remove")
+@click.argument("issuer_url")
+@yes_option
+@pass_ctx
+def issuer_remove(ctx, issuer_url, yes):
+    """Remove an issuer (with --yes, also every trust that names it)."""
+    with ctx.store.session() as s:
+        i = get_row(s, Issuer, Issuer.url, issuer_url, "issuer")
+        n = s.execute(select(func.count()).select_from(Trust).where(Trust.issuer_id == i.id)).scalar()
+        confirm_cascade(f"issuer {printable(issuer_url)}", {"trust(s)": n}, yes)
+        s.execute(delete(Trust).where(Trust.issuer_id == i.id))
+        s.delete(i)
+        commit(ctx, s, "issuer.remove", f"{issuer_url} (and {n} trusts)")
+    click.echo(f"issuer {printable(issuer_url)} removed" + (f" with {n} trust(s)" if n else ""))

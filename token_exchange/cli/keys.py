@@ -1,0 +1,101 @@
+"""`keys stage|rotate|list|prune`: the service's signing keys."""
+from __future__ import annotations
+
+import time
+from datetime import timezone
+
+import click
+from sqlalchemy import select
+
+from .. import keys as keymod
+from ..models import SigningKey
+from ..store import utcnow
+from .common import Fail, cli, commit, emit, iso, json_option, pass_ctx
+from .database import new_key
+
+
+@cli.group()
+def keys():
+    """The service's signing keys (staged -> active -> retired -> pruned)."""
+
+
+alg_option = click.option("--alg", type=click.Choice(keymod.SIGNING_ALGS), default=None,
+                          help="Signing algorithm of the new key (default: the active key's).")
+
+
+def _active_alg(s):
+    return s.scalars(select(SigningKey.alg).where(SigningKey.state == "active")
+                     .order_by(SigningKey.id.desc())).first() or keymod.DEFAULT_ALG
+
+
+@keys.command("stage")
+@alg_option
+@pass_ctx
+def keys_stage(ctx, alg):
+    """Publish the next key in /jwks without signing with it yet."""
+    with ctx.store.session() as s:
+        alg = alg or _active_alg(s)
+        if s.scalars(select(SigningKey.kid).where(SigningKey.state == "staged")).first():
+            raise Fail("a key is already staged; `keys rotate` activates it")
+        row = new_key(s, ctx, "staged", alg)
+        commit(ctx, s, "keys.stage", f"{row.kid} ({alg})")
+    click.echo(f"staged key {row.kid} ({alg}); run `keys rotate` to make it active")
+
+
+@keys.command("rotate")
+@alg_option
+@pass_ctx
+def keys_rotate(ctx, alg):
+    """Activate the staged key; the active key retires into its grace period.
+
+    Without a staged key, one is staged first and activated once every worker
+    publishes it, so a target never meets a kid it cannot find.
+    """
+    with ctx.store.session() as s:
+        staged = s.scalars(select(SigningKey).where(SigningKey.state == "staged").order_by(SigningKey.id)).first()
+        if staged is not None and alg and staged.alg != alg:
+            raise Fail(f"the staged key {staged.kid} is {staged.alg}, not {alg}: rotate without --alg, "
+                       f"or prune it after a rotation and stage a {alg} key")
+        if staged is None:
+            alg = alg or _active_alg(s)
+            staged = new_key(s, ctx, "staged", alg)
+            commit(ctx, s, "keys.stage", f"{staged.kid} ({alg})")
+            # Every worker reloads within the reload interval (at once with Redis): wait
+            # until the key is published everywhere before anyone signs with it.
+            time.sleep(2 * ctx.settings.reload_interval + (0.5 if ctx.settings.reload_interval else 0))
+        now = utcnow()
+        for old in s.scalars(select(SigningKey).where(SigningKey.state == "active")):
+            old.state, old.retired = "retired", now
+        staged.state, staged.activated = "active", now
+        s.flush()
+        commit(ctx, s, "keys.rotate", f"{staged.kid} ({staged.alg})")
+    click.echo(f"active key is now {staged.kid} ({staged.alg})")
+
+
+@keys.command("list")
+@json_option
+@pass_ctx
+def keys_list(ctx, as_json):
+    """List the keys (public facts only: kid, algorithm, state, times)."""
+    with ctx.store.session() as s:
+        rows = [{"kid": k.kid, "alg": k.alg, "state": k.state, "created": iso(k.created),
+                 "activated": iso(k.activated), "retired": iso(k.retired)}
+                for k in s.scalars(select(SigningKey).order_by(SigningKey.id))]
+    emit(rows, as_json, ["kid", "alg", "state", "created", "retired"])
+
+
+@keys.command("prune")
+@pass_ctx
+def keys_prune(ctx):
+    """Delete retired keys past their grace period (TOKEN_EXCHANGE_KEY_GRACE)."""
+    now = utcnow()
+    removed = []
+    with ctx.store.session() as s:
+        for k in s.scalars(select(SigningKey).where(SigningKey.state == "retired")):
+            retired = k.retired if k.retired.tzinfo else k.retired.replace(tzinfo=timezone.utc)
+            if (now - retired).total_seconds() > ctx.settings.key_grace:
+                removed.append(k.kid)
+                s.delete(k)
+        if removed:
+            commit(ctx, s, "keys.prune", ",".join(removed))
+    click.echo(f"pruned {len(removed)} key(s)")

@@ -1,0 +1,332 @@
+"""`link add|import|export|list|remove|block|match`: patient links
+(source FHIR base, patient) -> (target, target patient)."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+
+import click
+from sqlalchemy import delete, insert, select, tuple_
+from sqlalchemy.exc import IntegrityError
+
+from ..models import PatientLink, Target
+from ..store import Store
+from .common import Fail, check_id, cli, commit, emit, get_target, iso, json_option, pass_ctx, printable, url_arg
+
+ORIGINS = ("table", "matched", "blocked")
+LINK_HEADER = ["source", "patient", "target", "target_patient"]
+LIST_FIELDS = LINK_HEADER + ["origin", "system", "matched_at"]
+# OWASP "CSV Injection": a cell starting with one of these is a formula to a spreadsheet.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@cli.group()
+def link():
+    """Patient links: (source FHIR base, patient) -> (target, target patient)."""
+
+
+_WHICH = [
+    click.option("--source", required=True, metavar="FHIR_BASE", help="The source FHIR base URL."),
+    click.option("--patient", required=True, metavar="ID", help="The patient id at the source."),
+    click.option("--target", "target_ref", required=True, metavar="TARGET", help="The target's base URL or name."),
+]
+
+
+def _which(f):
+    for opt in reversed(_WHICH):
+        f = opt(f)
+    return f
+
+
+def _existing(s, source, patient, target_id):
+    return s.scalars(select(PatientLink).where(PatientLink.source == source, PatientLink.patient == patient,
+                                               PatientLink.target_id == target_id)).first()
+
+
+@link.command("add")
+@_which
+@click.option("--target-patient", required=True, metavar="ID", help="The patient id at the target.")
+@pass_ctx
+def link_add(ctx, source, patient, target_ref, target_patient):
+    """Link a source patient to a target patient (replaces a matched link, never a table link)."""
+    url_arg(source, "--source")
+    check_id(patient, "--patient")
+    check_id(target_patient, "--target-patient")
+    with ctx.store.session() as s:
+        t = get_target(s, target_ref)
+        old = _existing(s, source, patient, t.id)
+        if old is not None and old.origin != "matched":
+            what = "a block" if old.origin == "blocked" else "a link"
+            raise Fail(f"{what} for patient {printable(patient)} at {printable(source)} to {printable(t.base_url)} "
+                       f"already exists; `link remove` it first")
+        if old is not None:
+            s.delete(old)
+            s.flush()
+        s.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=target_patient,
+                          origin="table"))
+        commit(ctx, s, "link.add", f"{source} {patient} -> {t.base_url} {target_patient}"
+               + (" (replaced a matched link)" if old is not None else ""))
+    click.echo("link added" + (" (it replaced a matched link)" if old is not None else ""))
+
+
+@link.command("block")
+@_which
+@pass_ctx
+def link_block(ctx, source, patient, target_ref):
+    """Never match this patient at this target (replaces a matched link)."""
+    url_arg(source, "--source")
+    check_id(patient, "--patient")
+    with ctx.store.session() as s:
+        t = get_target(s, target_ref)
+        old = _existing(s, source, patient, t.id)
+        if old is not None and old.origin != "matched":
+            raise Fail(f"patient {printable(patient)} at {printable(source)} already has "
+                       f"{'a block' if old.origin == 'blocked' else 'a table link'} to {printable(t.base_url)}")
+        if old is not None:
+            s.delete(old)
+            s.flush()
+        s.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=None, origin="blocked"))
+        commit(ctx, s, "link.block", f"{source} {patient} -> {t.base_url}")
+    click.echo("patient blocked from matching at this target")
+
+
+@link.command("remove")
+@_which
+@pass_ctx
+def link_remove(ctx, source, patient, target_ref):
+    """Remove a link of any origin, or a block."""
+    with ctx.store.session() as s:
+        t = get_target(s, target_ref)
+        old = _existing(s, source, patient, t.id)
+        if old is None:
+            raise Fail("no such link")
+        s.delete(old)
+        commit(ctx, s, "link.remove", f"{source} {patient} -> {t.base_url} ({old.origin})")
+    click.echo(f"{'block' if old.origin == 'blocked' else 'link'} removed")
+
+
+# -- import ----------------------------------------------------------------------
+@link.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@pass_ctx
+def link_import(ctx, file):
+    """Import links from a CSV file (or - for standard input) with the header
+    source,patient,target,target_patient: all or nothing. Matched links are replaced;
+    a link or block already stored refuses the file, naming the line."""
+    with ctx.store.session() as s:
+        targets = {}
+        for t in s.scalars(select(Target)):
+            targets[t.base_url] = t.id
+            if t.name:
+                targets.setdefault(t.name, t.id)
+    name = "<stdin>" if file == "-" else file
+    try:
+        if file == "-":  # the same bytes as a file would give, not the terminal's decoding
+            stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+        else:
+            stream = open(file, newline="", encoding="utf-8-sig")  # noqa: SIM115
+    except OSError as e:
+        raise Fail(f"cannot read {printable(name)}: {e.strerror}") from None
+    try:
+        with stream if file != "-" else _no_close(stream):
+            total, replaced = _import_links(ctx, stream, name, targets)
+    except UnicodeDecodeError:
+        raise Fail(f"{printable(name)}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise Fail(f"{printable(name)}: not a readable CSV ({e})") from None
+    click.echo(f"imported {total} links" + (f" ({replaced} replaced matched links)" if replaced else ""))
+
+
+class _no_close:
+    """Use standard input without closing it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, *exc):
+        self.stream.detach()
+        return False
+
+
+def _unneutralise(cell: str) -> str:
+    """Undo `link export`'s formula neutralisation (a ' before a formula character)."""
+    return cell[1:] if len(cell) > 1 and cell[0] == "'" and cell[1] in FORMULA_START else cell
+
+
+def _import_links(ctx, stream, name, targets):
+    seen = {}  # (source, target id) -> the patients in the file so far: one string per row, not a tuple
+    batch, total, replaced = [], 0, 0
+    with ctx.engine.begin() as conn:
+        has_other = conn.execute(select(PatientLink.id).limit(1)).first() is not None
+        reader = csv.reader(stream)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != LINK_HEADER:
+            raise Fail(f"{printable(name)}: the first line must be {','.join(LINK_HEADER)}")
+        for n, row in enumerate(reader, start=2):
+            if len(row) != 4:
+                raise Fail(f"{printable(name)}:{n}: expected 4 fields, found {len(row)}")
+            source, patient, target_ref, target_patient = (_unneutralise(c) for c in row)
+            tid = targets.get(target_ref)
+            if tid is None:
+                raise Fail(f"{printable(name)}:{n}: unknown target {printable(target_ref)!r}")
+            try:
+                url_arg(source, "source")
+                check_id(patient, "patient")
+                check_id(target_patient, "target_patient")
+            except Fail as e:
+                raise Fail(f"{printable(name)}:{n}: {e.message}") from None
+            patients = seen.get((source, tid))
+            if patients is None:
+                patients = seen[(source, tid)] = set()
+            elif patient in patients:
+                raise Fail(f"{printable(name)}:{n}: duplicate link for patient {printable(patient)!r} at "
+                           f"{printable(source)}")
+            patients.add(patient)
+            batch.append((n, {"source": source, "patient": patient, "target_id": tid,
+                              "target_patient": target_patient}))
+            if len(batch) >= 20000:
+                total, replaced = _flush(conn, batch, name, has_other, total, replaced)
+                batch = []
+        total, replaced = _flush(conn, batch, name, has_other, total, replaced)
+        Store.bump_conn(conn, ctx.actor, "link.import", f"{total} links from {os.path.basename(name)}"
+                        + (f", {replaced} matched links replaced" if replaced else ""))
+    return total, replaced
+
+
+def _flush(conn, batch, name, has_other, total, replaced):
+    if not batch:
+        return total, replaced
+    if has_other:  # links already stored: matched ones give way; any other refuses the file
+        replaced += _clear_matched(conn, batch, name)
+    _insert_links(conn, batch, name)
+    return total + len(batch), replaced
+
+
+def _stored(conn, batch):
+    """The stored links among the batch's keys -> {(source, patient, target_id): origin}."""
+    keys = [(r["source"], r["patient"], r["target_id"]) for _, r in batch]
+    found = {}
+    cols = tuple_(PatientLink.source, PatientLink.patient, PatientLink.target_id)
+    for i in range(0, len(keys), 500):
+        for row in conn.execute(select(PatientLink.source, PatientLink.patient, PatientLink.target_id,
+                                       PatientLink.origin).where(cols.in_(keys[i:i + 500]))):
+            found[(row[0], row[1], row[2])] = row[3]
+    return found
+
+
+def _clear_matched(conn, batch, name):
+    stored = _stored(conn, batch)
+    matched = []
+    for n, r in batch:
+        origin = stored.get((r["source"], r["patient"], r["target_id"]))
+        if origin in ("table", "blocked"):
+            what = "a block" if origin == "blocked" else "a link"
+            raise Fail(f"{printable(name)}:{n}: {what} for patient {printable(r['patient'])!r} at "
+                       f"{printable(r['source'])} is already stored; nothing was imported")
+        if origin == "matched":
+            matched.append((r["source"], r["patient"], r["target_id"]))
+    cols = tuple_(PatientLink.source, PatientLink.patient, PatientLink.target_id)
+    for i in range(0, len(matched), 500):
+        conn.execute(delete(PatientLink).where(cols.in_(matched[i:i + 500])))
+    return len(matched)
+
+
+def _insert_links(conn, batch, name):
+    """One batch inside the import's transaction: COPY on PostgreSQL (a million rows
+    in seconds), executemany elsewhere. A link stored meanwhile refuses the file, naming its line."""
+    rows = [r for _, r in batch]
+    try:
+        with conn.begin_nested():
+            if conn.dialect.name == "postgresql":
+                raw = conn.connection.driver_connection
+                with raw.cursor() as cur, cur.copy(
+                        "COPY patient_link (source, patient, target_id, target_patient) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row((row["source"], row["patient"], row["target_id"], row["target_patient"]))
+            else:
+                conn.execute(insert(PatientLink), rows)
+    except Exception as e:  # IntegrityError, or the driver's own from COPY
+        if isinstance(e, IntegrityError) or type(e).__name__ in ("UniqueViolation", "IntegrityError"):
+            stored = _stored(conn, batch)
+            line = next((n for n, r in batch if (r["source"], r["patient"], r["target_id"]) in stored), None)
+            where = f"{printable(name)}:{line}" if line else printable(name)
+            raise Fail(f"{where}: a link in the file is already stored; nothing was imported") from None
+        raise
+
+
+# -- export and list --------------------------------------------------------------
+def _link_query(source=None, target_id=None, origins=None):
+    q = (select(PatientLink.source, PatientLink.patient, Target.base_url, PatientLink.target_patient,
+                PatientLink.origin, PatientLink.system, PatientLink.matched_at)
+         .join(Target, PatientLink.target_id == Target.id).order_by(PatientLink.id))
+    if source:
+        q = q.where(PatientLink.source == source)
+    if target_id is not None:
+        q = q.where(PatientLink.target_id == target_id)
+    if origins:
+        q = q.where(PatientLink.origin.in_(origins))
+    return q
+
+
+def _neutralise(cell):
+    """OWASP CSV injection: a cell that a spreadsheet would run as a formula gets a leading '."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_START) else cell
+
+
+def _target_id(ctx, target_ref):
+    if not target_ref:
+        return None
+    with ctx.store.session() as s:
+        return get_target(s, target_ref).id
+
+
+origin_option = click.option("--origin", type=click.Choice(ORIGINS), default=None,
+                             help="Only links of this origin: table (an admin's), matched (found at the target), "
+                                  "blocked (never match).")
+
+
+@link.command("export")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@origin_option
+@pass_ctx
+def link_export(ctx, file, origin):
+    """Write links as CSV (the import format) to FILE (default: standard output).
+    Table links unless --origin says otherwise; formula-like cells get a leading '."""
+    to_stdout = not file or file == "-"
+    try:
+        out = sys.stdout if to_stdout else open(file, "w", newline="", encoding="utf-8")  # noqa: SIM115
+    except OSError as e:
+        raise Fail(f"cannot write {printable(file)}: {e.strerror}") from None
+    try:
+        w = csv.writer(out)
+        w.writerow(LINK_HEADER)
+        with ctx.engine.connect() as conn:
+            q = _link_query(origins=[origin or "table"])
+            for row in conn.execution_options(stream_results=True, yield_per=10000).execute(q):
+                w.writerow([_neutralise(c) for c in row[:4]])
+    finally:
+        if not to_stdout:
+            out.close()
+
+
+@link.command("list")
+@click.option("--source", metavar="FHIR_BASE", help="Only links from this source.")
+@click.option("--target", "target_ref", metavar="TARGET", help="Only links to this target (base URL or name).")
+@origin_option
+@json_option
+@pass_ctx
+def link_list(ctx, source, target_ref, origin, as_json):
+    """List patient links (every origin unless --origin)."""
+    tid = _target_id(ctx, target_ref)
+    with ctx.engine.connect() as conn:
+        rows = []
+        for r in conn.execute(_link_query(source, tid, [origin] if origin else None)):
+            d = dict(zip(LIST_FIELDS, r))
+            d["matched_at"] = iso(d["matched_at"])
+            rows.append(d)
+    emit(rows, as_json, LINK_HEADER + ["origin"])

@@ -1,0 +1,152 @@
+"""`target add|update|list|show|remove`: FHIR servers that accept minted tokens."""
+from __future__ import annotations
+
+import click
+from sqlalchemy import delete, func, select
+
+from .. import urns
+from ..models import Consent, PatientLink, Target, Trust
+from ..sealing import hash_secret
+from ..store import utcnow
+from .common import (Fail, cli, commit, confirm_cascade, emit, get_target, given_options, json_option,
+                     pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
+from .issuers import _list, _system
+
+
+@cli.group()
+def target():
+    """Target FHIR servers that accept minted tokens."""
+
+
+def _options(update: bool):
+    listed = " Given in update, replaces the whole list ('' clears it)." if update else ""
+    opts = [
+        click.option("--name", help="A short name: usable as `audience` and with --target, and the HTTP Basic "
+                                    "user name for /introspect."),
+        click.option("--max-ttl", type=click.IntRange(1, None), metavar="SECONDS",
+                     help="Longest lifetime of tokens minted for it."),
+        click.option("--introspection-secret-env", metavar="VAR",
+                     help="Environment variable holding its secret for /introspect (needs --name)."),
+        click.option("--match-identifier", "match_identifiers", multiple=True, metavar="SYSTEM",
+                     help="An identifier system that names exactly one patient here; enables patient "
+                          "matching (repeatable)." + listed),
+        click.option("--match-ttl", type=click.IntRange(1, 3650), metavar="DAYS",
+                     default=None if update else 30, show_default=not update,
+                     help="How long a matched link serves before it is matched again."),
+    ]
+    if update:
+        opts += [click.option("--no-max-ttl", is_flag=True, help="Remove the lifetime cap."),
+                 click.option("--no-introspection-secret", is_flag=True, help="Remove its /introspect secret.")]
+
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _apply(ctx, s, row: Target, o: dict):
+    if o.get("name") is not None:
+        name = o["name"]
+        if not name or len(name) > 255 or not name.isprintable() or " " in name or ":" in name or "/" in name:
+            raise Fail("--name must be 1-255 printable characters without spaces, ':' or '/'")
+        clash = s.execute(select(Target.id).where(Target.name == name, Target.id != row.id)).first() \
+            if row.id else s.execute(select(Target.id).where(Target.name == name)).first()
+        if clash:
+            raise Fail(f"a target named {printable(name)!r} already exists")
+        row.name = name
+    if o.get("max_ttl") is not None:
+        row.max_ttl = o["max_ttl"]
+    if o.get("no_max_ttl"):
+        row.max_ttl = None
+    if o.get("no_introspection_secret"):
+        row.secret_salt = row.secret_hash = None
+    if o.get("introspection_secret_env"):
+        row.secret_salt, row.secret_hash = hash_secret(
+            secret_from_env(o["introspection_secret_env"], "target secret", "--introspection-secret-env",
+                            urns.MIN_SECRET_LENGTH), ctx.settings.key_secret)
+    if o.get("match_identifiers"):
+        row.match_identifiers = [_system(v) for v in _list(o["match_identifiers"])]
+    if o.get("match_ttl") is not None:
+        row.match_ttl_days = o["match_ttl"]
+    if row.secret_hash and not row.name:
+        raise Fail("a target that introspects needs --name (its HTTP Basic user name)")
+
+
+@target.command("add")
+@click.argument("base_url")
+@_options(update=False)
+@pass_ctx
+def target_add(ctx, base_url, **o):
+    """Register BASE_URL (the aud of tokens minted for it)."""
+    url_arg(base_url, "BASE_URL")
+    with ctx.store.session() as s:
+        if s.execute(select(Target.id).where(Target.base_url == base_url)).first():
+            raise Fail(f"target {printable(base_url)} already exists; change it with `target update`")
+        row = Target(base_url=base_url, match_identifiers=[], created=utcnow())
+        _apply(ctx, s, row, o)
+        s.add(row)
+        commit(ctx, s, "target.add", base_url)
+    click.echo(f"target {printable(base_url)} added")
+
+
+@target.command("update")
+@click.argument("target")
+@_options(update=True)
+@pass_ctx
+def target_update(ctx, target, **o):
+    """Change TARGET's settings (its base URL or name): only the options given change."""
+    given = given_options(o)
+    if not given:
+        raise Fail("nothing to change: give at least one option (see `target update --help`)")
+    with ctx.store.session() as s:
+        row = get_target(s, target)
+        _apply(ctx, s, row, given)
+        commit(ctx, s, "target.update", f"{row.base_url}: {', '.join(sorted(given))}")
+    click.echo(f"target {printable(row.base_url)} updated")
+
+
+def target_row(t: Target) -> dict:
+    return {"base_url": t.base_url, "name": t.name, "max_ttl": t.max_ttl,
+            "introspection_secret": "set" if t.secret_hash else None,
+            "match_identifiers": t.match_identifiers or [], "match_ttl_days": t.match_ttl_days}
+
+
+@target.command("list")
+@json_option
+@pass_ctx
+def target_list(ctx, as_json):
+    """List the targets."""
+    with ctx.store.session() as s:
+        rows = [target_row(t) for t in s.scalars(select(Target).order_by(Target.base_url))]
+    emit(rows, as_json, ["base_url", "name", "max_ttl"])
+
+
+@target.command("show")
+@click.argument("target")
+@json_option
+@pass_ctx
+def target_show(ctx, target, as_json):
+    """Show one target (by base URL or name)."""
+    with ctx.store.session() as s:
+        show(target_row(get_target(s, target)), as_json)
+
+
+@target.command("remove")
+@click.argument("target")
+@yes_option
+@pass_ctx
+def target_remove(ctx, target, yes):
+    """Remove a target (with --yes, also its trusts, patient links and consents)."""
+    with ctx.store.session() as s:
+        t = get_target(s, target)
+        counts = {label: s.execute(select(func.count()).select_from(model).where(model.target_id == t.id)).scalar()
+                  for label, model in (("trust(s)", Trust), ("patient link(s)", PatientLink),
+                                       ("consent(s)", Consent))}
+        confirm_cascade(f"target {printable(t.base_url)}", counts, yes)
+        for model in (Trust, PatientLink, Consent):
+            s.execute(delete(model).where(model.target_id == t.id))
+        s.delete(t)
+        detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        commit(ctx, s, "target.remove", t.base_url + (f" (and {detail})" if detail else ""))
+    click.echo(f"target {printable(t.base_url)} removed" + (f" with {detail}" if detail else ""))

@@ -1,0 +1,167 @@
+"""`trust add|update|list|remove`: which client may exchange which issuer's tokens for which target."""
+from __future__ import annotations
+
+import click
+from sqlalchemy import delete, select
+
+from .. import scopes
+from ..models import Client, Issuer, Target, Trust
+from ..store import utcnow
+from .common import Fail, cli, commit, emit, get_row, get_target, given_options, json_option, pass_ctx, printable
+
+
+@cli.group()
+def trust():
+    """Which client may exchange which issuer's tokens for which target."""
+
+
+_KEY = [
+    click.option("--client", "client_id", required=True, metavar="CLIENT_ID", help="The vendor client."),
+    click.option("--issuer", "issuer_url", required=True, metavar="ISSUER_URL", help="The EHR's issuer URL."),
+    click.option("--target", "target_ref", required=True, metavar="TARGET", help="The target's base URL or name."),
+]
+
+
+def _options(update: bool):
+    flag = (lambda name, help_: click.option(f"--{name}/--no-{name}", default=None, help=help_)) if update else \
+        (lambda name, help_: click.option(f"--{name}", is_flag=True, default=False, help=help_))
+    opts = _KEY + [
+        click.option("--scopes", "scope_text", required=not update, metavar='"SCOPES"',
+                     help='SMART resource scopes this trust allows at most, e.g. "patient/*.rs".'),
+        click.option("--upstream-client-id", required=not update, metavar="ID",
+                     help="The app's client_id at the EHR: only tokens issued to it are exchanged."),
+        click.option("--max-ttl", type=click.IntRange(1, None), metavar="SECONDS",
+                     help="Longest lifetime of tokens minted under this trust."),
+        flag("allow-id-token", "Allow the OpenID exchange (the ID token as subject_token)."),
+        flag("allow-jwt-grant", "Allow the JWT authorization grant (identity chaining)."),
+        click.option("--consent", type=click.Choice(["none", "required"]), default=None if update else "none",
+                     show_default=not update, help="Whether the user must approve, once, in the browser."),
+        click.option("--consent-max-days", type=click.IntRange(1, 3650), default=None if update else 90,
+                     show_default=not update, metavar="N", help="Longest a consent may last."),
+        click.option("--consent-signer", type=click.Choice(["patient", "any"]),
+                     default=None if update else "patient", show_default=not update,
+                     help="Who may approve: the patient themself, or any signer whose sub matches "
+                          "(e.g. a RelatedPerson)."),
+    ]
+    if update:
+        opts.append(click.option("--no-max-ttl", is_flag=True, help="Remove the lifetime cap."))
+
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _parse_scopes(text):
+    try:
+        parsed = scopes.parse(text)
+    except scopes.ScopeError as e:
+        raise Fail(f"--scopes: {e}") from None
+    dropped = [t for t in text.split() if scopes.parse_scope(t) is None]
+    if dropped or not parsed:
+        raise Fail("--scopes must list SMART resource scopes only (e.g. patient/*.rs); "
+                   f"not {printable(' '.join(dropped)) or 'empty'}")
+    return text.strip()
+
+
+def _apply(row: Trust, o: dict):
+    if o.get("scope_text") is not None:
+        row.scopes = _parse_scopes(o["scope_text"])
+    if o.get("upstream_client_id") is not None:
+        up = o["upstream_client_id"]
+        if not up.strip() or len(up) > 255 or not up.isprintable():
+            raise Fail("--upstream-client-id must be 1-255 printable characters")
+        row.upstream_client_id = up
+    if o.get("max_ttl") is not None:
+        row.max_ttl = o["max_ttl"]
+    if o.get("no_max_ttl"):
+        row.max_ttl = None
+    for name in ("allow_id_token", "allow_jwt_grant", "consent", "consent_max_days", "consent_signer"):
+        if o.get(name) is not None:
+            setattr(row, name, o[name])
+
+
+def _find(s, client_id, issuer_url, target_ref):
+    c = get_row(s, Client, Client.client_id, client_id, "client")
+    i = get_row(s, Issuer, Issuer.url, issuer_url, "issuer")
+    t = get_target(s, target_ref)
+    return c, i, t
+
+
+@trust.command("add")
+@_options(update=False)
+@pass_ctx
+def trust_add(ctx, client_id, issuer_url, target_ref, **o):
+    """Let a client exchange an issuer's tokens for a target, up to some scopes."""
+    with ctx.store.session() as s:
+        c, i, t = _find(s, client_id, issuer_url, target_ref)
+        if s.execute(select(Trust.id).where(Trust.client_id == c.id, Trust.issuer_id == i.id,
+                                            Trust.target_id == t.id)).first():
+            raise Fail("that trust already exists; change it with `trust update`")
+        row = Trust(client_id=c.id, issuer_id=i.id, target_id=t.id, created=utcnow())
+        _apply(row, o)
+        s.add(row)
+        commit(ctx, s, "trust.add", f"{client_id} {issuer_url} -> {t.base_url}: {row.scopes}")
+    click.echo(f"trust added: {printable(client_id)} may exchange {printable(issuer_url)} tokens for "
+               f"{printable(t.base_url)}")
+
+
+@trust.command("update")
+@_options(update=True)
+@pass_ctx
+def trust_update(ctx, client_id, issuer_url, target_ref, **o):
+    """Change a trust: only the options given change."""
+    given = given_options(o)
+    if not given:
+        raise Fail("nothing to change: give at least one option (see `trust update --help`)")
+    with ctx.store.session() as s:
+        c, i, t = _find(s, client_id, issuer_url, target_ref)
+        row = s.scalars(select(Trust).where(Trust.client_id == c.id, Trust.issuer_id == i.id,
+                                            Trust.target_id == t.id)).first()
+        if row is None:
+            raise Fail("no such trust; add it with `trust add`")
+        _apply(row, given)
+        commit(ctx, s, "trust.update", f"{client_id} {issuer_url} -> {t.base_url}: {', '.join(sorted(given))}")
+    click.echo("trust updated")
+
+
+@trust.command("list")
+@click.option("--client", "client_id", metavar="CLIENT_ID", help="Only this client's trusts.")
+@json_option
+@pass_ctx
+def trust_list(ctx, client_id, as_json):
+    """List the trusts."""
+    with ctx.store.session() as s:
+        q = (select(Client.client_id, Issuer.url, Target.base_url, Trust)
+             .join(Client, Trust.client_id == Client.id).join(Issuer, Trust.issuer_id == Issuer.id)
+             .join(Target, Trust.target_id == Target.id).order_by(Client.client_id, Issuer.url, Target.base_url))
+        if client_id:
+            q = q.where(Client.client_id == client_id)
+        rows = [{"client": c, "issuer": i, "target": t, "scopes": tr.scopes,
+                 "upstream_client_id": tr.upstream_client_id, "max_ttl": tr.max_ttl,
+                 "allow_id_token": bool(tr.allow_id_token), "allow_jwt_grant": bool(tr.allow_jwt_grant),
+                 "consent": tr.consent, "consent_max_days": tr.consent_max_days,
+                 "consent_signer": tr.consent_signer} for c, i, t, tr in s.execute(q)]
+    emit(rows, as_json, ["client", "issuer", "target", "scopes", "upstream_client_id"])
+
+
+def _key_options(f):
+    for opt in reversed(_KEY):
+        f = opt(f)
+    return f
+
+
+@trust.command("remove")
+@_key_options
+@pass_ctx
+def trust_remove(ctx, client_id, issuer_url, target_ref):
+    """Remove one trust."""
+    with ctx.store.session() as s:
+        c, i, t = _find(s, client_id, issuer_url, target_ref)
+        n = s.execute(delete(Trust).where(Trust.client_id == c.id, Trust.issuer_id == i.id,
+                                          Trust.target_id == t.id)).rowcount
+        if not n:
+            raise Fail("no such trust")
+        commit(ctx, s, "trust.remove", f"{client_id} {issuer_url} -> {t.base_url}")
+    click.echo("trust removed")
