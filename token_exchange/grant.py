@@ -1,13 +1,19 @@
-"""TokenExchangeGrant: the RFC 8693 request, start to finish, in Authlib's style.
+"""The grants at /token, in Authlib's style: one ``BaseGrant`` per grant type with a
+``GRANT_TYPE`` constant, ``validate_token_request()`` then ``create_token_response()``,
+raising typed ``OAuth2Error``s.
 
-Authlib ships no RFC 8693 grant; this is one ``BaseGrant`` with a
-``GRANT_TYPE`` constant, ``validate_token_request()`` then
-``create_token_response()``, raising typed ``OAuth2Error``s.
+Authlib ships no RFC 8693 grant. ``ExchangeGrant`` holds what every grant here
+shares, as named steps run in the contract's order (target, trust, upstream
+client, scopes, consent, patient) and the minting of the RFC 9068 token; a grant
+adds its own parameters and the validation of what it presents (the EHR's tokens,
+or a JWT authorization grant). ``token-exchange explain`` runs the same steps with
+a trace and ``dry_run`` (nothing searched, written or spent).
 """
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
@@ -15,62 +21,67 @@ from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 from . import policy, scopes, urns
 from .errors import InvalidRequest, InvalidScope, InvalidTargetError, TemporarilyUnavailable, UnauthorizedClient
 
-# grant_type and the client-authentication parameters are checked by the server first.
-SINGLE_VALUED = ("subject_token", "subject_token_type", "actor_token", "actor_token_type", "scope",
-                 "requested_token_type")
 MAX_TOKEN_LENGTH = 16 * 1024
 
 
-class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
-    GRANT_TYPE = urns.TOKEN_EXCHANGE
+@dataclass
+class StepOutcome:
+    """One rule's outcome, for `explain`: held (ok), failed (the error), or not reached."""
+    step: str
+    ok: bool
+    detail: str
+    error: str | None = None
+    reason: str | None = None  # the private detail of a refusal (never a token)
+
+
+class ExchangeGrant(BaseGrant, TokenEndpointMixin):
+    """Shared by every grant at /token; subclasses define GRANT_TYPE, GRANT_NAME,
+    SINGLE_VALUED, and the steps ``parameters``, ``presented`` and ``allowed``."""
+    GRANT_NAME = ""  # the audit's `grant`
     TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+    SINGLE_VALUED: tuple = ()
+    ISSUED_TOKEN_TYPE: str | None = urns.ACCESS_TOKEN
 
-    def __init__(self, request, server):
+    # (name, method): the contract's check order after client authentication and grant type.
+    STEPS = (("parameters", "check_parameters"), ("target", "check_target"),
+             ("client has a trust", "check_any_trust"), ("tokens (rules 1, 2, 4)", "check_presented"),
+             ("trust for issuer and target (rule 5)", "check_trust"), ("grant allowed by the trust", "check_allowed"),
+             ("upstream client (rule 3)", "check_upstream"), ("scopes (rule 6)", "check_scopes"),
+             ("consent", "check_consent"), ("patient (rule 7)", "check_patient"))
+
+    def __init__(self, request, server, trace: list | None = None, dry_run: bool = False):
         super().__init__(request, server)
-        self.presented = None
-        self.target = None
-        self.trust = None
-        self.granted = None
-        self.target_patient = None
+        self.cfg = server.store.config()
+        self.trace, self.dry_run = trace, dry_run
+        self.presented = self.target = self.trust = self.granted = None
+        self.target_patient = self.consent = None
         self.audit = request.audit
+        self.audit["grant"] = self.GRANT_NAME
 
-    # RFC 8693 §2.1 ---------------------------------------------------------
+    # -- Authlib's two phases ----------------------------------------------------------
     def validate_token_request(self):
-        req, server = self.request, self.server
-        cfg = server.store.config()
-        client_id = req.client.client_id
-        self._parse_parameters(req)
-        self.target = self._resolve_target(req, cfg)
-        self.audit["target"] = self.target.base_url
-        if not cfg.trusts_by_client.get(client_id):
-            raise UnauthorizedClient("This client has no trust relationship; ask an administrator to add one.")
-        p = server.validator.validate(req, cfg, client_id, self.target)  # rules 1, 2, 4
-        self.presented = p
-        self.audit.update(issuer=p.issuer.url, subject=_clip(p.sub), source_patient=_clip(p.patient))
-        self.trust = policy.find_trust(cfg, client_id, p.issuer.url, self.target)  # rule 5
-        policy.allowed_form(p, self.trust)
-        policy.check_upstream(p, self.trust)  # rule 3
-        if not p.sub:
-            raise InvalidRequest("The subject token names no subject (sub).")
-        granted = policy.decide_scopes(req.scope_param, p, self.trust)  # rule 6
-        if granted.has_patient:  # rule 7
-            link = server.store.find_link(p.source, p.patient, self.target.id) if p.patient else None
-            if link is None:
-                granted = policy.without_patient(granted)
-            else:
-                self.target_patient = link
-                self.audit["target_patient"] = link
-        self.granted = granted
+        for name, method in self.STEPS:
+            try:
+                detail = getattr(self, method)()
+            except Exception as e:
+                if self.trace is not None:
+                    self.trace.append(StepOutcome(name, False, getattr(e, "description", None) or str(e),
+                                                  getattr(e, "error", None), getattr(e, "detail", None)))
+                raise
+            if self.trace is not None:
+                self.trace.append(StepOutcome(name, True, detail or "held"))
 
     def create_token_response(self):
         req, server, p = self.request, self.server, self.presented
         now = int(time.time())
-        life = policy.lifetime(server.settings.token_ttl, self.trust, self.target, p.expires, now)
-        key = server.store.config().active_key
+        life = self.lifetime(now)
+        key = self.cfg.active_key
         if key is None:
             raise TemporarilyUnavailable("No signing key is active yet; run `token-exchange keys rotate`.")
+        self.before_minting()
         scope = self.granted.format()
         jti = uuid.uuid4().hex
+        # RFC 9068 §2.2; RFC 8693 §4.1 (act); idp: `sub` is unique only with its issuer.
         claims = {"iss": server.settings.issuer, "aud": self.target.base_url, "sub": p.sub,
                   "idp": p.issuer.url, "client_id": req.client.client_id, "scope": scope,
                   "iat": now, "exp": now + life, "jti": jti, "act": {"sub": req.client.client_id}}
@@ -79,20 +90,146 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
         if self.target_patient is not None:
             claims["patient"] = self.target_patient
         token = key.mint(claims)
-        body = {"access_token": token, "issued_token_type": req.requested_token_type,
-                "token_type": "Bearer", "expires_in": life, "scope": scope}
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": life, "scope": scope}
+        if self.ISSUED_TOKEN_TYPE:
+            body["issued_token_type"] = req.requested_token_type
         if self.target_patient is not None:
             body["patient"] = self.target_patient
         self.audit.update(outcome="granted", scope_granted=scope, jti=jti)
+        if self.consent is not None:
+            self.audit["consent_token"] = (jti, now + life)
         return 200, body, self.TOKEN_RESPONSE_HEADER
 
-    # -- helpers ------------------------------------------------------------
-    @staticmethod
-    def _parse_parameters(req):
-        form = req.form
-        for name in SINGLE_VALUED:
+    def before_minting(self):
+        """The last check before a token exists (the JWT grant spends its jti here)."""
+
+    def lifetime(self, now: int) -> int:
+        consent_expires = self.consent.expires if self.consent is not None else None
+        return policy.lifetime(self.server.settings.token_ttl, self.trust, self.target,
+                               self.presented.expires, now, consent_expires)
+
+    # -- the shared steps --------------------------------------------------------------------
+    def check_parameters(self):
+        form = self.request.form
+        for name in self.SINGLE_VALUED:
             if len(form.getlist(name)) > 1:
                 raise InvalidRequest(f"The {name} parameter appears more than once.")
+        self.parse_parameters(form)
+        scope = form.get("scope")
+        if scope is not None:
+            try:
+                scopes.parse(scope)
+            except scopes.ScopeError as e:
+                raise InvalidScope(str(e)) from None
+        self.request.scope_param = scope
+        self.audit["scope_requested"] = _clip(scope, 2000)
+        return "well formed"
+
+    def parse_parameters(self, form):
+        raise NotImplementedError
+
+    def check_target(self):
+        """RFC 8693 §2.1 resource / audience -> exactly one registered target."""
+        self.target = resolve_target(self.request.form, self.cfg)
+        self.audit["target"] = self.target.base_url
+        return self.target.base_url
+
+    def check_any_trust(self):
+        trusts = self.cfg.trusts_by_client.get(self.request.client.client_id)
+        if not trusts:
+            raise UnauthorizedClient("This client has no trust relationship; ask an administrator to add one.")
+        return f"{len(trusts)} trust(s)"
+
+    def check_presented(self):
+        p = self.presented = self.validate_presented()
+        self.audit.update(issuer=p.issuer.url, subject=_clip(p.sub), source_patient=_clip(p.patient))
+        return f"issuer {p.issuer.url}, sub {p.sub}" + (f", patient {p.patient} at {p.source}" if p.patient else "")
+
+    def validate_presented(self):
+        raise NotImplementedError
+
+    def check_trust(self):  # rule 5
+        self.trust = policy.find_trust(self.cfg, self.request.client.client_id, self.presented.issuer.url,
+                                       self.target)
+        return f"{self.trust.client_id} may use {self.trust.issuer} tokens for {self.target.base_url}"
+
+    def check_allowed(self):
+        raise NotImplementedError
+
+    def check_upstream(self):
+        raise NotImplementedError
+
+    def check_scopes(self):  # rule 6
+        self.granted = policy.decide_scopes(self.request.scope_param, self.presented, self.trust)
+        return self.granted.format()
+
+    def check_consent(self):
+        consent = getattr(self.server, "consent", None)
+        if self.trust.consent != "required":
+            return "not required by the trust"
+        if consent is None:
+            raise TemporarilyUnavailable("Consent is required by this trust but the consent flow is not available.")
+        self.consent = consent.covering(self, dry_run=self.dry_run)
+        self.audit["consent"] = self.consent.id
+        return f"consent {self.consent.id} covers it until {self.consent.expires_iso}"
+
+    def check_patient(self):  # rule 7
+        p = self.presented
+        if not self.granted.has_patient:
+            return "no patient/ scope at stake"
+        mapped = None
+        if p.patient:
+            mapped = self.server.patients.map(self, dry_run=self.dry_run)
+        if mapped is None or mapped.target_patient is None:
+            self.audit["link"] = mapped.origin if mapped is not None else None
+            self.granted = policy.without_patient(self.granted)
+            why = mapped.explain if mapped is not None else "the presented tokens name no patient"
+            return f"patient/ scopes dropped: {why}"
+        self.target_patient = mapped.target_patient
+        self.audit.update(target_patient=mapped.target_patient, link=mapped.origin)
+        return f"{p.patient} at {p.source} is {mapped.target_patient} at the target ({mapped.explain})"
+
+
+def resolve_target(form, cfg):
+    """RFC 8693 §2.1 resource / audience (RFC 8707 §2) -> exactly one registered target."""
+    resources, audiences = form.getlist("resource"), form.getlist("audience")
+    if not resources and not audiences:
+        raise InvalidRequest("Name the target FHIR server with resource (its base URL) or audience.")
+    found = set()
+    for r in resources:
+        parts = _split(r)
+        if parts is None or not parts.scheme or not parts.netloc or "#" in r:
+            raise InvalidTargetError("resource must be an absolute URI without a fragment (RFC 8707 section 2).")
+        t = cfg.targets_by_url.get(r)
+        if t is None:
+            hint = ""
+            if r.endswith("/") and r.rstrip("/") in cfg.targets_by_url:
+                hint = " (without the trailing slash it is; URLs match exactly as registered)"
+            elif r + "/" in cfg.targets_by_url:
+                hint = " (with a trailing slash it is; URLs match exactly as registered)"
+            raise InvalidTargetError("The resource is not a registered target FHIR server" + hint + ".")
+        found.add(t.id)
+    for a in audiences:
+        t = cfg.targets_by_url.get(a) or cfg.targets_by_name.get(a)
+        if t is None:
+            raise InvalidTargetError("The audience is not a registered target FHIR server.")
+        found.add(t.id)
+    if len(found) != 1:
+        raise InvalidTargetError("Request exactly one target FHIR server per exchange.")
+    return cfg.targets_by_id[found.pop()]
+
+
+class TokenExchangeGrant(ExchangeGrant):
+    """RFC 8693 §2.1: the EHR's access token (with its ID token as actor_token), or
+    the ID token alone (the OpenID form)."""
+    GRANT_TYPE = urns.TOKEN_EXCHANGE
+    GRANT_NAME = "token-exchange"
+    # grant_type and the client-authentication parameters are checked by the server first.
+    SINGLE_VALUED = ("subject_token", "subject_token_type", "actor_token", "actor_token_type", "scope",
+                     "requested_token_type")
+
+    def parse_parameters(self, form):
+        req = self.request
         subject_token = form.get("subject_token")
         subject_type = form.get("subject_token_type")
         if not subject_token:
@@ -100,7 +237,7 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
         if not subject_type:
             raise InvalidRequest("The subject_token_type parameter is required.")
         if subject_type not in urns.SUBJECT_TOKEN_TYPES:
-            raise InvalidRequest("Unsupported subject_token_type; use access_token, jwt or id_token.")
+            raise InvalidRequest("Unsupported subject_token_type; use " + ", ".join(urns.SUBJECT_TOKEN_TYPES) + ".")
         if len(subject_token) > MAX_TOKEN_LENGTH:
             raise InvalidRequest("The subject_token is too long.")
         actor_token, actor_type = form.get("actor_token"), form.get("actor_token_type")
@@ -108,49 +245,32 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
             raise InvalidRequest("actor_token and actor_token_type must be sent together.")
         if actor_type is not None:
             if actor_type not in urns.ACTOR_TOKEN_TYPES:
-                raise InvalidRequest("Unsupported actor_token_type; the actor token is the EHR's ID token "
-                                     "(urn:ietf:params:oauth:token-type:id_token).")
+                raise InvalidRequest(f"Unsupported actor_token_type; the actor token is the EHR's ID token "
+                                     f"({urns.ID_TOKEN}).")
             if subject_type == urns.ID_TOKEN:
                 raise InvalidRequest("In the OpenID exchange the ID token is the subject_token; send no actor_token.")
             if len(actor_token) > MAX_TOKEN_LENGTH:
                 raise InvalidRequest("The actor_token is too long.")
         requested = form.get("requested_token_type") or urns.ACCESS_TOKEN
         if requested not in urns.ISSUED_TOKEN_TYPES:
-            raise InvalidRequest("Unsupported requested_token_type; use access_token or jwt.")
-        scope = form.get("scope")
-        if scope is not None:
-            try:
-                scopes.parse(scope)
-            except scopes.ScopeError as e:
-                raise InvalidScope(str(e)) from None
+            raise InvalidRequest("Unsupported requested_token_type; use " + " or ".join(urns.ISSUED_TOKEN_TYPES) + ".")
         req.subject_token, req.subject_token_type = subject_token, subject_type
         req.actor_token, req.actor_token_type = actor_token, actor_type
-        req.requested_token_type, req.scope_param = requested, scope
-        req.audit["scope_requested"] = _clip(scope, 2000)
+        req.requested_token_type = requested
 
-    @staticmethod
-    def _resolve_target(req, cfg):
-        """RFC 8693 §2.1 resource / audience -> exactly one registered target."""
-        resources, audiences = req.form.getlist("resource"), req.form.getlist("audience")
-        if not resources and not audiences:
-            raise InvalidRequest("Name the target FHIR server with resource (its base URL) or audience.")
-        found = set()
-        for r in resources:
-            parts = _split(r)
-            if parts is None or not parts.scheme or not parts.netloc or "#" in r:
-                raise InvalidTargetError("resource must be an absolute URI without a fragment (RFC 8707 section 2).")
-            t = cfg.targets_by_url.get(r)
-            if t is None:
-                raise InvalidTargetError("The resource is not a registered target FHIR server.")
-            found.add(t.id)
-        for a in audiences:
-            t = cfg.targets_by_url.get(a) or cfg.targets_by_name.get(a)
-            if t is None:
-                raise InvalidTargetError("The audience is not a registered target FHIR server.")
-            found.add(t.id)
-        if len(found) != 1:
-            raise InvalidTargetError("Request exactly one target FHIR server per exchange.")
-        return cfg.targets_by_id[found.pop()]
+    def validate_presented(self):  # rules 1, 2, 4
+        return self.server.validator.validate(self.request, self.cfg, self.request.client.client_id, self.target)
+
+    def check_allowed(self):
+        policy.allowed_form(self.presented, self.trust)
+        return "the OpenID exchange" if self.presented.subject_type == urns.ID_TOKEN else "the access-token exchange"
+
+    def check_upstream(self):  # rule 3
+        p = self.presented
+        if not p.sub:
+            raise InvalidRequest("The subject token names no subject (sub).")
+        policy.check_upstream(p, self.trust)
+        return f"issued to {self.trust.upstream_client_id}"
 
 
 def _split(url):

@@ -26,11 +26,14 @@ def check_upstream(presented, trust) -> None:
         claims = presented.claims
         issued_to = claims.get("client_id", claims.get("azp"))
         if issued_to != up:
-            raise InvalidRequest("The subject_token was issued to another client than the one this trust names.")
+            raise InvalidRequest("The subject_token was issued to another client than the one this trust names.",
+                                 detail=f"issued to {str(issued_to)[:100]!r}; the trust names {up!r}")
     ident = presented.id_claims
     if ident is not None:
         if up not in audiences(ident) or ("azp" in ident and ident["azp"] != up):
-            raise InvalidRequest("The ID token was issued to another client than the one this trust names.")
+            raise InvalidRequest("The ID token was issued to another client than the one this trust names.",
+                                 detail=f"ID token aud {audiences(ident)[:5]!r}, azp {str(ident.get('azp'))[:100]!r}; "
+                                        f"the trust names {up!r}")
 
 
 def allowed_form(presented, trust) -> None:
@@ -58,10 +61,11 @@ def without_patient(granted: scopes.ScopeSet) -> scopes.ScopeSet:
     return rest
 
 
-def lifetime(ttl: int, trust, target, expires: int, now: int) -> int:
-    """The smallest of the service TTL, the trust's and the target's caps, and what
-    remains of every presented token."""
-    caps = [ttl, expires - now]
+def lifetime(ttl: int, trust, target, expires: int | None, now: int, consent_expires: int | None = None) -> int:
+    """The smallest of the service TTL, the trust's and the target's caps, what
+    remains of every presented token (None: nothing presented caps it), and what
+    remains of the consent it is minted under (a token never outlives its consent)."""
+    caps = [ttl] + [e - now for e in (expires, consent_expires) if e is not None]
     caps += [c for c in (trust.max_ttl, target.max_ttl) if c]
     life = min(caps)
     if life < 1:

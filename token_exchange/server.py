@@ -15,12 +15,15 @@ from authlib.oauth2.rfc6749 import AuthorizationServer
 from authlib.oauth2.rfc6749.requests import OAuth2Payload, OAuth2Request
 from werkzeug.datastructures import MultiDict
 
-from . import urns
 from .client_auth import AuthClient, Authenticator
 from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .grant import TokenExchangeGrant
+from .logs import current_request_id
+from .matching import PatientMapper
 
 log = logging.getLogger(__name__)
+decision_log = logging.getLogger("token_exchange.decision")
+GRANTS = (TokenExchangeGrant,)
 AUTH_PARAMS = ("client_id", "client_secret", "client_assertion", "client_assertion_type")
 
 
@@ -62,11 +65,16 @@ class TokenRequest(OAuth2Request):
 
 
 class TokenExchangeServer(AuthorizationServer):
-    def __init__(self, settings, store, validator, assertion_method=None, metrics=None):
+    def __init__(self, settings, store, validator, assertion_method=None, metrics=None, patients=None,
+                 consent=None):
         super().__init__()
         self.settings, self.store, self.validator, self.metrics = settings, store, validator, metrics
+        self.patients = patients or PatientMapper(store)
+        self.consent = consent
         self.authenticator = Authenticator(self.query_client, assertion_method)
-        self.register_grant(TokenExchangeGrant)
+        self.grants = {g.GRANT_TYPE: g for g in GRANTS}
+        for g in GRANTS:
+            self.register_grant(g)
         self._rate_lock = threading.Lock()
         self._rate_window, self._rate_counts = None, {}
 
@@ -80,37 +88,46 @@ class TokenExchangeServer(AuthorizationServer):
     def handle_response(self, status, body, headers):
         return status, body, headers
 
+    def grant_class(self, form):
+        """RFC 6749 §5.2: the grant type, once, and one this server supports."""
+        if len(form.getlist("grant_type")) > 1:
+            raise InvalidRequest("The grant_type parameter appears more than once.")
+        grant_type = form.get("grant_type")
+        if not grant_type:
+            raise InvalidRequest("The grant_type parameter is required.")
+        grant = self.grants.get(grant_type)
+        if grant is None:
+            raise UnsupportedGrantType("Supported grant types here: " + ", ".join(self.grants) + ".")
+        return grant
+
     def create_token_response(self, request: TokenRequest):
         """-> (status, body, headers). Errors before client authentication go to the
         log and the metrics; every decision for an authenticated client is audited
-        and committed before the response."""
+        and committed before the response. Every decision is one log line."""
         form = request.form
+        audit = request.audit
+        audit["request_id"] = current_request_id()
         for name in AUTH_PARAMS:
             if len(form.getlist(name)) > 1:
-                return self._error(request, InvalidRequest(f"The {name} parameter appears more than once."))
+                return self._refused(request, InvalidRequest(f"The {name} parameter appears more than once."))
         try:
             request.client = self.authenticator(request)
         except OAuth2Error as e:
-            return self._error(request, e)
-        request.audit["client_id"] = request.client.client_id
+            return self._refused(request, e)
+        audit["client_id"] = request.client.client_id
         try:
             self._rate_limit(request.client.client_id)
-            if len(form.getlist("grant_type")) > 1:
-                raise InvalidRequest("The grant_type parameter appears more than once.")
-            grant_type = form.get("grant_type")
-            if not grant_type:
-                raise InvalidRequest("The grant_type parameter is required.")
-            if grant_type != urns.TOKEN_EXCHANGE:
-                raise UnsupportedGrantType(f"Only {urns.TOKEN_EXCHANGE} is supported here.")
-            grant = TokenExchangeGrant(request, self)
+            grant = self.grant_class(form)(request, self)
             grant.validate_token_request()
             result = grant.create_token_response()
         except OAuth2Error as e:
-            request.audit["error"] = e.error
-            self.store.record_audit(request.audit)
-            return self._error(request, e)
-        self.store.record_audit(request.audit)
+            audit["error"] = e.error
+            audit["reason"] = _clip(getattr(e, "detail", None) or e.description, 1000)
+            self.store.record_audit(audit)
+            return self._refused(request, e)
+        self.store.record_audit(audit)
         self._count("granted", None)
+        log_decision(audit, None)
         return result
 
     def _rate_limit(self, client_id):
@@ -134,12 +151,31 @@ class TokenExchangeServer(AuthorizationServer):
             raise TemporarilyUnavailable("Too many exchanges for this client; retry after the indicated delay.",
                                          status_code=429, retry_after=max(1, int(60 - now % 60)))
 
-    def _error(self, request, error):
+    def _refused(self, request, error):
         self._count("refused", error.error)
-        if getattr(error, "detail", None):
-            log.info("token request refused", extra={"error": error.error, "detail": error.detail})
+        log_decision(request.audit, error)
         return self.handle_error_response(request, error)
 
     def _count(self, outcome, error):
         if self.metrics is not None:
             self.metrics.exchange(outcome, error)
+
+
+def log_decision(audit: dict, error) -> None:
+    """One structured line per decision: ids, issuer, target, the error code and the
+    internal reason; never a token or a secret (the audit dict holds none)."""
+    if error is None:
+        decision_log.info("granted", extra={k: audit.get(k) for k in _GRANTED_FIELDS})
+    else:
+        extra = {k: audit.get(k) for k in _REFUSED_FIELDS}
+        extra["error"] = error.error
+        extra["reason"] = getattr(error, "detail", None) or error.description
+        decision_log.info("refused", extra=extra)
+
+
+_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "consent", "jti")
+_REFUSED_FIELDS = ("client_id", "grant", "issuer", "target")
+
+
+def _clip(value, n):
+    return value[:n] if isinstance(value, str) else value

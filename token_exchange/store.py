@@ -44,7 +44,7 @@ def _unseal_or_none(value, key_secret, what):
 
 # Hot-path statements, built once (Core on the tables: no ORM work per request).
 _LINKS = PatientLink.__table__
-_FIND_LINK = select(_LINKS.c.target_patient).where(
+_FIND_LINK = select(_LINKS.c.target_patient, _LINKS.c.origin, _LINKS.c.matched_at).where(
     _LINKS.c.source == bindparam("source"), _LINKS.c.patient == bindparam("patient"),
     _LINKS.c.target_id == bindparam("target_id"))
 _INSERT_AUDIT = insert(AuditEvent.__table__)
@@ -70,6 +70,14 @@ class IssuerCfg:
     introspection_endpoint: str | None
     introspection_client_id: str | None
     introspection_secret: str | None = field(repr=False)
+    identifier_systems: tuple = ()
+    identifier_claim: str = "patient_identifier"
+    fhir_client_id: str | None = None
+    fhir_scope: str | None = None
+    token_endpoint: str | None = None
+    authorization_endpoint: str | None = None
+    login_client_id: str | None = None
+    login_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class TargetCfg:
     max_ttl: int | None
     secret_salt: str | None = field(repr=False)
     secret_hash: str | None = field(repr=False)
+    match_identifiers: tuple = ()
+    match_ttl_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class TrustCfg:
     upstream_client_id: str
     max_ttl: int | None
     allow_id_token: bool
+    allow_jwt_grant: bool = False
+    consent: str = "none"
+    consent_max_days: int = 90
+    consent_signer: str = "patient"
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,8 @@ class ClientCfg:
     secret_hash: str | None = field(repr=False)
     jwks: dict | None = None
     jwks_uri: str | None = None
+    name: str | None = None
+    redirect_uris: tuple = ()
 
     def get_client_id(self):
         return self.client_id
@@ -123,6 +139,10 @@ class Config:
     @property
     def any_id_token_trust(self) -> bool:
         return any(t.allow_id_token for t in self.trusts.values())
+
+    @property
+    def any_jwt_grant_trust(self) -> bool:
+        return any(t.allow_jwt_grant for t in self.trusts.values())
 
 
 class Store:
@@ -172,21 +192,27 @@ class Store:
             cfg = IssuerCfg(r.url, r.jwks_uri, tuple(r.algs), tuple(r.sources), tuple(r.audiences or ()),
                             r.patient_claim, r.source_claim, r.introspection_endpoint,
                             r.introspection_client_id,
-                            _unseal_or_none(r.introspection_secret, secret, f"issuer {r.url}"))
+                            _unseal_or_none(r.introspection_secret, secret, f"issuer {r.url}"),
+                            tuple(r.identifier_systems or ()), r.identifier_claim, r.fhir_client_id,
+                            r.fhir_scope, r.token_endpoint, r.authorization_endpoint, r.login_client_id,
+                            _unseal_or_none(r.login_secret, secret, f"issuer {r.url} login"))
             issuers[r.url] = cfg
             issuer_by_id[r.id] = cfg
-        targets = [TargetCfg(r.id, r.base_url, r.name, r.max_ttl, r.secret_salt, r.secret_hash)
+        targets = [TargetCfg(r.id, r.base_url, r.name, r.max_ttl, r.secret_salt, r.secret_hash,
+                             tuple(r.match_identifiers or ()), r.match_ttl_days)
                    for r in conn.execute(select(Target)).all()]
         clients, client_by_id = {}, {}
         for r in conn.execute(select(Client)).all():
-            c = ClientCfg(r.client_id, r.auth_method, r.secret_salt, r.secret_hash, r.jwks, r.jwks_uri)
+            c = ClientCfg(r.client_id, r.auth_method, r.secret_salt, r.secret_hash, r.jwks, r.jwks_uri, r.name,
+                          tuple(r.redirect_uris or ()))
             clients[r.client_id] = c
             client_by_id[r.id] = c
         trusts, by_client = {}, {}
         for r in conn.execute(select(Trust)).all():
             t = TrustCfg(client_by_id[r.client_id].client_id, issuer_by_id[r.issuer_id].url, r.target_id,
                          scopes.parse(r.scopes, strict=False), r.upstream_client_id, r.max_ttl,
-                         bool(r.allow_id_token))
+                         bool(r.allow_id_token), bool(r.allow_jwt_grant), r.consent, r.consent_max_days,
+                         r.consent_signer)
             trusts[(t.client_id, t.issuer, t.target_id)] = t
             by_client.setdefault(t.client_id, []).append(t)
         key_rows = conn.execute(select(SigningKey.kid, SigningKey.alg, SigningKey.state, SigningKey.public_jwk,
@@ -205,17 +231,16 @@ class Store:
                       [_PublicKey(k.kid, k.alg, k.state, k.public_jwk, k.retired) for k in key_rows])
 
     # -- per-request facts -------------------------------------------------
-    def find_link(self, source: str, patient: str, target_id: int) -> str | None:
-        """One indexed lookup (the (source, patient, target) unique index)."""
-        row = self._hot.run(self._hot.find_link, {"source": source, "patient": patient, "target_id": target_id},
-                            fetch=True)
-        return row[0] if row else None
+    def find_link(self, source: str, patient: str, target_id: int):
+        """(target_patient, origin, matched_at) or None: one indexed lookup (the
+        (source, patient, target) unique index)."""
+        return self._hot.run(self._hot.find_link, {"source": source, "patient": patient, "target_id": target_id},
+                             fetch=True)
 
     def record_audit(self, event: dict) -> None:
         """Committed before the caller answers: a token issued always has its record."""
-        row = dict.fromkeys(_AUDIT_COLUMNS)
-        row["event"] = "exchange"
-        row.update(event)
+        row = {c: event.get(c) for c in _AUDIT_COLUMNS}
+        row["event"] = event.get("event") or "exchange"
         row["time"] = self._hot.time_bind(utcnow())
         self._hot.run(self._hot.insert_audit, row, commit=True)
 
