@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from fakes import SOURCE, TARGET, TARGET2, UPSTREAM, FakeEHR
+from fhirserver import MedplumFHIRServer, require_all
+from fhirserver import unavailable as fhir_server_unavailable
 
 PG_URL = os.environ.get("TOKEN_EXCHANGE_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("TOKEN_EXCHANGE_TEST_REDIS_URL")
@@ -34,6 +36,8 @@ def pytest_report_header(config):
                      "(e.g. postgresql://postgres@127.0.0.1:5432/test) to run them")
     if not REDIS_URL:
         lines.append("Redis tests NOT RUN: set TOKEN_EXCHANGE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    if fhir_server_unavailable():
+        lines.append(fhir_server_unavailable())
     return lines
 
 
@@ -206,6 +210,27 @@ class CLI:
 @pytest.fixture
 def cli(env):
     return CLI(env)  # on a database cloned from the migrated template
+
+
+@pytest.fixture(scope="session")
+def fhir_server_factory():
+    """fhir_server_factory(jwks_url=..., issuer=..., [audience=...]): a running Medplum FHIR
+    server (tests/fhirserver.py), emptied, shared by every test asking for the same settings.
+    Skips when node cannot run it; fails instead under TOKEN_EXCHANGE_TEST_REQUIRE_ALL=1."""
+    if fhir_server_unavailable():
+        (pytest.fail if require_all() else pytest.skip)(fhir_server_unavailable())
+    servers = {}
+
+    def start(**settings):
+        key = tuple(sorted(settings.items()))
+        if key in servers:
+            servers[key].reset()
+        else:
+            servers[key] = MedplumFHIRServer(**settings)
+        return servers[key]
+    yield start
+    for server in servers.values():
+        server.stop()
 
 
 @pytest.fixture(scope="session")
