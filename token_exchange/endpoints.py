@@ -132,6 +132,14 @@ def jwks():
     return resp
 
 
+def _grant_types():
+    """Token exchange always; the JWT authorization grant only while some trust allows it."""
+    grants = [urns.TOKEN_EXCHANGE]
+    if _ext().store.config().any_jwt_grant_trust:
+        grants.append(urns.JWT_BEARER)
+    return grants
+
+
 def _metadata():
     s = _ext().settings
     base = s.issuer
@@ -141,7 +149,7 @@ def _metadata():
         "jwks_uri": base + "/jwks",
         "introspection_endpoint": base + "/introspect",
         "revocation_endpoint": base + "/revoke",
-        "grant_types_supported": [urns.TOKEN_EXCHANGE],
+        "grant_types_supported": _grant_types(),
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": list(urns.CLIENT_ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
