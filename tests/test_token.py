@@ -573,11 +573,16 @@ def test_tokens_minted_here_are_not_accepted_as_subject_tokens(exchange):
 def test_metrics_count_exchanges_by_outcome_and_error(exchange, http):
     exchange()
     exchange(resource="https://unknown.example/fhir")
+    from prometheus_client.parser import text_string_to_metric_families
     text = http.get("/metrics").get_data(as_text=True)
-    assert 'token_exchange_requests_total{outcome="granted",error=""} 1' in text
-    assert 'token_exchange_requests_total{outcome="refused",error="invalid_target"} 1' in text
-    assert "token_exchange_request_seconds_count 2" in text
-    assert "token_exchange_jwks_fetches_total" in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("token_exchange_requests_total", (("error", ""), ("outcome", "granted")))] == 1
+    assert samples[("token_exchange_requests_total", (("error", "invalid_target"), ("outcome", "refused")))] == 1
+    assert samples[("token_exchange_request_seconds_count", ())] == 2
+    assert ("token_exchange_jwks_fetches_total", ()) in samples
+    for name in ("token_exchange_requests", "token_exchange_request_seconds", "token_exchange_jwks_fetches"):
+        assert f"# HELP {name}" in text and f"# TYPE {name}" in text
 
 
 def test_logs_are_json_with_request_id_and_never_a_token_or_secret(exchange, ehr):

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import keys, lifecycle, urns
 from .errors import InvalidRequest, OAuth2Error, RequestTooLarge, TemporarilyUnavailable
+from .metrics import CONTENT_TYPE
 from .server import TokenRequest
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def metrics():
     ext = _ext()
     if not ext.settings.metrics:
         return json_response(404, {"error": "not_found"})
-    return Response(ext.metrics.render(), mimetype="text/plain; version=0.0.4")
+    return Response(ext.metrics.render(), content_type=CONTENT_TYPE)
 
 
 def register_request_ids(app):
