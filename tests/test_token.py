@@ -661,10 +661,13 @@ def test_unsigned_jwt_with_empty_signature_is_refused_locally(exchange, ehr):
     assert ehr.introspection_auth == []  # never sent to the EHR as if opaque
 
 
-def test_get_on_token_endpoint_is_json_no_store(http):
+def test_get_on_token_endpoint_is_json_no_store_and_names_the_allowed_methods(http):
     r = http.get("/token")
     assert r.status_code == 405 and r.headers["Cache-Control"] == "no-store"
     assert r.get_json()["error"] == "invalid_request"
+    assert "POST" in r.headers["Allow"] and "POST" in r.get_json()["error_description"]
+    r = http.post("/jwks")
+    assert r.status_code == 405 and "GET" in r.headers["Allow"]
 
 
 @pytest.mark.parametrize("body", [b"grant_type=\xff\xfe", b"grant_type=%FF%FE", b"scope=patient%2F\xe9"])

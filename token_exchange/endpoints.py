@@ -232,8 +232,12 @@ def register_error_handlers(app):
     @app.errorhandler(HTTPException)
     def _http(exc):
         body = {"error": "invalid_request" if exc.code in (400, 405) else (exc.name or "error").lower().replace(" ", "_"),
-                "error_description": "Use POST with a form body." if exc.code == 405 else (exc.name or "Error")}
-        return json_response(exc.code or 500, body, [("Cache-Control", "no-store")])
+                "error_description": (f"Use {', '.join(exc.valid_methods or ['POST'])} here." if exc.code == 405
+                                      else (exc.name or "Error"))}
+        headers = [("Cache-Control", "no-store")]
+        if exc.code == 405:  # RFC 9110 §15.5.6: a 405 names the methods that are allowed
+            headers += [(k, v) for k, v in exc.get_headers() if k.lower() == "allow"]
+        return json_response(exc.code or 500, body, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc):
