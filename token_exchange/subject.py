@@ -31,6 +31,9 @@ class Presented:
     expires: int  # the earliest exp of the tokens presented
     opaque: bool = False
     audit: dict = field(default_factory=dict)
+    # The claims of the one token that supplied the patient (ID token, JWT access token,
+    # introspection answer or grant): patient matching reads identifiers from it alone.
+    patient_claims: dict | None = None
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -192,6 +195,7 @@ class TokenValidator:
         if source is None:
             patient = None  # several sources, none named: the patient is unknown
         p.patient, p.source = patient, source
+        p.patient_claims = None if patient is None else p.id_claims if id_patient is not None else p.claims
 
 
 def _check_id_token_shape(claims: dict, slot: str) -> None:
