@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 SIGNING_ALGS = ("RS256", "PS256", "ES256", "ES384")
 DEFAULT_ALG = "RS256"
 _CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
+# SMART Backend Services (client-confidential-asymmetric): assertions are RS384 or ES384,
+# so an RSA key signs them RS384 and a P-384 key ES384; a P-256 key cannot.
+BACKEND_SERVICES_ALGS = {"RS256": "RS384", "PS256": "RS384", "ES384": "ES384"}
 
 
 def generate(alg: str = DEFAULT_ALG) -> tuple[str, str, dict]:
@@ -53,6 +56,21 @@ class ActiveKey:
 
     def __repr__(self):
         return f"ActiveKey(kid={self.kid!r}, alg={self.alg!r})"
+
+    def client_assertion(self, client_id: str, token_endpoint: str, lifetime: int = 300) -> str:
+        """A private_key_jwt client assertion (RFC 7523 §2.2, §3) as SMART Backend
+        Services asks: iss = sub = client_id, aud = the token endpoint, exp at most
+        5 minutes ahead, a fresh jti, header kid and typ JWT; RS384 with an RSA key,
+        ES384 with a P-384 key. Built with Authlib's client-side helper; the private
+        key does not leave this object. ValueError for a key that cannot sign one."""
+        from authlib.oauth2.rfc7523 import private_key_jwt_sign
+        from joserfc.jwk import ECKey, RSAKey
+        alg = BACKEND_SERVICES_ALGS.get(self.alg)
+        if alg is None:
+            raise ValueError(f"a {self.alg} key cannot sign SMART Backend Services assertions (RS384 or ES384)")
+        key = (RSAKey if alg == "RS384" else ECKey).import_key(self._key)
+        return private_key_jwt_sign(key, client_id, token_endpoint, alg=alg, header={"kid": self.kid, "typ": "JWT"},
+                                    expires_in=min(lifetime, 300))
 
     def mint(self, claims: dict) -> str:
         """A compact JWS (RFC 7515 §7.1) signed with PyJWT's algorithm object."""
