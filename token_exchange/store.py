@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from . import keys as keymod
 from . import scopes
-from .models import (AdminEvent, AssertionJti, AuditEvent, Client, Generation, Issuer, PatientLink,
+from .models import (AdminEvent, AssertionJti, AuditEvent, Client, Generation, Issuer, MatchMemory, PatientLink,
                      Revocation, SigningKey, Target, Trust)
 from .sealing import SealError, unseal
 
@@ -154,6 +154,9 @@ class Store:
         self._checked = 0.0
         self._lock = threading.Lock()
         self._hot = _HotPath(engine)
+        dialect = engine.dialect
+        self._matched_at = (_LINKS.c.matched_at.type.dialect_impl(dialect).result_processor(dialect, None)
+                            or (lambda v: v))
 
     def close(self) -> None:
         """Release this thread's hot-path connection (shutdown, tests)."""
@@ -234,8 +237,11 @@ class Store:
     def find_link(self, source: str, patient: str, target_id: int):
         """(target_patient, origin, matched_at) or None: one indexed lookup (the
         (source, patient, target) unique index)."""
-        return self._hot.run(self._hot.find_link, {"source": source, "patient": patient, "target_id": target_id},
-                             fetch=True)
+        row = self._hot.run(self._hot.find_link, {"source": source, "patient": patient, "target_id": target_id},
+                            fetch=True)
+        if row is not None and row[2] is not None and not isinstance(row[2], datetime):
+            row = (row[0], row[1], self._matched_at(row[2]))  # SQLite's DBAPI gives the stored text
+        return row
 
     def record_audit(self, event: dict) -> None:
         """Committed before the caller answers: a token issued always has its record."""
@@ -303,6 +309,68 @@ class Store:
             q = q.where(AdminEvent.time >= since)
         with Session(self.engine) as s:
             return list(s.scalars(q))
+
+    # -- patient matching (contract, "Patient matching at the target") ---------------
+    def remembered_match(self, key: str) -> str | None:
+        """The outcome ("none" or "ambiguous") of a match remembered under key, while unexpired."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(MatchMemory.outcome).where(MatchMemory.key == key,
+                                                                  MatchMemory.expires > int(time.time()))).scalar()
+
+    def remember_match(self, key: str, outcome: str, seconds: int) -> None:
+        """Remember a match's outcome for every instance (an upsert), and sweep expired ones."""
+        now = int(time.time())
+        with self.engine.begin() as conn:
+            stmt = _dialect_insert(conn, MatchMemory).values(key=key, outcome=outcome, expires=now + seconds)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["key"],
+                                                    set_={"outcome": outcome, "expires": now + seconds}))
+            conn.execute(delete(MatchMemory).where(MatchMemory.expires <= now))
+
+    def store_matched_link(self, source: str, patient: str, target_id: int, target_patient: str, system: str,
+                           replace: bool, actor: str, detail: str) -> tuple:
+        """Store a matched link and return the row now stored as (target_patient, origin).
+        Insert if absent (ON CONFLICT DO NOTHING): of concurrent first matches one row
+        is stored and every caller reads it back; a table link or a block stored
+        meanwhile is never overwritten. ``replace``: a matched row (past its TTL) takes
+        the new outcome. A row written here is an admin event (not a configuration
+        change: the generation stays)."""
+        key = (PatientLink.source == source, PatientLink.patient == patient, PatientLink.target_id == target_id)
+        values = {"target_patient": target_patient, "system": system, "matched_at": utcnow()}
+        with self.engine.begin() as conn:
+            written = 0
+            if replace:
+                written = conn.execute(update(PatientLink).where(*key, PatientLink.origin == "matched")
+                                       .values(**values)).rowcount
+            if not written:
+                stmt = _dialect_insert(conn, PatientLink).values(source=source, patient=patient, target_id=target_id,
+                                                                 origin="matched", **values)
+                written = conn.execute(stmt.on_conflict_do_nothing(index_elements=["source", "patient", "target_id"])
+                                       .returning(PatientLink.id)).first() is not None
+            if written:
+                conn.execute(insert(AdminEvent).values(time=utcnow(), actor=actor, action="link.match",
+                                                       detail=detail))
+            row = conn.execute(select(PatientLink.target_patient, PatientLink.origin).where(*key)).first()
+        return (row[0], row[1]) if row is not None else (None, "removed")
+
+    def drop_matched_link(self, source: str, patient: str, target_id: int, matched_before, actor: str,
+                          detail: str) -> None:
+        """Delete a matched link (a rematch found none or several), only one matched
+        before ``matched_before`` when given, so a fresh match by another instance
+        stays. A link deleted here is an admin event."""
+        cond = [PatientLink.source == source, PatientLink.patient == patient, PatientLink.target_id == target_id,
+                PatientLink.origin == "matched"]
+        if matched_before is not None:
+            cond.append((PatientLink.matched_at < matched_before) | PatientLink.matched_at.is_(None))
+        with self.engine.begin() as conn:
+            if conn.execute(delete(PatientLink).where(*cond)).rowcount:
+                conn.execute(insert(AdminEvent).values(time=utcnow(), actor=actor, action="link.unmatch",
+                                                       detail=detail))
+
+    def record_admin_event(self, actor: str, action: str, detail: str) -> None:
+        """An admin event for something the service did itself (a search token minted):
+        recorded, committed, without bumping the configuration generation."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(AdminEvent).values(time=utcnow(), actor=actor, action=action, detail=detail))
 
     # -- admin changes (the CLI) --------------------------------------------
     def session(self) -> Session:
@@ -420,6 +488,15 @@ class _HotPath:
                     pass
                 if attempt == 2:
                     raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
+
+
+def _dialect_insert(conn, model):
+    """The dialect's own INSERT (PostgreSQL, SQLite), which has ON CONFLICT."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(model)
 
 
 @dataclass(frozen=True)
