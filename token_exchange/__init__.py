@@ -23,12 +23,14 @@ def create_app(settings=None, env=None):
     from .client_auth import ClientJWKS, PrivateKeyJWT
     from .db import make_engine
     from .issuers import JWKSCache
+    from .matching import PatientMapper, make_matcher
     from .metrics import Metrics
     from .server import TokenExchangeServer
     from .settings import Settings
     from .shared import Accelerator
     from .store import Store
     from .subject import TokenValidator
+    from .upstream import Upstream
 
     app = Flask(__name__)
     settings = settings or Settings.from_env(env)
@@ -41,7 +43,10 @@ def create_app(settings=None, env=None):
     jwks_cache = JWKSCache(settings, http, metrics)
     validator = TokenValidator(jwks_cache, http, settings)
     assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, http))
-    server = TokenExchangeServer(settings, store, validator, assertion_method=assertion, metrics=metrics)
+    upstream = Upstream(settings, metrics)  # every outbound call: deadline, size cap, no cookies
+    patients = PatientMapper(store, make_matcher(settings, store, upstream, metrics))
+    server = TokenExchangeServer(settings, store, validator, assertion_method=assertion, metrics=metrics,
+                                 patients=patients)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["token_exchange"] = Extension(settings, engine, store, server, metrics, jwks_cache)
     app.register_blueprint(endpoints.bp)
