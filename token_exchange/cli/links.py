@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 
 from ..models import PatientLink, Target
 from ..store import Store
-from .common import Fail, check_id, cli, commit, emit, get_target, iso, json_option, pass_ctx, printable, url_arg
+from .common import (Fail, check_id, cli, commit, emit, get_target, iso, json_option, pass_ctx, printable, show,
+                     url_arg)
 
 ORIGINS = ("table", "matched", "blocked")
 LINK_HEADER = ["source", "patient", "target", "target_patient"]
@@ -330,3 +331,68 @@ def link_list(ctx, source, target_ref, origin, as_json):
             d["matched_at"] = iso(d["matched_at"])
             rows.append(d)
     emit(rows, as_json, LINK_HEADER + ["origin"])
+
+
+# -- match --------------------------------------------------------------------------
+@link.command("match")
+@_which
+@click.option("--identifier", "identifiers", multiple=True, metavar="SYSTEM|VALUE",
+              help="An identifier of the patient to search the target for (repeatable). Default: the "
+                   "identifiers of the source Patient, read at the EHR (issuer --fhir-client-id).")
+@click.option("--dry-run", is_flag=True, help="Search, but store nothing (no link, no remembered outcome).")
+@json_option
+@pass_ctx
+def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
+    """Match a source patient at a target now, by identifier, as an exchange would
+    (ignoring the 10-minute memory of no or several matches), and print the decision
+    and the target patient id. Exits 0 for any decision, 1 when the target or the
+    EHR cannot be asked. A table link or a block is left as it is; a matched link
+    takes the new outcome."""
+    from ..fhir_client import FHIRUnavailable
+    from ..matching import make_matcher, usable_identifiers
+    from ..upstream import Upstream
+    url_arg(source, "--source")
+    check_id(patient, "--patient")
+    cfg = ctx.store.config()
+    with ctx.store.session() as s:
+        t = get_target(s, target_ref)
+        row = _existing(s, source, patient, t.id)
+        origin, stored_patient = (row.origin, row.target_patient) if row is not None else (None, None)
+    target = cfg.targets_by_id[t.id]
+    issuers = [i for i in cfg.issuers.values() if source in i.sources]
+    if not issuers:
+        raise Fail(f"no issuer may vouch for source {printable(source)} (issuer add|update --source)")
+    if not target.match_identifiers:
+        raise Fail(f"target {printable(target.base_url)} is not set up for matching: "
+                   "`target update ... --match-identifier SYSTEM`")
+    given = list(identifiers) or None
+    if given:
+        allowed = set(target.match_identifiers) & {s for i in issuers for s in i.identifier_systems}
+        for raw in given:
+            system, sep, value = raw.partition("|")
+            if not sep or not system or not value:
+                raise Fail(f"--identifier must be SYSTEM|VALUE: {printable(raw)!r}")
+            if system not in allowed:
+                raise Fail(f"--identifier system {printable(system)!r} is not one the issuer of {printable(source)} "
+                           f"vouches for (--identifier-system) and the target lists (--match-identifier)")
+            if not usable_identifiers([raw], allowed):
+                raise Fail(f"--identifier value for {printable(system)} must be 1-128 characters without "
+                           "control characters")
+    elif not any(i.fhir_client_id for i in issuers):
+        raise Fail(f"give --identifier SYSTEM|VALUE: no issuer of {printable(source)} has --fhir-client-id to "
+                   "read the source Patient's identifiers")
+    result = {"source": source, "patient": patient, "target": target.base_url}
+    if origin in ("table", "blocked"):
+        result.update(decision=origin, target_patient=stored_patient, system=None, searched=[], stored=False,
+                      detail="a table link always wins" if origin == "table" else "an admin blocked matching "
+                             "this patient at this target (`link remove` lifts the block)")
+    else:
+        matcher = make_matcher(ctx.settings, ctx.store, Upstream(ctx.settings))
+        try:
+            d = matcher.run(cfg, issuers, target, source, patient, given=given, stale=origin == "matched",
+                            store=not dry_run, memory=False, replace_any=True, actor=ctx.actor)
+        except FHIRUnavailable as e:
+            raise Fail(f"could not ask {printable(str(e))}; nothing stored") from None
+        result.update(decision=d.outcome, target_patient=d.target_patient, system=d.system,
+                      searched=list(d.searched), stored=d.stored, detail=d.explain)
+    show(result, as_json)
