@@ -54,8 +54,11 @@ def audit_event(e: dict, service: str) -> dict:
     if e.get("source_patient"):
         entities.append(_patient(e.get("issuer") or "urn:unknown", e["source_patient"], "source patient"))
     if e.get("target_patient"):
-        entities.append(_patient(e.get("target") or "urn:unknown", e["target_patient"], "target patient"))
+        mapped = f" (mapped by a {e['link']} link)" if e.get("link") else ""
+        entities.append(_patient(e.get("target") or "urn:unknown", e["target_patient"], "target patient" + mapped))
     detail = [{"type": k, "valueString": e[k]} for k in ("scope_requested", "scope_granted", "target") if e.get(k)]
+    if e.get("link"):  # how the patient was mapped: table, matched, matched-stored, none, ambiguous, unavailable
+        detail.append({"type": "patient-mapping", "valueString": e["link"]})
     if detail:
         entities.append({"type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                          "what": {"display": "token request"}, "detail": detail})
