@@ -48,6 +48,7 @@ class FakeEHR:
         self.jwks_hits = 0
         self.down = False
         self.hang = 0.0
+        self.backend = BackendServicesEHR(self)  # SMART Backend Services token endpoint and Patient reads
         ehr = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,6 +72,8 @@ class FakeEHR:
                 return True
 
             def do_GET(self):
+                if ehr.backend.handle(self, "GET"):
+                    return
                 path = self.path.split("?")[0]
                 if path == f"/{name}/jwks":
                     ehr.jwks_hits += 1
@@ -83,6 +86,8 @@ class FakeEHR:
                 self._send(404, {"error": "not found"})
 
             def do_POST(self):
+                if ehr.backend.handle(self, "POST"):
+                    return
                 if not self._gate():
                     return
                 n = int(self.headers.get("Content-Length") or 0)
@@ -140,6 +145,219 @@ class FakeEHR:
         return self.sign(self.id_claims(**kw))
 
     def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class BackendServicesEHR:
+    """The EHR side of SMART Backend Services, for FakeEHR: a token endpoint
+    (`{issuer}/token`, client_credentials with a private_key_jwt assertion checked
+    against `client_jwks`, the service's JWKS: kid, RS384/ES384, iss = sub =
+    `client_id`, aud = the token endpoint, exp at most 5 minutes ahead, jti once)
+    and a FHIR Patient read (`{issuer}/fhir/Patient/{id}`) that needs a token it
+    issued. `patients` holds the Patients; `token_fault` / `read_fault` make the token
+    endpoint / the read answer that HTTP status instead. Records `token_requests` (the assertion's header and claims, or the error) and
+    `reads` (path, token accepted)."""
+
+    def __init__(self, ehr):
+        self.ehr = ehr
+        self.fhir_base = ehr.issuer + "/fhir"
+        self.token_endpoint = ehr.issuer + "/token"
+        self.client_id = None
+        self.client_jwks = None  # a JWKS dict, or a function returning one
+        self.lifetime = 300
+        self.token_fault = self.read_fault = None
+        self.patients = {}
+        self.issued = {}  # access token -> exp
+        self.jtis = set()
+        self.token_requests, self.reads = [], []
+
+    def reset(self):
+        self.__init__(self.ehr)
+
+    def handle(self, h, method) -> bool:
+        path = h.path.split("?")[0]
+        if method == "POST" and path == f"/{self.ehr.name}/token":
+            n = int(h.headers.get("Content-Length") or 0)
+            form = {k: v[0] for k, v in parse_qs(h.rfile.read(n).decode()).items()}
+            status, body = self._token(form)
+        elif method == "GET" and path.startswith(f"/{self.ehr.name}/fhir/Patient/"):
+            status, body = self._read(h, path.rsplit("/", 1)[1])
+        else:
+            return False
+        data = json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json" if "error" in body else "application/fhir+json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+        return True
+
+    def _token(self, form):
+        if self.token_fault:
+            return self.token_fault, {"error": "temporarily_unavailable"}
+        try:
+            header, claims = self._check_assertion(form)
+        except ValueError as e:
+            self.token_requests.append({"error": str(e)})
+            return 401, {"error": "invalid_client", "error_description": str(e)}
+        self.token_requests.append({"header": header, "claims": claims, "scope": form.get("scope")})
+        token = uuid.uuid4().hex
+        self.issued[token] = time.time() + self.lifetime
+        return 200, {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime,
+                     "scope": form.get("scope")}
+
+    def _check_assertion(self, form):
+        if form.get("grant_type") != "client_credentials":
+            raise ValueError("grant_type must be client_credentials")
+        if form.get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
+            raise ValueError("client_assertion_type")
+        assertion = form.get("client_assertion") or ""
+        header = jwt.get_unverified_header(assertion)
+        if header.get("alg") not in ("RS384", "ES384"):
+            raise ValueError(f"alg {header.get('alg')} is not RS384 or ES384")
+        jwks = self.client_jwks() if callable(self.client_jwks) else self.client_jwks
+        keys = [k for k in (jwks or {}).get("keys", []) if k.get("kid") == header.get("kid")]
+        if len(keys) != 1:
+            raise ValueError("no key with that kid in the client's JWKS")
+        key = jwt.PyJWK(keys[0]).key  # the JWK names its signing alg; Backend Services use the key with *384
+        try:
+            claims = jwt.decode(assertion, key, algorithms=[header["alg"]], audience=self.token_endpoint,
+                                issuer=self.client_id, options={"require": ["exp", "jti", "sub", "iss", "aud"]})
+        except jwt.PyJWTError as e:
+            raise ValueError(f"assertion: {e}") from None
+        if claims["sub"] != self.client_id or claims["exp"] > time.time() + 300 or claims["jti"] in self.jtis:
+            raise ValueError("sub, exp or jti")
+        self.jtis.add(claims["jti"])
+        return header, claims
+
+    def _read(self, h, pid):
+        if self.read_fault:
+            self.reads.append({"path": h.path, "authorized": None})
+            return self.read_fault, {"resourceType": "OperationOutcome", "issue": []}
+        auth = h.headers.get("Authorization") or ""
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        ok = token in self.issued and self.issued[token] > time.time()
+        self.reads.append({"path": h.path, "authorized": ok})
+        if not ok:
+            return 401, {"resourceType": "OperationOutcome", "issue": []}
+        if pid not in self.patients:
+            return 404, {"resourceType": "OperationOutcome", "issue": []}
+        return 200, self.patients[pid]
+
+
+def fhir_unescape_split(token: str) -> tuple:
+    """A FHIR token parameter `system|value` (R4 3.1.1.5.7 escapes) -> (system, value)."""
+    parts, cur, i = [], "", 0
+    while i < len(token):
+        c = token[i]
+        if c == "\\" and i + 1 < len(token):
+            cur += token[i + 1]
+            i += 2
+            continue
+        if c == "|" and not parts:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    parts.append(cur)
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+class FakeFHIR:
+    """A target FHIR server's Patient search, faked for what a real one may do
+    wrong. Searches `patients` by exact system and value (the value FHIR-unescaped).
+    `fault`: None, an HTTP status (an OperationOutcome; with 429, `retry_after` as
+    Retry-After), "hang" (no answer until `release()`, at most 30 s), "garbage"
+    (not JSON), "not-searchset" (a Bundle of another type). `reply(system, value)`,
+    when set, gives the Bundle instead. `gate`, a threading.Barrier, holds each
+    search until that many have arrived (simultaneous exchanges). Records every
+    request in `searches`: path, the identifier's (system, value), headers, token."""
+
+    def __init__(self):
+        self.patients = []
+        self.fault = None
+        self.retry_after = None
+        self.reply = None
+        self.gate = None
+        self.searches = []
+        self.arrived = threading.Event()  # set when a search arrives (before any hang)
+        self._release = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, data: bytes, headers=()):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def do_GET(self):
+                from urllib.parse import urlsplit
+                parts = urlsplit(self.path)
+                q = parse_qs(parts.query)
+                ident = (q.get("identifier") or [""])[0]
+                auth = self.headers.get("Authorization") or ""
+                fake.searches.append({"path": self.path, "identifier": fhir_unescape_split(ident),
+                                      "count": (q.get("_count") or [None])[0], "headers": dict(self.headers),
+                                      "token": auth[7:] if auth.startswith("Bearer ") else None})
+                fake.arrived.set()
+                if fake.gate is not None:
+                    fake.gate.wait(timeout=30)
+                if fake.fault == "hang":
+                    fake._release.wait(timeout=30)
+                    return
+                if isinstance(fake.fault, int):
+                    headers = [("Retry-After", fake.retry_after)] if fake.retry_after else []
+                    return self._send(fake.fault, json.dumps({"resourceType": "OperationOutcome",
+                                                              "issue": []}).encode(), headers)
+                if fake.fault == "garbage":
+                    return self._send(200, b"<html>not FHIR</html>")
+                if parts.path != "/fhir/Patient":
+                    return self._send(404, b"{}")
+                system, value = fhir_unescape_split(ident)
+                if fake.reply is not None:
+                    bundle = fake.reply(system, value)
+                else:
+                    hits = [p for p in fake.patients
+                            if any(i.get("system") == system and i.get("value") == value
+                                   for i in p.get("identifier", []))]
+                    bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(hits),
+                              "link": [{"relation": "self", "url": fake.base + self.path[5:]}]}
+                    if hits:
+                        bundle["entry"] = [{"fullUrl": f"{fake.base}/Patient/{p['id']}", "resource": p,
+                                            "search": {"mode": "match"}} for p in hits[:2]]
+                    if len(hits) > 2:
+                        bundle["link"].append({"relation": "next", "url": fake.base + "/Patient?page=2"})
+                if fake.fault == "not-searchset":
+                    bundle["type"] = "collection"
+                self._send(200, json.dumps(bundle).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def add(self, pid, *identifiers, **extra):
+        """A Patient with these (system, value) identifiers."""
+        self.patients.append({"resourceType": "Patient", "id": pid,
+                              "identifier": [{"system": s, "value": v} for s, v in identifiers], **extra})
+
+    def release(self):
+        self._release.set()
+
+    def stop(self):
+        self.release()
         self.httpd.shutdown()
         self.httpd.server_close()
 
