@@ -155,7 +155,8 @@ class BackendServicesEHR:
     against `client_jwks`, the service's JWKS: kid, RS384/ES384, iss = sub =
     `client_id`, aud = the token endpoint, exp at most 5 minutes ahead, jti once)
     and a FHIR Patient read (`{issuer}/fhir/Patient/{id}`) that needs a token it
-    issued. `patients` holds the Patients; `token_fault` / `read_fault` make the token
+    issued (tokens are opaque, or JWTs signed by the EHR for `audience`, e.g. a
+    Medplum server playing the EHR's FHIR server). `patients` holds the Patients; `token_fault` / `read_fault` make the token
     endpoint / the read answer that HTTP status instead. Records `token_requests` (the assertion's header and claims, or the error) and
     `reads` (path, token accepted)."""
 
@@ -166,6 +167,7 @@ class BackendServicesEHR:
         self.client_id = None
         self.client_jwks = None  # a JWKS dict, or a function returning one
         self.lifetime = 300
+        self.audience = None  # set: access tokens are JWTs for this audience, else opaque
         self.token_fault = self.read_fault = None
         self.patients = {}
         self.issued = {}  # access token -> exp
@@ -203,6 +205,11 @@ class BackendServicesEHR:
             return 401, {"error": "invalid_client", "error_description": str(e)}
         self.token_requests.append({"header": header, "claims": claims, "scope": form.get("scope")})
         token = uuid.uuid4().hex
+        if self.audience:  # an RFC 9068 JWT for a real resource server (the EHR's FHIR server)
+            now = int(time.time())
+            token = self.ehr.sign({"iss": self.ehr.issuer, "sub": self.client_id, "client_id": self.client_id,
+                                   "aud": self.audience, "scope": form.get("scope"), "iat": now,
+                                   "exp": now + self.lifetime, "jti": token}, headers={"typ": "at+jwt"})
         self.issued[token] = time.time() + self.lifetime
         return 200, {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime,
                      "scope": form.get("scope")}

@@ -733,3 +733,54 @@ def test_the_fhir_audit_export_shows_how_the_patient_was_mapped(swap, fhir, matc
     details = {d["type"]: d["valueString"] for ent in ev["entity"] for d in ent.get("detail", [])}
     assert details["patient-mapping"] == "matched"
     assert any(ent.get("description") == "target patient (mapped by a matched link)" for ent in ev["entity"])
+
+
+@pytest.mark.xfail(strict=True, reason="needs `serve` on threaded workers (branch hardening, not merged yet): a sync "
+                                      "worker answers nothing while its one request waits; remove this mark then")
+def test_jwks_and_discovery_answer_at_once_while_an_exchange_waits_on_a_slow_target(matching, fhir, ehr, env,
+                                                                                     tmp_path):
+    """Under `token-exchange serve` with one worker: a target fetching the keys to verify
+    the search token must never wait behind the exchange that is searching it."""
+    import os
+    import signal
+    import subprocess
+
+    import requests
+
+    from test_scaleout import BIN
+    fhir.fault = "hang"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "token-exchange"), "serve", "--port", str(port), "--workers", "1"],
+                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)  # polling the start
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(requests.post(
+            base + "/token", auth=("vendor", VENDOR_SECRET), timeout=30, data={
+                "grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                "actor_token": ehr.id_token(patient_identifier=[f"{SSN}|1"]), "actor_token_type": IDT,
+                "resource": fhir.base, "scope": "patient/Observation.rs"})))
+        waiting.start()
+        assert fhir.arrived.wait(20), "the exchange never searched"
+        for path in ("/jwks", "/.well-known/oauth-authorization-server", "/.well-known/smart-configuration"):
+            started = time.monotonic()
+            r = requests.get(base + path, timeout=3)
+            assert r.status_code == 200 and time.monotonic() - started < 2, path
+        assert waiting.is_alive()  # the exchange was still waiting on the target all along
+        fhir.release()
+        waiting.join(30)
+        assert answers[0].status_code == 503 and answers[0].json()["error"] == "temporarily_unavailable"
+    finally:
+        fhir.release()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
