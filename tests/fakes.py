@@ -156,9 +156,10 @@ class BackendServicesEHR:
     `client_id`, aud = the token endpoint, exp at most 5 minutes ahead, jti once)
     and a FHIR Patient read (`{issuer}/fhir/Patient/{id}`) that needs a token it
     issued (tokens are opaque, or JWTs signed by the EHR for `audience`, e.g. a
-    Medplum server playing the EHR's FHIR server). `patients` holds the Patients; `token_fault` / `read_fault` make the token
-    endpoint / the read answer that HTTP status instead. Records `token_requests` (the assertion's header and claims, or the error) and
-    `reads` (path, token accepted)."""
+    Medplum server playing the EHR's FHIR server). `patients` holds the Patients;
+    `token_fault` / `read_fault` make the token endpoint / the read answer that HTTP
+    status instead. Records `token_requests` (the assertion's header and claims, or
+    the error) and `reads` (path, token accepted)."""
 
     def __init__(self, ehr):
         self.ehr = ehr

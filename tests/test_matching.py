@@ -187,6 +187,8 @@ def test_the_memory_is_shared_by_instances_through_the_database(swap, fhir, matc
 
 def test_the_memory_lasts_ten_minutes(swap, fhir, matching, env):
     swap(ssn())
+    swap(ssn())
+    assert len(fhir.searches) == 1
     engine = make_engine(env["TOKEN_EXCHANGE_DATABASE_URL"])
     with engine.begin() as conn:
         (expires,) = conn.execute(text("SELECT expires FROM match_memory")).one()
