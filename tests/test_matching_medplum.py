@@ -44,15 +44,21 @@ class ServedApp:
 
 
 @pytest.fixture(scope="module")
-def served():
-    s = ServedApp()
-    yield s
-    s.stop()
+def servers():
+    """One served app per database backend: each backend's template holds its own
+    signing key, and Medplum, like any resource server, caches the JWKS it fetched
+    (refetching an unknown kid at most every 30 s), so each backend gets its own
+    JWKS URL and its own Medplum server."""
+    running = {}
+    yield running
+    for s in running.values():
+        s.stop()
 
 
 @pytest.fixture
-def service(served, env, world):
+def service(servers, env, world):
     from token_exchange import create_app
+    served = servers.setdefault(env["TOKEN_EXCHANGE_DATABASE_URL"].split(":", 1)[0], ServedApp())
     served.app = create_app(env=env)
     yield served
     served.app.extensions["token_exchange"].store.close()
@@ -61,9 +67,9 @@ def service(served, env, world):
 
 
 @pytest.fixture
-def medplum(fhir_server_factory, served):
+def medplum(fhir_server_factory, service):
     """The target: trusts tokens from this service (iss) verified with its /jwks over HTTP."""
-    return fhir_server_factory(jwks_url=served.url + "/jwks", issuer=SERVICE)
+    return fhir_server_factory(jwks_url=service.url + "/jwks", issuer=SERVICE)
 
 
 @pytest.fixture
