@@ -493,6 +493,16 @@ def test_a_429_passes_the_target_s_retry_after_on(swap, fhir):
     assert r.headers["Retry-After"] == "120"
 
 
+def test_retry_after_reads_seconds_or_an_http_date_within_bounds():
+    from datetime import datetime, timezone
+    from email.utils import format_datetime
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=600), usegmt=True)
+    assert fhir_client.retry_after("120") == 120
+    assert 590 <= fhir_client.retry_after(later) <= 600
+    assert fhir_client.retry_after("0") == 1 and fhir_client.retry_after("9" * 40) == 3600
+    assert fhir_client.retry_after(None) == fhir_client.retry_after("soon") == fhir_client.retry_after("-5") == 30
+
+
 def test_a_target_that_is_down_is_503(swap, matching, ehr, lines):
     down = f"http://127.0.0.1:{free_port()}/fhir"
     matching("target", "add", down, "--match-identifier", SSN)
