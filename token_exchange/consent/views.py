@@ -383,10 +383,11 @@ def approve():
     key, data, row = _flow()
     cfg, client, issuer, target, trust = _context(row)
     durations = _durations(trust)
+    _allow_form_action(data.get("redirect_uri"))  # Allow and Deny end at the app's redirect URI
     return _render("consent/approve.html", app=_app_name(client), client_id=client.client_id, target=target,
                    patient=row.patient, source=row.source, phrases=words.describe(row.scopes),
                    durations=durations, default=30 if 30 in durations else durations[-1], csrf=data["csrf"],
-                   user=data["user"])
+                   user=data["user"], manage_url=_ext().settings.issuer + "/consent")
 
 
 @bp.post("/approve")
