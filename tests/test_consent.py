@@ -540,7 +540,8 @@ def test_id_token_with_a_wrong_nonce_is_refused(chttp, op, cli):
     assert r.status_code == 400 and consents(cli) == []
 
 
-@pytest.mark.parametrize("claims", [{"aud": ["someone-else"]}, {"iss": "http://evil.example"},
+@pytest.mark.parametrize("claims", [{"aud": ["someone-else"]}, {"aud": ["someone-else"], "azp": LOGIN_CLIENT},
+                                    {"iss": "http://evil.example"}, {"azp": "someone-else"},
                                     {"aud": [LOGIN_CLIENT, "someone-else"]}, {"exp": 1}])
 def test_id_token_with_wrong_claims_is_refused(chttp, op, cli, claims):
     uri = consent_uri_of(exchange(chttp, op))
