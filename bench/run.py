@@ -10,7 +10,7 @@ What it does (see bench/README.md):
 2. Distinct RS256-signed (access token, ID token) pairs, more than a run can
    send, in one file per round plus a separate warm-up file, so no cache of
    verified tokens can help. Many patients, all linked.
-3. Alternating runs of the floor app (/work/shared/bench/floor_app.py) and the
+3. Alternating runs of the floor app (bench/floor_app.py) and the
    service, each under `gunicorn -w 2`, driven with wrk at 16 connections after
    a short warm-up: exchanges/s, p50/p99 latency, non-2xx count, peak RSS per
    worker. The headline is service / floor; both are also set against the
@@ -66,7 +66,7 @@ BENCH = ROOT / "bench"
 OUT = BENCH / "out"
 LUA = BENCH / "token.lua"
 BIN = VENV / "bin"
-FLOOR_DIR = Path("/work/shared/bench")
+FLOOR_DIR = Path(__file__).resolve().parent  # bench/floor_app.py: a byte-identical copy of the shared floor app
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 AT = "urn:ietf:params:oauth:token-type:access_token"
@@ -765,7 +765,7 @@ def report(info, args, command, crypto, runs, discarded, summaries, imports, che
       f"Request: `POST /token`, form {TE} with subject_token (access token), actor_token (ID token, "
       f"`{IDT}`), resource={TARGET}, scope={REQ_SCOPE}.")
     w("- Service: `gunicorn -w 2 -b 127.0.0.1:PORT wsgi:app` (cwd the project, with the two env vars). "
-      "Floor: `gunicorn -w 2 -b 127.0.0.1:PORT --chdir /work/shared/bench floor_app:app` with "
+      "Floor: `gunicorn -w 2 -b 127.0.0.1:PORT --chdir bench floor_app:app` with "
       "`FLOOR_EHR_PEM`. Same bodies, same wrk script (`bench/token.lua`).")
     w("")
     w("## Checks\n")

@@ -573,11 +573,16 @@ def test_tokens_minted_here_are_not_accepted_as_subject_tokens(exchange):
 def test_metrics_count_exchanges_by_outcome_and_error(exchange, http):
     exchange()
     exchange(resource="https://unknown.example/fhir")
+    from prometheus_client.parser import text_string_to_metric_families
     text = http.get("/metrics").get_data(as_text=True)
-    assert 'token_exchange_requests_total{outcome="granted",error=""} 1' in text
-    assert 'token_exchange_requests_total{outcome="refused",error="invalid_target"} 1' in text
-    assert "token_exchange_request_seconds_count 2" in text
-    assert "token_exchange_jwks_fetches_total" in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("token_exchange_requests_total", (("error", ""), ("outcome", "granted")))] == 1
+    assert samples[("token_exchange_requests_total", (("error", "invalid_target"), ("outcome", "refused")))] == 1
+    assert samples[("token_exchange_request_seconds_count", ())] == 2
+    assert ("token_exchange_jwks_fetches_total", ()) in samples
+    for name in ("token_exchange_requests", "token_exchange_request_seconds", "token_exchange_jwks_fetches"):
+        assert f"# HELP {name}" in text and f"# TYPE {name}" in text
 
 
 def test_logs_are_json_with_request_id_and_never_a_token_or_secret(exchange, ehr):
@@ -656,10 +661,13 @@ def test_unsigned_jwt_with_empty_signature_is_refused_locally(exchange, ehr):
     assert ehr.introspection_auth == []  # never sent to the EHR as if opaque
 
 
-def test_get_on_token_endpoint_is_json_no_store(http):
+def test_get_on_token_endpoint_is_json_no_store_and_names_the_allowed_methods(http):
     r = http.get("/token")
     assert r.status_code == 405 and r.headers["Cache-Control"] == "no-store"
     assert r.get_json()["error"] == "invalid_request"
+    assert "POST" in r.headers["Allow"] and "POST" in r.get_json()["error_description"]
+    r = http.post("/jwks")
+    assert r.status_code == 405 and "GET" in r.headers["Allow"]
 
 
 @pytest.mark.parametrize("body", [b"grant_type=\xff\xfe", b"grant_type=%FF%FE", b"scope=patient%2F\xe9"])

@@ -49,7 +49,7 @@ class AuthClient:
         return method in SECRET_METHODS
 
     def check_grant_type(self, grant_type: str) -> bool:
-        return grant_type == urns.TOKEN_EXCHANGE
+        return grant_type in (urns.TOKEN_EXCHANGE, urns.JWT_BEARER)
 
 
 def parse_basic(header: str) -> tuple[str, str]:

@@ -6,7 +6,15 @@ from pathlib import Path
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+def _migrations() -> Path:
+    """The Alembic scripts: inside the package when installed from a wheel, else the
+    source tree's top-level migrations/ (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "migrations"
+    return shipped if (shipped / "env.py").is_file() else here.parent / "migrations"
+
+
+MIGRATIONS = _migrations()
 
 
 def normalize_url(url: str) -> str:

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import keys, lifecycle, urns
 from .errors import InvalidRequest, OAuth2Error, RequestTooLarge, TemporarilyUnavailable
+from .metrics import CONTENT_TYPE
 from .server import TokenRequest
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,14 @@ def jwks():
     return resp
 
 
+def _grant_types():
+    """Token exchange always; the JWT authorization grant only while some trust allows it."""
+    grants = [urns.TOKEN_EXCHANGE]
+    if _ext().store.config().any_jwt_grant_trust:
+        grants.append(urns.JWT_BEARER)
+    return grants
+
+
 def _metadata():
     s = _ext().settings
     base = s.issuer
@@ -141,7 +150,7 @@ def _metadata():
         "jwks_uri": base + "/jwks",
         "introspection_endpoint": base + "/introspect",
         "revocation_endpoint": base + "/revoke",
-        "grant_types_supported": [urns.TOKEN_EXCHANGE],
+        "grant_types_supported": _grant_types(),
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": list(urns.CLIENT_ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
@@ -195,7 +204,7 @@ def metrics():
     ext = _ext()
     if not ext.settings.metrics:
         return json_response(404, {"error": "not_found"})
-    return Response(ext.metrics.render(), mimetype="text/plain; version=0.0.4")
+    return Response(ext.metrics.render(), content_type=CONTENT_TYPE)
 
 
 def register_request_ids(app):
@@ -223,8 +232,12 @@ def register_error_handlers(app):
     @app.errorhandler(HTTPException)
     def _http(exc):
         body = {"error": "invalid_request" if exc.code in (400, 405) else (exc.name or "error").lower().replace(" ", "_"),
-                "error_description": "Use POST with a form body." if exc.code == 405 else (exc.name or "Error")}
-        return json_response(exc.code or 500, body, [("Cache-Control", "no-store")])
+                "error_description": (f"Use {', '.join(exc.valid_methods or ['POST'])} here." if exc.code == 405
+                                      else (exc.name or "Error"))}
+        headers = [("Cache-Control", "no-store")]
+        if exc.code == 405:  # RFC 9110 §15.5.6: a 405 names the methods that are allowed
+            headers += [(k, v) for k, v in exc.get_headers() if k.lower() == "allow"]
+        return json_response(exc.code or 500, body, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc):

@@ -40,14 +40,20 @@ def current_request_id():
 
 
 class JSONFormatter(logging.Formatter):
+    """One JSON object per line. The timestamp text is made once per second, not per line."""
+    _second, _stamp = None, None
+
     def format(self, record):
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        out = {"time": self._stamp, "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
         rid = current_request_id()
         if rid:
             out["request_id"] = rid
         for k, v in record.__dict__.items():
-            if k not in _STD and not k.startswith("_"):
+            if k not in _STD and k[0] != "_":
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info).splitlines()[-1]

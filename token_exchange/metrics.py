@@ -1,55 +1,65 @@
-"""In-process counters and a latency histogram, rendered as Prometheus text.
+"""Prometheus metrics with prometheus_client, summed over every worker.
 
-Each worker counts its own; Prometheus sums workers' series (one scrape per
-worker behind the load balancer, or gunicorn with one worker per container).
+Under `token-exchange serve` the workers share one port, so a scrape reaches any
+one of them: each worker writes its counts to memory-mapped files in a directory
+the server owns (prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR),
+and every scrape reports the sum over all workers, those that exited included, so
+counters never go backwards while the service runs. Without that directory (one
+process, or a WSGI server started by hand), the process's own registry is used.
 """
 from __future__ import annotations
 
-import bisect
-import threading
-from collections import Counter
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# name -> help: counters of things that happened outside the decisions.
+EVENTS = {
+    "jwks_fetches": "Successful fetches of an issuer's or a client's JWKS.",
+    "jwks_fetch_failures": "Failed fetches of an issuer's or a client's JWKS.",
+    "upstream_failures": "Outbound calls (EHR, vendor or FHIR server) without a usable answer.",
+    "db_errors": "Requests answered 503 because the database could not be used.",
+    "match_searches": "Patient searches at a target FHIR server.",
+    "match_failures": "Patient matching that could not ask the target or the EHR (answered 503).",
+}
 
 
 class Metrics:
+    """The service's metrics. Each Metrics owns its registry, so several apps in one
+    process (tests) never share series."""
+
     def __init__(self):
-        self._lock = threading.Lock()
-        self.exchanges = Counter()  # (outcome, error) -> n
-        self.counters = Counter()
-        self.latency = [0] * (len(BUCKETS) + 1)
-        self.latency_sum = 0.0
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        registry = CollectorRegistry(auto_describe=True)
+        self._registry = registry
+        self._decisions = Counter("token_exchange_requests", "Token endpoint decisions by outcome and error code.",
+                                  ["outcome", "error"], registry=registry)
+        self._latency = Histogram("token_exchange_request_seconds", "Token endpoint latency.", buckets=BUCKETS,
+                                  registry=registry)
+        self._events = {name: Counter(f"token_exchange_{name}", help_, registry=registry)
+                        for name, help_ in EVENTS.items()}
+        self._by_decision = {}  # (outcome, error) -> the labelled child, looked up once
 
     def exchange(self, outcome, error):
-        with self._lock:
-            self.exchanges[(outcome, error or "")] += 1
+        key = (outcome, error or "")
+        child = self._by_decision.get(key)
+        if child is None:
+            child = self._by_decision[key] = self._decisions.labels(*key)
+        child.inc()
 
     def inc(self, name, n=1):
-        with self._lock:
-            self.counters[name] += n
+        self._events[name].inc(n)
 
     def observe(self, seconds):
-        with self._lock:
-            self.latency[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
-            self.latency_sum += seconds
+        self._latency.observe(seconds)
 
-    def render(self) -> str:
-        with self._lock:
-            lines = ["# HELP token_exchange_requests_total Token exchange decisions by outcome and error code.",
-                     "# TYPE token_exchange_requests_total counter"]
-            for (outcome, error), n in sorted(self.exchanges.items()):
-                lines.append(f'token_exchange_requests_total{{outcome="{outcome}",error="{error}"}} {n}')
-            lines += ["# HELP token_exchange_request_seconds Token endpoint latency.",
-                      "# TYPE token_exchange_request_seconds histogram"]
-            cum = 0
-            for b, n in zip(BUCKETS, self.latency):
-                cum += n
-                lines.append(f'token_exchange_request_seconds_bucket{{le="{b}"}} {cum}')
-            cum += self.latency[-1]
-            lines.append(f'token_exchange_request_seconds_bucket{{le="+Inf"}} {cum}')
-            lines.append(f"token_exchange_request_seconds_sum {self.latency_sum:.6f}")
-            lines.append(f"token_exchange_request_seconds_count {cum}")
-            for name in ("jwks_fetches", "jwks_fetch_failures", "db_errors"):
-                lines += [f"# TYPE token_exchange_{name}_total counter",
-                          f"token_exchange_{name}_total {self.counters[name]}"]
-            return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry)
+        return generate_latest(self._registry)

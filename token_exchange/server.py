@@ -18,12 +18,13 @@ from werkzeug.datastructures import MultiDict
 from .client_auth import AuthClient, Authenticator
 from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .grant import TokenExchangeGrant
+from .jwt_grant import JWTAuthorizationGrant
 from .logs import current_request_id
 from .matching import PatientMapper
 
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("token_exchange.decision")
-GRANTS = (TokenExchangeGrant,)
+GRANTS = (TokenExchangeGrant, JWTAuthorizationGrant)
 AUTH_PARAMS = ("client_id", "client_secret", "client_assertion", "client_assertion_type")
 
 

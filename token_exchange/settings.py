@@ -39,6 +39,33 @@ def default_instance_path() -> str:
     return os.path.join(sys.prefix, "var", "token_exchange-instance")
 
 
+_ON, _OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+def _switch(env, name, default: bool) -> bool:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    if raw.lower() in _ON:
+        return True
+    if raw.lower() in _OFF:
+        return False
+    raise SettingsError(f"{name} must be on or off, not {raw!r}")
+
+
+def _redis_url(env):
+    raw = env.get("TOKEN_EXCHANGE_REDIS_URL") or None
+    if raw is not None:
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+            raise SettingsError("TOKEN_EXCHANGE_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     #: TOKEN_EXCHANGE_DATABASE_URL: SQLAlchemy URL; default an SQLite file under instance/.
@@ -98,7 +125,7 @@ class Settings:
             issuer=issuer.rstrip("/") if parts.path not in ("", "/") else f"{parts.scheme}://{parts.netloc}",
             token_ttl=ttl,
             key_grace=_int(env, "TOKEN_EXCHANGE_KEY_GRACE", ttl + 60),
-            redis_url=env.get("TOKEN_EXCHANGE_REDIS_URL") or None,
+            redis_url=_redis_url(env),
             redis_prefix=env.get("TOKEN_EXCHANGE_REDIS_PREFIX") or None,
             key_secret=env.get("TOKEN_EXCHANGE_KEY_SECRET") or None,
             jwks_cache_ttl=_int(env, "TOKEN_EXCHANGE_JWKS_CACHE_TTL", 300),
@@ -107,5 +134,5 @@ class Settings:
             http_timeout=_int(env, "TOKEN_EXCHANGE_HTTP_TIMEOUT", 5, minimum=1),
             reload_interval=float(_int(env, "TOKEN_EXCHANGE_RELOAD_INTERVAL", 1)),
             rate_limit=_int(env, "TOKEN_EXCHANGE_RATE_LIMIT", 0),
-            metrics=(env.get("TOKEN_EXCHANGE_METRICS", "on").lower() not in ("off", "0", "false", "no")),
+            metrics=_switch(env, "TOKEN_EXCHANGE_METRICS", True),
         )

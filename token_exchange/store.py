@@ -274,6 +274,14 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(select(Revocation.jti).where(Revocation.jti == jti)).first() is not None
 
+    def assertion_jti_spent(self, client_id: str, jti: str) -> bool:
+        """Whether (client, jti) was spent and is still remembered (a read; nothing spent)."""
+        if self.accel is not None and self.accel.jti_seen(client_id, jti):
+            return True
+        with self.engine.connect() as conn:
+            return conn.execute(select(AssertionJti.jti).where(AssertionJti.client_id == client_id,
+                                                               AssertionJti.jti == jti)).first() is not None
+
     def spend_assertion_jti(self, client_id: str, jti: str, exp: int) -> bool:
         """True the first time (client, jti) is seen while unexpired; False on replay.
         The database is the record; Redis, when configured, refuses known replays

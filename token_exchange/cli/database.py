@@ -1,6 +1,7 @@
 """`db upgrade|downgrade` and `serve`."""
 from __future__ import annotations
 
+import logging
 import os
 
 import click
@@ -11,7 +12,9 @@ from .. import keys as keymod
 from ..models import SigningKey
 from ..sealing import seal
 from ..store import utcnow
-from .common import Ctx, cli, commit, pass_ctx
+from .common import Ctx, cli, commit, is_loopback, pass_ctx
+
+log = logging.getLogger("token_exchange.server")
 
 
 @cli.group()
@@ -75,5 +78,40 @@ def serve(ctx, host, port, workers):
         ensure_signing_key(ctx)
     except OperationalError:
         click.echo("warning: the database is unreachable; serving 503 until it returns", err=True)
+    from .. import logs
+    logs.configure()
+    for warning in serve_warnings(ctx, host, port):
+        log.warning(warning)
     from ..wsgi_server import run
-    run(host, port, workers or os.cpu_count() or 2)
+    run(host, port, workers or os.cpu_count() or 2, ctx.settings)
+
+
+def serve_warnings(ctx, host: str, port: int) -> list[str]:
+    """Settings that work but are probably not what the operator meant, or unsafe."""
+    from urllib.parse import urlsplit
+
+    from ..sealing import SEALED_PREFIX
+    s = ctx.settings
+    issuer = urlsplit(s.issuer)
+    out = []
+    issuer_port = issuer.port or (443 if issuer.scheme == "https" else 80)
+    if issuer_port != port and (is_loopback(issuer.hostname or "") or issuer.hostname == host):
+        out.append(f"the issuer URL {s.issuer} names port {issuer_port} but the service listens on {port}: "
+                   "metadata, jwks_uri and assertion audiences will point elsewhere; set TOKEN_EXCHANGE_ISSUER")
+    if issuer.scheme == "http" and not is_loopback(host):
+        out.append(f"listening on {host} beyond loopback with an http issuer ({s.issuer}): tokens and secrets "
+                   "cross the network in clear; put TLS in front and use an https issuer")
+    if not s.key_secret:
+        out.append("TOKEN_EXCHANGE_KEY_SECRET is not set: the signing key and outbound secrets are stored "
+                   "unencrypted in the database; anyone who can read it can mint tokens")
+    else:
+        try:
+            with ctx.store.session() as session:
+                unsealed = [k for k in session.scalars(select(SigningKey).where(SigningKey.state != "retired"))
+                            if not k.private_key.startswith(SEALED_PREFIX)]
+        except OperationalError:
+            unsealed = []
+        if unsealed:
+            out.append(f"{len(unsealed)} signing key(s) were stored before TOKEN_EXCHANGE_KEY_SECRET was set and sit "
+                       "unencrypted: run `token-exchange keys rotate` and then `keys prune`")
+    return out

@@ -1,0 +1,80 @@
+"""`token-exchange issuer check` (contract "Admin CLI"): an EHR's discovery, keys and
+sample tokens against what the service needs, a plain sentence for each problem;
+exit 0 when nothing fails, 1 otherwise; nothing written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fakes import SOURCE
+
+
+def check(cli, ehr, tmp_path, at=None, idt=None, issuer=None):
+    args = ["issuer", "check", issuer or ehr.issuer, "--json"]
+    if at is not None:
+        (tmp_path / "at").write_text(at)
+        args += ["--access-token", str(tmp_path / "at")]
+    if idt is not None:
+        (tmp_path / "idt").write_text(idt)
+        args += ["--id-token", str(tmp_path / "idt")]
+    r = cli(*args, check=False)
+    return r.exit_code, json.loads(r.stdout)
+
+
+def outcomes(report):
+    return {c["check"]: (c["outcome"], c["detail"]) for c in report["checks"]}
+
+
+def test_a_registered_ehr_with_good_sample_tokens_passes(world, ehr, tmp_path):
+    code, report = check(world, ehr, tmp_path, ehr.access_token(), ehr.id_token())
+    assert code == 0 and report["ok"] and report["registered"], report
+    got = outcomes(report)
+    assert got["discovery"][0] == "ok" and got["jwks"][0] == "ok" and "RSA" in got["jwks"][1]
+    assert got["access token signature"][0] == "ok" and got["ID token signature"][0] == "ok"
+    assert got["ID token patient"] == ("ok", "a-123") and got["ID token source"] == ("ok", SOURCE)
+
+
+@pytest.mark.parametrize("token_kw, failing, words", [
+    ({"aud": "https://other.example/fhir"}, "access token aud", "registered sources"),
+    ({"client": None}, "access token client_id", "upstream client"),
+    ({"scope": "openid fhirUser"}, "access token scope", "no SMART resource scopes"),
+    ({"iss": "https://impostor.example"}, "access token iss", "exactly"),
+    ({"nonce": "n1"}, "access token shape", "looks like an ID token"),
+])
+def test_each_problem_in_a_sample_access_token_fails_with_a_sentence(world, ehr, tmp_path, token_kw, failing, words):
+    code, report = check(world, ehr, tmp_path, at=ehr.sign(ehr.access_claims(**token_kw)))
+    assert code == 1 and not report["ok"]
+    outcome, detail = outcomes(report)[failing]
+    assert outcome == "fail" and words in detail
+
+
+def test_a_token_signed_by_an_unpublished_key_fails_its_signature_check(world, ehr, tmp_path):
+    from fakes import new_key
+    code, report = check(world, ehr, tmp_path, at=ehr.sign(ehr.access_claims(), key=new_key()))
+    assert code == 1 and outcomes(report)["access token signature"][0] == "fail"
+
+
+def test_an_unregistered_issuer_is_checked_against_the_defaults(cli, ehr, tmp_path):
+    code, report = check(cli, ehr, tmp_path, idt=ehr.id_token())
+    assert code == 0 and not report["registered"]
+    assert outcomes(report)["registration"][0] == "note"
+
+
+def test_a_pairwise_looking_sub_is_noted(world, ehr, tmp_path):
+    code, report = check(world, ehr, tmp_path, idt=ehr.id_token(sub="Zk3q9T0xY7bL2mN8pQ4rS6uV1wX5yA0c"))
+    assert code == 0 and outcomes(report)["ID token sub"][0] == "note"
+    assert "pairwise" in outcomes(report)["ID token sub"][1]
+
+
+def test_an_unreachable_ehr_fails(world, ehr, tmp_path):
+    ehr.down = True
+    code, report = check(world, ehr, tmp_path)
+    assert code == 1 and outcomes(report)["jwks"][0] == "fail"
+
+
+def test_the_text_report_ends_with_the_verdict(world, ehr, tmp_path):
+    (tmp_path / "at").write_text(ehr.access_token())
+    r = world("issuer", "check", ehr.issuer, "--access-token", str(tmp_path / "at"), check=False)
+    assert r.exit_code == 0 and r.stdout.splitlines()[-1] == "the service can use this issuer"
+    assert ehr.access_token()[:20] not in r.stdout

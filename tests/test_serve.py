@@ -1,0 +1,114 @@
+"""`token-exchange serve` as operators run it (issue "Operators and admins"): metrics
+that add up across workers, start-up and shut-down lines, and warnings about unsafe
+or inconsistent settings."""
+from __future__ import annotations
+
+import json
+import time
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from test_scaleout import Instance
+
+
+def decisions(base) -> dict:
+    text = requests.get(base + "/metrics", timeout=5).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "token_exchange_requests_total":
+                out[(s.labels["outcome"], s.labels["error"])] = s.value
+    return out
+
+
+def test_every_scrape_under_two_workers_reports_the_sum_over_all_workers(env, world, ehr, tmp_path):
+    server = Instance(env, tmp_path)
+    try:
+        granted = refused = 0
+        for i in range(12):
+            if i % 3 == 0:
+                assert server.exchange(ehr, data={"resource": "https://unknown.example/fhir"}).status_code == 400
+                refused += 1
+            else:
+                assert server.exchange(ehr).status_code == 200
+                granted += 1
+        scrapes = [decisions(server.base) for _ in range(12)]  # each may be answered by either worker
+        for s in scrapes:
+            assert s == {("granted", ""): granted, ("refused", "invalid_target"): refused}, scrapes
+    finally:
+        server.stop()
+
+
+def test_serve_logs_one_line_at_start_and_one_at_shutdown_without_the_database_password(env, world, tmp_path):
+    server = Instance(env, tmp_path)
+    server.stop()
+    lines = [json.loads(line) for line in (tmp_path / f"serve-{server.port}.log").read_text().splitlines()
+             if line.startswith("{")]
+    (start,) = [rec for rec in lines if rec["msg"] == "starting"]
+    assert start["address"] == f"127.0.0.1:{server.port}" and start["workers"] == 2
+    assert start["issuer"] == env["TOKEN_EXCHANGE_ISSUER"] and "database" in start
+    assert any(rec["msg"] == "stopped" for rec in lines)
+
+
+def _serve_once(env, tmp_path, *args):
+    """Run serve until it is ready (or exits) and return its log lines."""
+    import os
+    import signal
+    import subprocess
+    from test_scaleout import BIN
+    from fakes import free_port
+    port = free_port()
+    log = tmp_path / f"serve-{port}.txt"
+    with open(log, "w") as out:
+        p = subprocess.Popen([str(BIN / "token-exchange"), "serve", "--port", str(port), "--workers", "1", *args],
+                             env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and p.poll() is None:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.1)  # polling the start
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+            code = p.wait(20)
+    return code, port, log.read_text().splitlines()
+
+
+def _warnings(lines):
+    return [json.loads(x)["msg"] for x in lines if x.startswith("{") and json.loads(x)["level"] == "warning"]
+
+
+def test_serve_warns_when_the_issuer_names_another_port_and_when_no_key_secret_is_set(env, world, tmp_path):
+    env = dict(env, TOKEN_EXCHANGE_ISSUER="http://127.0.0.1:8000")
+    env.pop("TOKEN_EXCHANGE_KEY_SECRET", None)
+    _, port, lines = _serve_once(env, tmp_path)
+    warnings = _warnings(lines)
+    assert any("names port 8000" in w and f"listens on {port}" in w for w in warnings), warnings
+    assert any("TOKEN_EXCHANGE_KEY_SECRET is not set" in w for w in warnings), warnings
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_with_an_http_issuer(env, world, tmp_path):
+    _, _, lines = _serve_once(dict(env, TOKEN_EXCHANGE_KEY_SECRET="k" * 40), tmp_path, "--host", "0.0.0.0")
+    warnings = _warnings(lines)
+    assert any("beyond loopback" in w for w in warnings), warnings
+    assert any("were stored before TOKEN_EXCHANGE_KEY_SECRET" in w for w in warnings), warnings
+
+
+def test_serve_with_a_secret_and_a_matching_https_issuer_warns_of_nothing(env, world, tmp_path, cli):
+    env = dict(env, TOKEN_EXCHANGE_KEY_SECRET="k" * 40)
+    from conftest import CLI
+    CLI(env)("keys", "rotate")  # a key sealed under the secret
+    env["TOKEN_EXCHANGE_ISSUER"] = "https://te.example"
+    _, _, lines = _serve_once(env, tmp_path)
+    assert _warnings(lines) == []
+
+
+def test_invalid_settings_refuse_to_start_with_one_line_naming_the_variable(env, world, tmp_path):
+    for name, value in (("TOKEN_EXCHANGE_METRICS", "maybe"), ("TOKEN_EXCHANGE_TOKEN_TTL", "soon"),
+                        ("TOKEN_EXCHANGE_REDIS_URL", "http://cache"), ("TOKEN_EXCHANGE_ISSUER", "te.example")):
+        code, _, lines = _serve_once(dict(env, **{name: value}), tmp_path)
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], lines
