@@ -528,7 +528,8 @@ class ConsentQueries:
 
     def put_session(self, key_hash: str, data: dict, expires: int) -> None:
         with self.engine.begin() as conn:
-            conn.execute(delete(BrowserSession).where(BrowserSession.key == key_hash))
+            conn.execute(delete(BrowserSession).where(
+                (BrowserSession.key == key_hash) | (BrowserSession.expires < int(time.time()))))
             conn.execute(insert(BrowserSession).values(key=key_hash, data=data, expires=expires))
 
     def claim_session(self, key_hash: str) -> bool:
