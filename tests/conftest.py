@@ -3,6 +3,7 @@ TOKEN_EXCHANGE_TEST_POSTGRES_URL is set), a fake EHR on loopback, the real CLI
 (click) and the real WSGI app (Flask's test client speaks its HTTP surface)."""
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from fakes import SOURCE, TARGET, TARGET2, UPSTREAM, FakeEHR
 from fhirserver import MedplumFHIRServer, require_all
 from fhirserver import unavailable as fhir_server_unavailable
+from oidc_provider import OIDCProvider
 
 PG_URL = os.environ.get("TOKEN_EXCHANGE_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("TOKEN_EXCHANGE_TEST_REDIS_URL")
@@ -27,6 +29,10 @@ TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 AT = "urn:ietf:params:oauth:token-type:access_token"
 JWT_T = "urn:ietf:params:oauth:token-type:jwt"
 IDT = "urn:ietf:params:oauth:token-type:id_token"
+LOGIN_SECRET = "te-login-secret-0123456789abcdef0123"
+LOGIN_CLIENT = "te-login"
+BROWSER_SKIP = ("Browser tests NOT RUN: install Debian's chromium and chromium-driver "
+                "(/usr/bin/chromium, /usr/bin/chromedriver) and `pip install selenium`")
 
 
 def pytest_report_header(config):
@@ -38,7 +44,20 @@ def pytest_report_header(config):
         lines.append("Redis tests NOT RUN: set TOKEN_EXCHANGE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
     if fhir_server_unavailable():
         lines.append(fhir_server_unavailable())
+    if browser_unavailable():
+        lines.append(browser_unavailable())
     return lines
+
+
+@functools.cache
+def browser_unavailable() -> str | None:
+    """None when headless Chromium can be driven here, else the plain reason."""
+    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not os.access(p, os.X_OK)]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium")
+    return f"{BROWSER_SKIP} (missing: {', '.join(missing)})" if missing else None
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -189,6 +208,7 @@ def base_env(db_url):
         "TARGET_SECRET": TARGET_SECRET,
         "TARGET2_SECRET": TARGET2_SECRET,
         "EHR_SECRET": EHR_INTROSPECTION_SECRET,
+        "LOGIN_SECRET": LOGIN_SECRET,
     }
 
 
@@ -254,6 +274,43 @@ def _reset_ehrs(request):
         if name in request.fixturenames:
             e = request.getfixturevalue(name)
             e.down, e.hang, e.opaque, e.extra_keys, e.introspection_auth = False, 0.0, {}, [], []
+    if "op" in request.fixturenames:
+        request.getfixturevalue("op").reset()
+
+
+@pytest.fixture(scope="session")
+def op():
+    """An OpenID Connect provider (Authlib's server side, tests/oidc_provider.py) that is
+    also the EHR of the consent tests. Users: patient (sub user-1, the patient a-123),
+    other (sub user-2, another patient), relative (sub user-3, a RelatedPerson)."""
+    p = OIDCProvider()
+    p.add_user("patient", "patient-pw", "user-1", f"{SOURCE}/Patient/a-123")
+    p.add_user("other", "other-pw", "user-2", f"{SOURCE}/Patient/a-777")
+    p.add_user("relative", "relative-pw", "user-3", f"{SOURCE}/RelatedPerson/r-1")
+    yield p
+    p.stop()
+
+
+APP_REDIRECT = "http://127.0.0.1:9/app/consent-done"
+
+
+def build_consent_world(cli, op, service=SERVICE, app_redirect=APP_REDIRECT, **trust):
+    """The OP as a trusted issuer with the service's login client at it; target B;
+    client 'vendor' (named "Acme Health", one redirect URI) whose trust requires
+    consent; the patient link a-123 -> b-456."""
+    op.add_client(LOGIN_CLIENT, [service + "/consent/callback"], secret=LOGIN_SECRET)
+    cli("issuer", "add", op.issuer, "--jwks-uri", op.issuer + "/jwks", "--source", SOURCE, "--algs", "RS256",
+        "--login-client-id", LOGIN_CLIENT, "--login-secret-env", "LOGIN_SECRET")
+    cli("target", "add", TARGET, "--name", "hospital-b", "--introspection-secret-env", "TARGET_SECRET")
+    cli("client", "add", "vendor", "--secret-env", "VENDOR_SECRET", "--name", "Acme Health",
+        "--redirect-uri", app_redirect)
+    cli("client", "add", "other", "--secret-env", "OTHER_SECRET", "--name", "Other App")
+    args = ["--consent", "required"] + [x for k, v in trust.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    for client in ("vendor", "other"):
+        cli("trust", "add", "--client", client, "--issuer", op.issuer, "--target", TARGET,
+            "--scopes", "patient/*.rs patient/Appointment.cruds user/*.rs", "--upstream-client-id", UPSTREAM, *args)
+    cli("link", "add", "--source", SOURCE, "--patient", "a-123", "--target", TARGET, "--target-patient", "b-456")
+    return cli
 
 
 @pytest.fixture

@@ -68,6 +68,9 @@ def test_a_wheel_in_a_fresh_venv_migrates_serves_and_grants_from_another_directo
             "resource": TARGET, "scope": "patient/Observation.rs"})
         assert r.status_code == 200, r.text
         assert r.json()["patient"] == "b-456"  # the server read the links the CLI wrote: one database
+        # the consent pages' templates and stylesheet ship in the wheel
+        assert requests.get(base + "/consent", timeout=10).status_code == 200
+        assert requests.get(base + "/consent/static/consent.css", timeout=10).status_code == 200
     finally:
         server.terminate()
         server.wait(30)

@@ -19,7 +19,7 @@ def create_app(settings=None, env=None):
     import requests
     from flask import Flask
 
-    from . import endpoints, logs
+    from . import consent, endpoints, logs
     from .client_auth import ClientJWKS, PrivateKeyJWT
     from .db import make_engine
     from .issuers import JWKSCache
@@ -43,10 +43,11 @@ def create_app(settings=None, env=None):
     jwks_cache = JWKSCache(settings, http, metrics)
     validator = TokenValidator(jwks_cache, http, settings)
     assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, http))
+    consents = consent.init_app(app, settings, store, metrics)
     upstream = Upstream(settings, metrics)  # every outbound call: deadline, size cap, no cookies
     patients = PatientMapper(store, make_matcher(settings, store, upstream, metrics))
     server = TokenExchangeServer(settings, store, validator, assertion_method=assertion, metrics=metrics,
-                                 patients=patients)
+                                 patients=patients, consent=consents)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["token_exchange"] = Extension(settings, engine, store, server, metrics, jwks_cache)
     app.register_blueprint(endpoints.bp)

@@ -69,4 +69,23 @@ class TemporarilyUnavailable(_Detailed, OAuth2Error):
         return super().get_headers() + [("Retry-After", str(self.retry_after))]
 
 
+class ConsentRequired(_Detailed, OAuth2Error):
+    """The trust requires the user's consent and none covers this exchange (contract,
+    "Consent for patient-facing apps"). The body adds ``consent_uri`` (a single-use
+    ticket, opened in the user's browser) and ``expires_in`` (its lifetime, seconds);
+    `explain` raises it without them (it creates no ticket)."""
+    error = "consent_required"
+    status_code = 400
+
+    def __init__(self, description=None, consent_uri=None, expires_in=None, **kw):
+        super().__init__(description=description, **kw)
+        self.consent_uri, self.expires_in = consent_uri, expires_in
+
+    def get_body(self):
+        body = super().get_body()
+        if self.consent_uri:
+            body += [("consent_uri", self.consent_uri), ("expires_in", self.expires_in)]
+        return body
+
+
 InvalidTarget = InvalidTargetError

@@ -77,6 +77,13 @@ class ActiveKey:
         signing_input = self._header + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
         return (signing_input + b"." + _b64(self._algorithm.sign(signing_input, self._key))).decode()
 
+    def assertion(self, claims: dict) -> str:
+        """A JWT the service signs as a client (RFC 7523 §2.2 client assertion): typ JWT,
+        never at+jwt, so it cannot pass for an access token."""
+        header = _b64(json.dumps({"alg": self.alg, "kid": self.kid, "typ": "JWT"}, separators=(",", ":")).encode())
+        signing_input = header + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return (signing_input + b"." + _b64(self._algorithm.sign(signing_input, self._key))).decode()
+
 
 def _b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")

@@ -3,6 +3,7 @@ the tokens this service minted."""
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import jwt
 
@@ -59,6 +60,10 @@ def introspect(form, target, cfg, store, settings) -> dict:
     claims = _presented_claims(form, cfg, settings)
     # A token meant for another target is inactive to this one (RFC 7662 §2.2).
     if claims is None or claims.get("aud") != target.base_url or store.is_revoked(claims["jti"]):
+        return dict(INACTIVE)
+    # A token minted under a consent lives only while the consent does (contract,
+    # "Consent for patient-facing apps": withdrawal revokes).
+    if store.consents.lapsed(claims["jti"], datetime.now(timezone.utc)):
         return dict(INACTIVE)
     out = {"active": True, "token_type": "Bearer"}
     out.update({k: claims[k] for k in _FIELDS if k in claims})

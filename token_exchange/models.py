@@ -194,7 +194,8 @@ class Generation(Base):
 
 class Consent(Base):
     """A user's approval that a client reach a target for a patient, with scopes,
-    until it expires or is withdrawn."""
+    until it expires or is withdrawn; or (decision ``denied``) a refusal, kept for
+    the record and never active (``withdrawn`` = the time of the decision)."""
     __tablename__ = "consent"
     __table_args__ = (Index("ix_consent_key", "issuer", "sub", "client_id", "target_id", "source", "patient"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -209,6 +210,7 @@ class Consent(Base):
     granted: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     withdrawn: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    decision: Mapped[str] = mapped_column(String(16), default="granted", server_default="granted")  # granted | denied
 
 
 class ConsentToken(Base):

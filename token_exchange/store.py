@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session
 
 from . import keys as keymod
 from . import scopes
-from .models import (AdminEvent, AssertionJti, AuditEvent, Client, Generation, Issuer, MatchMemory, PatientLink,
-                     Revocation, SigningKey, Target, Trust)
+from .models import (AdminEvent, AssertionJti, AuditEvent, BrowserSession, Client, Consent, ConsentTicket,
+                     ConsentToken, Generation, Issuer, MatchMemory, PatientLink, Revocation, SigningKey, Target,
+                     Trust)
 from .sealing import SealError, unseal
 
 
@@ -49,6 +50,16 @@ _FIND_LINK = select(_LINKS.c.target_patient, _LINKS.c.origin, _LINKS.c.matched_a
     _LINKS.c.target_id == bindparam("target_id"))
 _INSERT_AUDIT = insert(AuditEvent.__table__)
 _AUDIT_COLUMNS = [c.name for c in AuditEvent.__table__.c if c.name != "id"]
+_CONSENT = Consent.__table__
+# The active consent for one key: the ix_consent_key index (at most one row is active
+# per key; the newest first should a race have left two).
+_FIND_CONSENT = select(_CONSENT.c.id, _CONSENT.c.scopes, _CONSENT.c.expires).where(
+    _CONSENT.c.issuer == bindparam("issuer"), _CONSENT.c.sub == bindparam("sub"),
+    _CONSENT.c.client_id == bindparam("client_id"), _CONSENT.c.target_id == bindparam("target_id"),
+    _CONSENT.c.source == bindparam("source"), _CONSENT.c.patient == bindparam("patient"),
+    _CONSENT.c.withdrawn.is_(None)).order_by(_CONSENT.c.granted.desc())
+_INSERT_CONSENT_TOKEN = insert(ConsentToken.__table__).values(
+    jti=bindparam("jti"), consent_id=bindparam("consent_id"), exp=bindparam("exp"))
 
 
 log = logging.getLogger(__name__)
@@ -154,6 +165,7 @@ class Store:
         self._checked = 0.0
         self._lock = threading.Lock()
         self._hot = _HotPath(engine)
+        self.consents = ConsentQueries(engine, self._hot)
         dialect = engine.dialect
         self._matched_at = (_LINKS.c.matched_at.type.dialect_impl(dialect).result_processor(dialect, None)
                             or (lambda v: v))
@@ -244,11 +256,20 @@ class Store:
         return row
 
     def record_audit(self, event: dict) -> None:
-        """Committed before the caller answers: a token issued always has its record."""
+        """Committed before the caller answers: a token issued always has its record.
+        A token minted under a consent (``consent_token``: (jti, exp)) is recorded with
+        its consent id in the same transaction, so introspection can follow the consent."""
         row = {c: event.get(c) for c in _AUDIT_COLUMNS}
         row["event"] = event.get("event") or "exchange"
         row["time"] = self._hot.time_bind(utcnow())
-        self._hot.run(self._hot.insert_audit, row, commit=True)
+        minted = event.get("consent_token")
+        if minted is None:
+            self._hot.run(self._hot.insert_audit, row, commit=True)
+            return
+        jti, exp = minted
+        self._hot.run_all(((self._hot.insert_audit, row),
+                           (self._hot.insert_consent_token, {"jti": jti, "consent_id": event["consent"], "exp": exp})),
+                          commit=True)
 
     def revoke(self, jti: str, exp: int) -> None:
         with self.engine.begin() as conn:
@@ -404,6 +425,11 @@ class _HotPath:
         self.engine, self._exc = engine, exc
         dialect = engine.dialect
         self.find_link = self._compile(_FIND_LINK, dialect)
+        self.find_consent = self._compile(_FIND_CONSENT, dialect)
+        self.insert_consent_token = self._compile(_INSERT_CONSENT_TOKEN, dialect)
+        # what the ORM would make of a DateTime column read raw (SQLite returns text)
+        self.time_result = (_CONSENT.c.expires.type.dialect_impl(dialect).result_processor(dialect, None)
+                            or (lambda v: v))
         self.insert_audit = self._compile(
             insert(AuditEvent.__table__).values({c: bindparam(c) for c in _AUDIT_COLUMNS}), dialect)
         time_type = AuditEvent.__table__.c.time.type.dialect_impl(dialect)  # e.g. SQLite's DATETIME, as the ORM writes it
@@ -459,14 +485,22 @@ class _HotPath:
         covers a database that restarted since."""
         sql, names = statement
         args = tuple(params[n] for n in names) if names is not None else params
+        return self._locked(((sql, args),), fetch, commit)
+
+    def run_all(self, statements, fetch=False, commit=False):
+        """Several (statement, params) in one transaction; the last one's row if fetch."""
+        return self._locked([(sql, tuple(params[n] for n in names) if names is not None else params)
+                             for (sql, names), params in statements], fetch, commit)
+
+    def _locked(self, work, fetch, commit):
         lock = self._take_writer_lock() if commit and self._writer_lock_path else None
         try:
-            return self._run(sql, args, fetch, commit)
+            return self._run(work, fetch, commit)
         finally:
             if lock is not None:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _run(self, sql, args, fetch, commit):
+    def _run(self, work, fetch, commit):
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
         for attempt in (1, 2):
             conn = getattr(self._local, "conn", None)
@@ -474,7 +508,8 @@ class _HotPath:
                 conn = self._local.conn = self.engine.raw_connection()
             try:
                 cur = conn.cursor()
-                cur.execute(sql, args)
+                for sql, args in work:
+                    cur.execute(sql, args)
                 row = cur.fetchone() if fetch else None
                 cur.close()
                 if commit:
@@ -487,6 +522,7 @@ class _HotPath:
                 except Exception:  # noqa: BLE001 - the connection is already gone
                     pass
                 if attempt == 2:
+                    sql, args = work[-1]
                     raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
 
 
@@ -497,6 +533,190 @@ def _dialect_insert(conn, model):
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     return dialect_insert(model)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    return dt if dt is None or dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+class ConsentQueries:
+    """The consent flow's records (contract, "Consent for patient-facing apps"):
+    consents (and denials), the tickets of consent_uris, the server-side state of
+    browser flows, and the tokens minted under a consent. Everything a flow needs
+    is here, so any instance can finish a flow another started."""
+
+    def __init__(self, engine, hot: _HotPath):
+        self.engine, self._hot = engine, hot
+
+    # -- the exchange (hot path) -------------------------------------------------
+    def find_active(self, issuer: str, sub: str, client_id: str, target_id: int, source: str, patient: str):
+        """(id, scopes, expires epoch seconds) of the key's active consent, or None:
+        one read on the ix_consent_key index."""
+        row = self._hot.run(self._hot.find_consent, {
+            "issuer": issuer, "sub": sub, "client_id": client_id, "target_id": target_id, "source": source,
+            "patient": patient}, fetch=True)
+        if row is None:
+            return None
+        return row[0], row[1], int(_aware(self._hot.time_result(row[2])).timestamp())
+
+    def lapsed(self, jti: str, now: datetime) -> bool:
+        """True when the token was minted under a consent that is now withdrawn or expired."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Consent.withdrawn, Consent.expires)
+                               .join_from(ConsentToken, Consent, ConsentToken.consent_id == Consent.id)
+                               .where(ConsentToken.jti == jti)).first()
+        return row is not None and (row.withdrawn is not None or _aware(row.expires) <= now)
+
+    # -- tickets ------------------------------------------------------------------
+    def create_ticket(self, ticket: dict) -> None:
+        """Store a ticket (its hash, never the ticket); prune what has lapsed meanwhile."""
+        now = int(time.time())
+        with self.engine.begin() as conn:
+            conn.execute(delete(ConsentTicket).where(ConsentTicket.expires < now))
+            conn.execute(delete(BrowserSession).where(BrowserSession.expires < now))
+            conn.execute(delete(ConsentToken).where(ConsentToken.exp < now - 60))
+            conn.execute(insert(ConsentTicket).values(**ticket))
+
+    def ticket(self, ticket_hash: str):
+        with self.engine.connect() as conn:
+            return conn.execute(select(ConsentTicket).where(ConsentTicket.ticket_hash == ticket_hash)).first()
+
+    def bind(self, ticket_hash: str, session_hash: str, data: dict, expires: int) -> bool:
+        """Bind an unbound, unspent, unexpired ticket to a browser session and store the
+        session, atomically; False when it is no longer free (another browser took it)."""
+        with self.engine.begin() as conn:
+            n = conn.execute(update(ConsentTicket).where(
+                ConsentTicket.ticket_hash == ticket_hash, ConsentTicket.session_hash.is_(None),
+                ConsentTicket.spent.is_(None), ConsentTicket.expires > int(time.time()))
+                .values(session_hash=session_hash)).rowcount
+            if n != 1:
+                conn.rollback()
+                return False
+            conn.execute(delete(BrowserSession).where(BrowserSession.key == session_hash))
+            conn.execute(insert(BrowserSession).values(key=session_hash, data=data, expires=expires))
+        return True
+
+    # -- browser sessions -----------------------------------------------------------
+    def session(self, key_hash: str):
+        """The session's data while it has not expired, else None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(BrowserSession.data).where(
+                BrowserSession.key == key_hash, BrowserSession.expires > int(time.time()))).first()
+        return row.data if row is not None else None
+
+    def put_session(self, key_hash: str, data: dict, expires: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(BrowserSession).where(
+                (BrowserSession.key == key_hash) | (BrowserSession.expires < int(time.time()))))
+            conn.execute(insert(BrowserSession).values(key=key_hash, data=data, expires=expires))
+
+    def claim_session(self, key_hash: str) -> bool:
+        """Delete the session; True for the one caller that deleted it (a state is used once)."""
+        with self.engine.begin() as conn:
+            return conn.execute(delete(BrowserSession).where(BrowserSession.key == key_hash)).rowcount == 1
+
+    def rotate_session(self, old_hash: str, new_hash: str, data: dict, expires: int,
+                       ticket_hash: str | None = None) -> bool:
+        """A new session key (at sign-in), moving the ticket's binding along; False
+        when the ticket was meanwhile spent or bound elsewhere."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(BrowserSession).where(BrowserSession.key == old_hash))
+            if ticket_hash is not None:
+                n = conn.execute(update(ConsentTicket).where(
+                    ConsentTicket.ticket_hash == ticket_hash, ConsentTicket.session_hash == old_hash,
+                    ConsentTicket.spent.is_(None)).values(session_hash=new_hash)).rowcount
+                if n != 1:
+                    return False
+            conn.execute(insert(BrowserSession).values(key=new_hash, data=data, expires=expires))
+        return True
+
+    # -- decisions -------------------------------------------------------------------
+    def decide(self, ticket_hash: str, session_hash: str, consent: dict, audit: dict) -> list | None:
+        """Spend the ticket and record the decision (a consent, or a denial) with its
+        audit event, in one transaction. A granted consent withdraws the key's older
+        ones (each with its own audit event). Returns the ids withdrawn, or None when
+        the ticket was already spent, expired or bound elsewhere (nothing recorded)."""
+        now = consent["granted"]
+        with self.engine.begin() as conn:
+            n = conn.execute(update(ConsentTicket).where(
+                ConsentTicket.ticket_hash == ticket_hash, ConsentTicket.session_hash == session_hash,
+                ConsentTicket.spent.is_(None), ConsentTicket.expires > int(now.timestamp()))
+                .values(spent=now)).rowcount
+            if n != 1:
+                conn.rollback()
+                return None
+            replaced = []
+            if consent["decision"] == "granted":
+                key = [getattr(Consent, k) == consent[k]
+                       for k in ("issuer", "sub", "client_id", "target_id", "source", "patient")]
+                replaced = conn.execute(select(Consent.id, Consent.scopes).where(
+                    *key, Consent.withdrawn.is_(None))).all()
+                if replaced:
+                    conn.execute(update(Consent).where(Consent.id.in_([r.id for r in replaced]))
+                                 .values(withdrawn=now))
+            conn.execute(insert(Consent).values(**consent))
+            for old in replaced:
+                conn.execute(insert(AuditEvent).values(**dict(
+                    audit, event="consent-withdrawn", consent=old.id, scope_granted=old.scopes, outcome="granted",
+                    reason=f"replaced by consent {consent['id']}")))
+            conn.execute(insert(AuditEvent).values(**audit))
+        return [r.id for r in replaced]
+
+    def withdraw(self, consent_id: str, audit: dict, issuer: str | None = None, sub: str | None = None,
+                 admin: tuple | None = None):
+        """Withdraw an active consent (the user's own when issuer and sub are given) and
+        record it (and, by an admin, the admin event: (actor, action, detail)); the
+        consent row, or None when there is no such active consent."""
+        now = audit["time"]
+        with self.engine.begin() as conn:
+            q = (select(Consent.__table__, Target.base_url.label("target_url"))
+                 .join(Target, Consent.target_id == Target.id)
+                 .where(Consent.id == consent_id, Consent.withdrawn.is_(None), Consent.decision == "granted"))
+            if issuer is not None:
+                q = q.where(Consent.issuer == issuer, Consent.sub == sub)
+            row = conn.execute(q).first()
+            if row is None:
+                return None
+            n = conn.execute(update(Consent).where(Consent.id == consent_id, Consent.withdrawn.is_(None))
+                             .values(withdrawn=now)).rowcount
+            if n != 1:
+                conn.rollback()
+                return None
+            conn.execute(insert(AuditEvent).values(**dict(
+                audit, event="consent-withdrawn", consent=row.id, client_id=row.client_id, issuer=row.issuer,
+                subject=row.sub, target=row.target_url, source_patient=row.patient or None,
+                scope_granted=row.scopes, outcome="granted")))
+            if admin is not None:
+                actor, action, detail = admin
+                conn.execute(insert(AdminEvent).values(time=now, actor=actor, action=action, detail=detail))
+        return row
+
+    # -- reading -----------------------------------------------------------------------
+    def _select(self):
+        return select(Consent, Target.base_url.label("target_url"), Target.name.label("target_name")).join(
+            Target, Consent.target_id == Target.id)
+
+    def active_for(self, issuer: str, sub: str, now: datetime) -> list:
+        """The user's active consents (the ix_consent_key index: issuer, sub first)."""
+        q = self._select().where(Consent.issuer == issuer, Consent.sub == sub, Consent.withdrawn.is_(None),
+                                 Consent.expires > now).order_by(Consent.granted.desc())
+        with Session(self.engine) as s:
+            return list(s.execute(q))
+
+    def listed(self, client_id: str | None = None, target_id: int | None = None, denials: bool = False) -> list:
+        q = self._select().order_by(Consent.granted, Consent.id)
+        if not denials:
+            q = q.where(Consent.decision == "granted")
+        if client_id is not None:
+            q = q.where(Consent.client_id == client_id)
+        if target_id is not None:
+            q = q.where(Consent.target_id == target_id)
+        with Session(self.engine) as s:
+            return list(s.execute(q))
+
+    def get(self, consent_id: str):
+        with Session(self.engine) as s:
+            return s.execute(self._select().where(Consent.id == consent_id)).first()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,16 @@
+"""Consent for patient-facing apps (contract section of that name): the check on
+the exchange (``service``), the browser flow and /consent (``views``), the OpenID
+Connect sign-in at the EHR (``signin``), the scopes in plain words (``words``) and
+the FHIR Consent export (``fhir``)."""
+from __future__ import annotations
+
+
+def init_app(app, settings, store, metrics=None, upstream=None):
+    """-> the ConsentService for TokenExchangeServer(consent=...); registers the pages."""
+    from .outbound import make_upstream
+    from .service import ConsentService
+    from .signin import SignIn
+    from .views import bp
+    service = ConsentService(settings, store, SignIn(settings, upstream or make_upstream(settings, metrics)))
+    app.register_blueprint(bp)
+    return service
