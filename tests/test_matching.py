@@ -796,3 +796,13 @@ def test_jwks_and_discovery_answer_at_once_while_an_exchange_waits_on_a_slow_tar
         fhir.release()
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+def test_without_a_covering_consent_nothing_is_matched(swap, fhir, matching, ehr):
+    """Contract: check order ... scopes; consent; patient (rule 7, including matching)."""
+    fhir.add("t-1", (SSN, "1"))
+    matching("trust", "update", "--client", "vendor", "--issuer", ehr.issuer, "--target", fhir.base,
+             "--consent", "required")
+    r = swap([f"{SSN}|1"])
+    assert r.status_code == 400 and r.get_json()["error"] == "consent_required"
+    assert fhir.searches == [] and links(matching, "--origin", "matched") == []
