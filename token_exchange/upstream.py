@@ -289,7 +289,6 @@ class Upstream:
                     doc = decode_json(body)
                 except ValueError:
                     raise UpstreamError("the answer is not JSON (or is nested too deeply)", status, shown) from None
-            self._count("upstream_calls")
             return Reply(status, reply_headers, doc, shown)
         except UpstreamError as e:
             self._count("upstream_failures")
@@ -334,7 +333,4 @@ class Upstream:
 
     def _count(self, name):
         if self.metrics is not None:
-            try:  # TEMPORARY (branch matching's copy): main's Metrics has no upstream_calls counter yet
-                self.metrics.inc(name)
-            except KeyError:
-                pass
+            self.metrics.inc(name)
