@@ -7,6 +7,8 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
@@ -31,9 +33,28 @@ def new_key(alg="RS256"):
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+@dataclass
+class Scripted:
+    """A hostile or odd answer for one FakeEHR endpoint (see FakeEHR.replies)."""
+    body: bytes | None = None  # None: the endpoint's normal JSON document
+    status: int = 200
+    headers: tuple = ()  # extra (name, value) pairs, e.g. Set-Cookie or Location
+    trickle: float = 0.0  # seconds between bytes of the body (0: all at once)
+    content_length: int | None = None  # declared length; default the body's
+
+
+def nested_json(depth: int) -> bytes:
+    """Valid JSON nested `depth` arrays deep inside an object."""
+    return b'{"keys": ' + b"[" * depth + b"]" * depth + b"}"
+
+
 class FakeEHR:
     """An EHR's authorization server. ``down`` makes every endpoint answer 503;
-    ``hang`` makes them sleep (to test timeouts)."""
+    ``hang`` makes them sleep (to test timeouts). ``replies`` maps an endpoint
+    ("jwks", "introspect", ".well-known/openid-configuration") to a ``Scripted``
+    answer (trickled, oversized, nested, with cookies...); ``hits`` counts requests
+    per endpoint, ``requests_seen`` keeps (endpoint, headers, form) of each;
+    ``reset_hostile()`` clears all three."""
 
     def __init__(self, name="ehr-a", alg="RS256"):
         self.port = free_port()
@@ -49,6 +70,9 @@ class FakeEHR:
         self.down = False
         self.hang = 0.0
         self.backend = BackendServicesEHR(self)  # SMART Backend Services token endpoint and Patient reads
+        self.replies = {}
+        self.hits = Counter()
+        self.requests_seen = []
         ehr = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,7 +85,39 @@ class FakeEHR:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up (cut off at its deadline)
+
+            def _scripted(self, endpoint, normal):
+                """Answer as ehr.replies says for this endpoint; False when it says nothing."""
+                reply = ehr.replies.get(endpoint)
+                if reply is None:
+                    return False
+                body = json.dumps(normal).encode() if reply.body is None else reply.body
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if reply.content_length is None
+                                                       else reply.content_length))
+                for k, v in reply.headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    if not reply.trickle:
+                        self.wfile.write(body)
+                        return True
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(reply.trickle)
+                except OSError:
+                    pass  # the client gave up
+                return True
+
+            def _seen(self, endpoint, form=None):
+                ehr.hits[endpoint] += 1
+                ehr.requests_seen.append((endpoint, dict(self.headers), form))
 
             def _gate(self):
                 if ehr.hang:
@@ -75,15 +131,22 @@ class FakeEHR:
                 if ehr.backend.handle(self, "GET"):
                     return
                 path = self.path.split("?")[0]
+                endpoint = path[len(name) + 2:] if path.startswith(f"/{name}/") else path
+                self._seen(endpoint)
                 if path == f"/{name}/jwks":
                     ehr.jwks_hits += 1
                 if not self._gate():
                     return
                 if path == f"/{name}/.well-known/openid-configuration":
-                    return self._send(200, ehr.discovery())
+                    if not self._scripted(endpoint, ehr.discovery()):
+                        self._send(200, ehr.discovery())
+                    return
                 if path == f"/{name}/jwks":
-                    return self._send(200, ehr.jwks())
-                self._send(404, {"error": "not found"})
+                    if not self._scripted(endpoint, ehr.jwks()):
+                        self._send(200, ehr.jwks())
+                    return
+                if not self._scripted(endpoint, {"error": "not found"}):
+                    self._send(404, {"error": "not found"})
 
             def do_POST(self):
                 if ehr.backend.handle(self, "POST"):
@@ -92,10 +155,15 @@ class FakeEHR:
                     return
                 n = int(self.headers.get("Content-Length") or 0)
                 form = parse_qs(self.rfile.read(n).decode())
-                if self.path.split("?")[0] == f"/{name}/introspect":
+                path = self.path.split("?")[0]
+                self._seen(path[len(name) + 2:] if path.startswith(f"/{name}/") else path, form)
+                if path == f"/{name}/introspect":
                     ehr.introspection_auth.append(self.headers.get("Authorization"))
                     tok = (form.get("token") or [""])[0]
-                    return self._send(200, ehr.opaque.get(tok, {"active": False}))
+                    answer = ehr.opaque.get(tok, {"active": False})
+                    if not self._scripted("introspect", answer):
+                        self._send(200, answer)
+                    return
                 self._send(404, {"error": "not found"})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
@@ -143,6 +211,11 @@ class FakeEHR:
 
     def id_token(self, **kw):
         return self.sign(self.id_claims(**kw))
+
+    def reset_hostile(self):
+        self.replies.clear()
+        self.hits.clear()
+        self.requests_seen.clear()
 
     def stop(self):
         self.httpd.shutdown()

@@ -116,12 +116,13 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
                 raise InvalidRequest(f"The {name} parameter appears more than once.")
         self.parse_parameters(form)
         scope = form.get("scope")
+        requested = None
         if scope is not None:
-            try:
-                scopes.parse(scope)
+            try:  # bounded (scopes.MAX_SCOPES, MAX_SCOPE_TEXT), parsed once, never cached
+                requested = scopes.parse(scope)
             except scopes.ScopeError as e:
                 raise InvalidScope(str(e)) from None
-        self.request.scope_param = scope
+        self.request.scope_param, self.request.requested_scopes = scope, requested
         self.audit["scope_requested"] = _clip(scope, 2000)
         return "well formed"
 
@@ -160,7 +161,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         raise NotImplementedError
 
     def check_scopes(self):  # rule 6
-        self.granted = policy.decide_scopes(self.request.scope_param, self.presented, self.trust)
+        self.granted = policy.decide_scopes(self.request.requested_scopes, self.presented, self.trust)
         return self.granted.format()
 
     def check_consent(self):

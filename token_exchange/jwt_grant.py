@@ -81,7 +81,12 @@ class JWTAuthorizationGrant(ExchangeGrant):
         if self.server.store.assertion_jti_spent(replay_key(issuer.url), claims["jti"]):
             raise InvalidGrant("The assertion was already used; ask the EHR for a new one.")
         raw_scope = claims.get("scope")
-        token_scopes = (scopes.parse(raw_scope, strict=False) if isinstance(raw_scope, str) else None)
+        try:  # within the claim budget, as a subject token's scope claim
+            token_scopes = scopes.parse_claim(raw_scope) if isinstance(raw_scope, str) else None
+        except scopes.ScopeBudgetError:
+            raise InvalidGrant(f"The assertion's scope claim is over this service's budget (at most "
+                               f"{scopes.MAX_CLAIMED_SCOPES} scopes); ask the EHR for a grant with fewer "
+                               "scopes.") from None
         presented = Presented(issuer, urns.JWT_BEARER, claims["sub"], claims, None, token_scopes, None, None,
                               _str(claims.get("fhirUser")), None)  # the assertion's exp caps nothing
         self.server.validator._locate_patient(presented)

@@ -42,10 +42,14 @@ def allowed_form(presented, trust) -> None:
                              "send the EHR access token as subject_token.")
 
 
-def decide_scopes(requested: str | None, presented, trust) -> scopes.ScopeSet:
-    """Rule 6: requested ∩ the access token's scopes ∩ the trust's scopes."""
-    bounds = [trust.scopes] if presented.token_scopes is None else [presented.token_scopes, trust.scopes]
-    granted = scopes.downscope(requested, *bounds)
+def decide_scopes(requested: scopes.ScopeSet | None, presented, trust) -> scopes.ScopeSet:
+    """Rule 6: requested ∩ the access token's scopes ∩ the trust's scopes, within
+    the scope budget (a grant lists at most scopes.MAX_SCOPES)."""
+    bounds = (trust.scopes,) if presented.token_scopes is None else (presented.token_scopes, trust.scopes)
+    try:
+        granted = scopes.downscope(requested, *bounds)
+    except scopes.ScopeBudgetError as e:
+        raise InvalidScope(str(e)) from None
     if not granted:
         raise InvalidScope("No scope is left after downscoping: request SMART resource scopes that "
                            "both the subject token and this client's trust allow.")

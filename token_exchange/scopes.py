@@ -10,34 +10,62 @@ A scope denotes a set of permitted operations. Intersecting two scope lists
 intersects those sets pairwise, so the result is never wider than either
 side. Anything that is not a resource scope (``openid``, ``fhirUser``,
 ``launch/patient``, ``offline_access`` ...) is never passed on.
+
+Bounded work (docs/SECURITY.md, "Resource model"): every scope string is
+bounded in length and count before it is split, an intersection stops once it
+would produce more than ``MAX_WORK`` scopes, and a grant lists at most
+``MAX_SCOPES``; beyond a budget ``ScopeBudgetError`` says what to ask for.
+Intersection and simplification index the scopes by (context, resource type),
+so they cost O(inputs + output), not O(|A| x |B|). Nothing here is cached by
+request text: the memos are a ``ScopeSet``'s own index (the trust's long-lived
+sets build theirs once) and ``parse_claim``'s, keyed by short issuer-signed
+scope claims.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 CONTEXTS = ("patient", "user", "system")
 V2_ORDER = "cruds"
 V1_TO_V2 = {"read": "rs", "write": "cud", "*": "cruds"}
 V2_TO_V1 = {frozenset(v): k for k, v in V1_TO_V2.items()}
 
+#: Budgets. A request, a trust and a grant list at most MAX_SCOPES scopes; an
+#: upstream token's scope claim at most MAX_CLAIMED_SCOPES (EHRs list many).
+MAX_SCOPES = 100
+MAX_CLAIMED_SCOPES = 256
+MAX_SCOPE_LENGTH = 512  # characters in one scope
+MAX_SCOPE_TEXT = 16 * 1024  # characters in one space-separated scope string
+MAX_WORK = 1000  # distinct scopes one intersection may produce before simplification
+
 _RESOURCE_SCOPE = re.compile(
-    r"^(?P<context>patient|user|system)/(?P<resource>\*|[A-Z][A-Za-z]{0,63})"
-    r"\.(?P<perms>read|write|\*|c?r?u?d?s?)(?:\?(?P<params>[^?#\s]+))?\Z")
-_PARAM = re.compile(r"^[A-Za-z0-9_.:-]+=[^&=]+\Z")
-# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-# (\Z, not $: $ also matches before a trailing newline, letting "...\n" through)
-_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+\Z")
-_MAX_SCOPES = 100
+    r"(?P<context>patient|user|system)/(?P<resource>\*|[A-Z][A-Za-z]{0,63})"
+    r"\.(?P<perms>read|write|\*|c?r?u?d?s?)(?:\?(?P<params>[^?#\s]+))?")
+_PARAM = re.compile(r"[A-Za-z0-9_.:-]+=[^&=]+")
+# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ); fullmatch, so a
+# trailing newline never slips through as it would before "$".
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_SCOPE_TEXT = re.compile(r"[\x21\x23-\x5b\x5d-\x7e ]*")  # a whole string of well-formed tokens
+
+# Every permission spelling -> its letter set, and every letter set -> its v2
+# spelling: constant tables, so parsing and formatting build no sets.
+_LETTER_SETS = ["".join(c for i, c in enumerate(V2_ORDER) if m >> i & 1) for m in range(1, 32)]
+_PERMS = {letters: frozenset(letters) for letters in _LETTER_SETS}
+_PERMS.update({word: _PERMS[letters] for word, letters in V1_TO_V2.items()})
+_V2_SPELLING = {frozenset(letters): letters for letters in _LETTER_SETS}
 
 
 class ScopeError(ValueError):
     """A scope string that is not well formed."""
 
 
-@dataclass(frozen=True)
-class Scope:
+class ScopeBudgetError(ScopeError):
+    """A scope string, or the result of an intersection, over its budget."""
+
+
+class Scope(NamedTuple):
     context: str
     resource: str
     perms: frozenset
@@ -48,8 +76,7 @@ class Scope:
         return self.context == "patient"
 
     def v2(self) -> str:
-        letters = "".join(c for c in V2_ORDER if c in self.perms)
-        return self._spell(letters)
+        return self._spell(_V2_SPELLING.get(self.perms) or "".join(c for c in V2_ORDER if c in self.perms))
 
     def v1(self) -> str | None:
         word = V2_TO_V1.get(self.perms)
@@ -76,7 +103,7 @@ class Scope:
         perms = self.perms & other.perms
         if not perms:
             return None
-        return Scope(self.context, resource, perms, self.params or other.params)
+        return _new(Scope, (self.context, resource, perms, self.params or other.params))
 
     def within(self, other: Scope) -> bool:
         """True when every operation this scope permits, ``other`` permits."""
@@ -86,45 +113,171 @@ class Scope:
                 and (not other.params or other.params == self.params))
 
 
-@dataclass(frozen=True)
 class ScopeSet:
-    scopes: tuple  # of Scope
-    v1: bool = False  # every resource scope was spelled in SMART v1
+    """A simplified tuple of resource scopes (no scope within another)."""
+    __slots__ = ("scopes", "v1", "_index")
+
+    def __init__(self, scopes: tuple = (), v1: bool = False):
+        self.scopes = scopes
+        self.v1 = v1  # every resource scope was spelled in SMART v1
+        self._index = None
+
+    def __eq__(self, other):
+        return isinstance(other, ScopeSet) and self.scopes == other.scopes and self.v1 == other.v1
+
+    def __hash__(self):
+        return hash((self.scopes, self.v1))
+
+    def __repr__(self):
+        return f"ScopeSet({self.scopes!r}, v1={self.v1})"
 
     def __bool__(self):
         return bool(self.scopes)
 
+    def __len__(self):
+        return len(self.scopes)
+
     @property
     def has_patient(self) -> bool:
-        return any(s.is_patient for s in self.scopes)
+        for s in self.scopes:
+            if s[0] == "patient":
+                return True
+        return False
 
     def without_patient(self) -> ScopeSet:
-        return ScopeSet(tuple(s for s in self.scopes if not s.is_patient), self.v1)
+        return ScopeSet(tuple(s for s in self.scopes if s.context != "patient"), self.v1)
 
     def intersect(self, other: ScopeSet) -> ScopeSet:
-        out = []
-        for a in self.scopes:
-            for b in other.scopes:
-                c = a.intersect(b)
-                if c is not None:
-                    out.append(c)
-        return ScopeSet(_simplify(out), self.v1)
+        """self ∩ other, listed in self's order, then other's. Raises ScopeBudgetError
+        when it would produce more than MAX_WORK distinct scopes."""
+        return ScopeSet(_intersect(self.scopes, other), self.v1)
 
     def format(self) -> str:
         """v2 spelling; v1 when the set was asked for in v1 and v1 says it exactly."""
-        return _format(self)
-
-    def _format(self) -> str:
         if self.v1:
             words = [s.v1() for s in self.scopes]
             if all(words):
                 return " ".join(words)
-        return " ".join(s.v2() for s in self.scopes)
+        return " ".join([f"{c}/{r}.{_V2_SPELLING[p]}?{q}" if q else f"{c}/{r}.{_V2_SPELLING[p]}"
+                         for c, r, p, q in self.scopes])
+
+    def index(self) -> dict:
+        """context -> _ContextIndex, built on first use and kept with the set."""
+        if self._index is None:
+            index = {}
+            for pos, s in enumerate(self.scopes):
+                ci = index.get(s.context)
+                if ci is None:
+                    ci = index[s.context] = _ContextIndex()
+                ci.add(pos, s)
+            self._index = index
+        return self._index
 
 
-@lru_cache(maxsize=4096)
-def _format(scope_set: ScopeSet) -> str:
-    return scope_set._format()
+_EMPTY = ScopeSet(())
+_new = tuple.__new__  # Scope(...) without the generated __new__'s call overhead
+_SMALL = 64  # pairs below which intersecting pair by pair beats building an index
+
+
+class _ContextIndex:
+    """One context's scopes of a simplified set, by what they can meet. In a
+    simplified set (context, resource, params) is unique, so a scope with
+    params ``p`` on resource ``R`` meets at most the four keys (R|*, ""|p)."""
+    __slots__ = ("keyed", "by_resource", "star_by_perms", "plain_by_perms", "by_params", "positions")
+
+    def __init__(self):
+        self.keyed = {}  # (resource, params) -> position
+        self.by_resource = {}  # resource -> [positions], any params
+        self.star_by_perms = {}  # perms -> [positions] of "*" scopes, any params
+        self.plain_by_perms = {}  # perms -> [positions] of typed scopes without params
+        self.by_params = {}  # params -> [positions] of typed scopes with those params
+        self.positions = []
+
+    def add(self, pos: int, s: Scope) -> None:
+        self.keyed[(s.resource, s.params)] = pos
+        self.by_resource.setdefault(s.resource, []).append(pos)
+        self.positions.append(pos)
+        if s.resource == "*":
+            self.star_by_perms.setdefault(s.perms, []).append(pos)
+        elif s.params:
+            self.by_params.setdefault(s.params, []).append(pos)
+        else:
+            self.plain_by_perms.setdefault(s.perms, []).append(pos)
+
+    def candidates(self, x: Scope) -> list:
+        """Positions of the scopes x may meet (resource and params compatible;
+        groups whose permissions are disjoint from x's are skipped whole)."""
+        keyed, perms = self.keyed, x.perms
+        if x.resource != "*":
+            if x.params:
+                keys = ((x.resource, ""), (x.resource, x.params), ("*", ""), ("*", x.params))
+                return [keyed[k] for k in keys if k in keyed]
+            found = list(self.by_resource.get(x.resource, ()))
+            for p, group in self.star_by_perms.items():
+                if p & perms:
+                    found += group
+            return found
+        if not x.params:
+            return list(self.positions)
+        found = [keyed[k] for k in (("*", ""), ("*", x.params)) if k in keyed]
+        for p, group in self.plain_by_perms.items():
+            if p & perms:
+                found += group
+        found += self.by_params.get(x.params, ())
+        return found
+
+
+def _intersect(a: tuple, other: ScopeSet) -> tuple:
+    """a ∩ other, simplified."""
+    b = other.scopes
+    if len(a) * len(b) <= _SMALL:  # a handful of pairs: the plain loop is fastest
+        out = _pairwise(a, b)
+    else:
+        out = _indexed_intersection(a, other)
+    return _simplify(out) if len(out) > 1 else tuple(out)
+
+
+def _pairwise(a: tuple, b: tuple) -> list:
+    """Scope.intersect over every pair, inlined (few pairs: see ScopeSet.intersect)."""
+    out = []
+    for xc, xr, xp, xq in a:
+        for yc, yr, yp, yq in b:
+            if xc != yc:
+                continue  # contexts never cross
+            if xr == "*":
+                r = yr
+            elif yr == "*" or yr == xr:
+                r = xr
+            else:
+                continue
+            if xq and yq and xq != yq:
+                continue  # a ?param scope meets only no params or identical ones
+            p = xp & yp
+            if p:
+                out.append(_new(Scope, (xc, r, p, xq or yq)))
+    return out
+
+
+def _indexed_intersection(a: tuple, other: ScopeSet) -> list:
+    """Pairs meet only through other's index: O(|a| + |b| + output) for simplified
+    inputs, a "*" scope meeting each typed scope once. Stops past MAX_WORK scopes."""
+    b, index = other.scopes, other.index()
+    out, keys = [], set()
+    for x in a:
+        ci = index.get(x.context)
+        if ci is None:
+            continue
+        found = ci.candidates(x)
+        found.sort()  # other's order, as the pairwise loop lists them
+        for pos in found:
+            c = x.intersect(b[pos])
+            if c is not None:
+                out.append(c)
+                keys.add((c.resource, c.context, c.params))
+        if len(keys) > MAX_WORK:
+            raise ScopeBudgetError(f"The scopes asked for would grant more than {MAX_SCOPES} scopes; "
+                                   "ask for fewer scopes (fewer ?param scopes or resource types).")
+    return out
 
 
 def parse_scope(text: str) -> Scope | None:
@@ -132,70 +285,160 @@ def parse_scope(text: str) -> Scope | None:
 
     Raises ScopeError for a token that claims a SMART context but is malformed.
     """
-    if not _SCOPE_TOKEN.match(text):
+    if len(text) > MAX_SCOPE_LENGTH:
+        raise ScopeBudgetError(f"a scope is longer than {MAX_SCOPE_LENGTH} characters")
+    if not _SCOPE_TOKEN.fullmatch(text):
         raise ScopeError("a scope contains characters RFC 6749 does not allow")
-    if text.split("/", 1)[0] not in CONTEXTS:
+    return _resource_scope(text)
+
+
+def _resource_scope(text: str) -> Scope | None:
+    """parse_scope for a token already known to be of allowed characters."""
+    if text.partition("/")[0] not in CONTEXTS:
         return None  # openid, fhirUser, launch/patient, offline_access, ...
-    m = _RESOURCE_SCOPE.match(text)
-    if not m or m.group("perms") == "":
+    m = _RESOURCE_SCOPE.fullmatch(text)
+    if m is None:
         raise ScopeError("malformed SMART scope; use context/Resource.perms, e.g. patient/Observation.rs")
-    params = m.group("params") or ""
-    if params and not all(_PARAM.match(p) for p in params.split("&")):
+    context, resource, perms, params = m.groups()
+    if not perms:
+        raise ScopeError("malformed SMART scope; use context/Resource.perms, e.g. patient/Observation.rs")
+    if params and not all(_PARAM.fullmatch(p) for p in params.split("&")):
         raise ScopeError("malformed SMART scope parameters; use ?name=value")
-    perms = m.group("perms")
-    return Scope(m.group("context"), m.group("resource"), frozenset(V1_TO_V2.get(perms, perms)), params)
+    return _new(Scope, (context, resource, _PERMS[perms], params or ""))
 
 
 def is_v1(text: str) -> bool:
     return text.split("?", 1)[0].rsplit(".", 1)[-1] in V1_TO_V2
 
 
-@lru_cache(maxsize=4096)
-def parse(text: str | None, strict: bool = True) -> ScopeSet:
+def parse(text: str | None, strict: bool = True, limit: int | None = None) -> ScopeSet:
     """A space-separated scope string -> ScopeSet of its resource scopes.
 
     strict=False skips malformed tokens instead of raising: for scope claims in
-    upstream tokens, whose vocabulary is the EHR's, not ours.
+    upstream tokens, whose vocabulary is the EHR's, not ours. Either way a string
+    over its budget (MAX_SCOPE_TEXT characters; ``limit`` scopes, by default
+    MAX_SCOPES when strict and MAX_CLAIMED_SCOPES when not) raises
+    ScopeBudgetError before any scope is parsed.
     """
-    tokens = [t for t in (text or "").split(" ") if t]  # empty: repeated spaces
-    if strict and len(tokens) > _MAX_SCOPES:
-        raise ScopeError(f"too many scopes; at most {_MAX_SCOPES}")
-    scopes, spellings = [], []
+    if not text:
+        return _EMPTY
+    if " " not in text and len(text) <= MAX_SCOPE_LENGTH:  # one scope: the usual request
+        m = _RESOURCE_SCOPE.fullmatch(text)
+        if m is not None and _SCOPE_TOKEN.fullmatch(text):
+            context, resource, perms, params = m.groups()
+            if perms and (params is None or all(_PARAM.fullmatch(p) for p in params.split("&"))):
+                return ScopeSet((_new(Scope, (context, resource, _PERMS[perms], params or "")),),
+                                perms in V1_TO_V2)
+    if len(text) > MAX_SCOPE_TEXT:
+        raise ScopeBudgetError(f"the scope string is longer than {MAX_SCOPE_TEXT} characters")
+    tokens = text.split(" ")
+    if "" in tokens:
+        tokens = [t for t in tokens if t]  # empty: repeated spaces
+    if limit is None:
+        limit = MAX_SCOPES if strict else MAX_CLAIMED_SCOPES
+    if len(tokens) > limit:
+        raise ScopeBudgetError(f"too many scopes; at most {limit}")
+    clean = _SCOPE_TEXT.fullmatch(text) is not None  # then no token needs its own character check
+    match, scopes, all_v1 = _RESOURCE_SCOPE.fullmatch, [], True
     for tok in tokens:
-        if not tok:
-            continue
+        m = match(tok) if clean and len(tok) <= MAX_SCOPE_LENGTH else None
+        if m is not None:  # the common case, inline
+            context, resource, perms, params = m.groups()
+            if perms and (params is None or all(_PARAM.fullmatch(p) for p in params.split("&"))):
+                scopes.append(_new(Scope, (context, resource, _PERMS[perms], params or "")))
+                all_v1 = all_v1 and perms in V1_TO_V2
+                continue
+        if clean and tok.partition("/")[0] not in CONTEXTS:
+            continue  # openid, fhirUser, launch/patient, offline_access, ...
         try:
-            s = parse_scope(tok)
+            s = parse_scope(tok)  # not a resource scope (None), or says what is wrong
         except ScopeError:
             if strict:
                 raise
             continue
         if s is not None:
             scopes.append(s)
-            spellings.append(is_v1(tok))
-    return ScopeSet(_simplify(scopes), bool(spellings) and all(spellings))
+            all_v1 = all_v1 and is_v1(tok)
+    if not scopes:
+        return _EMPTY
+    return ScopeSet(_simplify(scopes) if len(scopes) > 1 else tuple(scopes), all_v1)
+
+
+def parse_claim(text: str | None) -> ScopeSet:
+    """The scopes of a verified upstream token (its signed scope claim, or its
+    issuer's introspection answer): lenient, within MAX_CLAIMED_SCOPES. An app's
+    tokens carry the same few claim strings exchange after exchange, so short ones
+    (at most _CLAIM_MEMO_TEXT characters) are memoised, at most _CLAIM_MEMO
+    entries. The key is trusted and bounded: issuer-signed text, never request text."""
+    if text is not None and len(text) <= _CLAIM_MEMO_TEXT:
+        return _parse_claim_memo(text)
+    return parse(text, strict=False)
+
+
+_CLAIM_MEMO_TEXT = 512
+_CLAIM_MEMO = 256
+
+
+@lru_cache(maxsize=_CLAIM_MEMO)
+def _parse_claim_memo(text: str) -> ScopeSet:
+    return parse(text, strict=False)
 
 
 def _simplify(scopes) -> tuple:
     """Merge permissions of equal (context, resource, params), drop scopes
-    another scope already covers; keep first-seen order."""
+    another scope already covers; keep first-seen order. O(n): once equal keys
+    are merged, only (R|*, ""|params) of the same context can cover a scope."""
+    if len(scopes) < 2:
+        return tuple(scopes)
+    if len(scopes) == 2:  # the usual size: decide the pair directly
+        a, b = scopes
+        if a.context != b.context:
+            return (a, b)
+        if a.resource == b.resource and a.params == b.params:
+            return (a if b.perms <= a.perms else _new(Scope, (a.context, a.resource, a.perms | b.perms, a.params)),)
+        if b.within(a):
+            return (a,)
+        return (b,) if a.within(b) else (a, b)
     merged: dict = {}
     for s in scopes:
         key = (s.context, s.resource, s.params)
         prev = merged.get(key)
-        merged[key] = s if prev is None else Scope(s.context, s.resource, prev.perms | s.perms, s.params)
-    items = list(merged.values())
-    return tuple(s for i, s in enumerate(items)
-                 if not any(j != i and s.within(o) and not (o.within(s) and j > i)
-                            for j, o in enumerate(items)))
+        if prev is None:
+            merged[key] = s
+        elif not s.perms <= prev.perms:
+            merged[key] = Scope(s.context, s.resource, prev.perms | s.perms, s.params)
+    out = []
+    for (context, resource, params), s in merged.items():
+        covered = False
+        for key in ((context, resource, ""), (context, "*", ""), (context, "*", params)):
+            if key[1] == resource and key[2] == params:
+                continue  # s itself
+            o = merged.get(key)
+            if o is not None and s.perms <= o.perms:
+                covered = True
+                break
+        if not covered:
+            out.append(s)
+    return tuple(out)
 
 
-@lru_cache(maxsize=4096)
-def downscope(requested: str | None, *bounds: ScopeSet) -> ScopeSet:
-    """requested ∩ every bound (contract rule 6). Absent request: all the bounds allow."""
-    result = parse(requested) if requested is not None else None
+def downscope(requested: str | ScopeSet | None, *bounds: ScopeSet) -> ScopeSet:
+    """requested ∩ every bound (contract rule 6). Absent request: all the bounds allow.
+
+    Raises ScopeError for a malformed request, ScopeBudgetError when the grant
+    would list more than MAX_SCOPES scopes."""
+    if requested is None:
+        if not bounds:
+            return _EMPTY
+        result, v1 = bounds[0].scopes, False  # all the bounds allow, said in v2
+        bounds = bounds[1:]
+    else:
+        if isinstance(requested, str):
+            requested = parse(requested)
+        result, v1 = requested.scopes, requested.v1
     for bound in bounds:
-        result = bound if result is None else result.intersect(bound)
-    if result is None:
-        return ScopeSet(())
-    return result if requested is not None else ScopeSet(result.scopes, False)
+        result = _intersect(result, bound)
+    if len(result) > MAX_SCOPES:
+        raise ScopeBudgetError(f"The grant would list more than {MAX_SCOPES} scopes; "
+                               "ask for fewer scopes (fewer ?param scopes or resource types).")
+    return ScopeSet(result, v1)
