@@ -120,6 +120,14 @@ def test_a_request_scope_over_the_text_budget_is_invalid_scope(exchange):
     assert "longer than" in body["error_description"]
 
 
+def test_a_subject_token_scope_claim_over_the_budget_is_invalid_request(exchange, ehr):
+    claim = " ".join(f"patient/{t}.r" for t in types(300))
+    body = error_of(exchange(subject_token=ehr.access_token(scope=claim)), 400, "invalid_request")
+    assert "fewer scopes" in body["error_description"]
+    listed = ehr.access_token(scope=None, scp=claim.split())
+    error_of(exchange(subject_token=listed), 400, "invalid_request")
+
+
 def test_a_jwt_grant_whose_scope_claim_is_over_the_budget_is_invalid_grant(world, http, ehr):
     from test_jwt_grant import JWT_BEARER, make_grant
     world("trust", "update", "--client", "vendor", "--issuer", ehr.issuer, "--target", TARGET, "--allow-jwt-grant")
@@ -149,3 +157,268 @@ def test_refused_requests_with_distinct_scope_strings_do_not_grow_memory(world, 
     gc.collect()
     grown = rss_mb() - before
     assert grown < 25, f"RSS grew {grown:.0f} MB over 1,500 refused requests"
+
+
+# -- 2. trusts before tokens: no key fetched for an issuer the client is not trusted for ---
+def test_tokens_from_an_issuer_the_client_has_no_trust_for_fetch_no_keys(world, exchange, ehr_b):
+    world("issuer", "add", ehr_b.issuer, "--jwks-uri", ehr_b.issuer + "/jwks", "--source", SOURCE2,
+          "--algs", "ES256")
+    hits = ehr_b.jwks_hits
+    for _ in range(3):
+        body = error_of(exchange(subject_token=ehr_b.access_token(aud=SOURCE2),
+                                 actor_token=ehr_b.id_token(source=SOURCE2)), 400, "invalid_request")
+        assert "not trusted" in body["error_description"] and "issuer" in body["error_description"]
+    assert ehr_b.jwks_hits == hits
+
+
+def test_an_unknown_target_is_refused_before_any_key_is_fetched(world, exchange, ehr):
+    hits = ehr.jwks_hits
+    error_of(exchange(resource="https://unknown.example/fhir"), 400, "invalid_target")
+    assert ehr.jwks_hits == hits
+
+
+# -- 4, 5. outbound fetches an anonymous caller can cause: none for junk, one per interval --
+@pytest.fixture
+def vendor(world, ehr):
+    """A vendor host serving a private_key_jwt client's JWKS; client 'backend' uses it."""
+    host = FakeEHR("vendor-keys", alg="ES384")
+    world("client", "add", "backend", "--jwks-uri", host.issuer + "/jwks")
+    world("trust", "add", "--client", "backend", "--issuer", ehr.issuer, "--target", TARGET,
+          "--scopes", "patient/*.rs", "--upstream-client-id", UPSTREAM)
+    yield host
+    host.stop()
+
+
+def vendor_assertion(host, key=None, **over):
+    now = int(time.time())
+    claims = {"iss": "backend", "sub": "backend", "aud": SERVICE + "/token", "exp": now + 200,
+              "iat": now, "jti": uuid.uuid4().hex}
+    claims.update(over)
+    return host.sign({k: v for k, v in claims.items() if v is not None}, key=key)
+
+
+def assertion_form(ehr, assertion):
+    return {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+            "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET,
+            "client_assertion_type": ASSERTION, "client_assertion": assertion}
+
+
+def test_junk_assertions_never_fetch_the_clients_jwks(http, ehr, vendor):
+    now = int(time.time())
+    junk = [
+        "x.y.z", "a" * 50, vendor_assertion(vendor, aud="https://elsewhere.example/token"),
+        vendor_assertion(vendor, exp=now - 3600), vendor_assertion(vendor, exp=now + 3600),
+        vendor_assertion(vendor, exp=None), vendor_assertion(vendor, iss="someone-else"),
+        vendor_assertion(vendor, sub="nobody", iss="nobody"), vendor_assertion(vendor, sub="vendor", iss="vendor"),
+        vendor_assertion(vendor, exp="soon"), vendor_assertion(vendor, aud=None),
+        jwt.encode({"iss": "backend", "sub": "backend", "aud": SERVICE + "/token", "exp": now + 60},
+                   "k" * 32, algorithm="HS256"),
+    ]
+    for a in junk:
+        error_of(post_token(http, assertion_form(ehr, a), auth=None), 401, "invalid_client")
+    assert vendor.hits["jwks"] == 0
+
+
+def test_a_failing_client_jwks_is_fetched_at_most_once_per_interval(http, ehr, vendor):
+    vendor.down = True
+    for _ in range(20):  # well-formed, well-addressed, unexpired: only the keys are missing
+        error_of(post_token(http, assertion_form(ehr, vendor_assertion(vendor)), auth=None), 401, "invalid_client")
+    assert vendor.hits["jwks"] <= 1
+    vendor.down = False
+
+
+def test_a_failing_issuer_jwks_never_cached_is_fetched_at_most_once_per_interval(exchange, ehr):
+    ehr.down = True
+    hits = ehr.jwks_hits
+    for _ in range(15):
+        error_of(exchange(), 400, "invalid_request")
+    assert ehr.jwks_hits - hits <= 1
+
+
+def test_a_client_jwks_answering_no_store_is_still_fetched_at_most_once_per_interval(http, ehr, vendor):
+    vendor.replies["jwks"] = Scripted(headers=(("Cache-Control", "no-store"),))
+    for _ in range(5):
+        r = post_token(http, assertion_form(ehr, vendor_assertion(vendor)), auth=None)
+        assert r.status_code == 200, r.get_json()
+    assert vendor.hits["jwks"] == 1
+
+
+# -- 6. no 500 from any input or upstream answer ---------------------------------------------
+def test_a_client_assertion_nested_thousands_deep_is_invalid_client(http, ehr, vendor):
+    now = int(time.time())
+    payload = nested_claims({"iss": "backend", "sub": "backend", "aud": SERVICE + "/token", "exp": now + 60})
+    for header, body in ((b'{"alg":"ES384","kid":"vendor-keys-k1"}', payload),
+                         (b'{"alg":"ES384","x":' + b"[" * DEEP + b"]" * DEEP + b"}", payload)):
+        a = f"{b64(header)}.{b64(body)}.{b64(b'sig')}"
+        error_of(post_token(http, assertion_form(ehr, a), auth=None), 401, "invalid_client")
+    assert vendor.hits["jwks"] == 0
+
+
+@pytest.mark.parametrize("slot", ["subject_token", "actor_token"])
+def test_a_token_nested_thousands_deep_is_invalid_request_and_audited(world, exchange, ehr, slot):
+    claims = ehr.access_claims() if slot == "subject_token" else ehr.id_claims()
+    header = json.dumps({"alg": "RS256", "kid": ehr.kid, "typ": "JWT"}).encode()
+    token = raw_jws(header, nested_claims(claims), ehr.key)
+    assert len(token) < 16 * 1024
+    error_of(exchange(**{slot: token}), 400, "invalid_request")
+    row = audit_rows(world)[-1]
+    assert (row["client_id"], row["outcome"], row["error"]) == ("vendor", "refused", "invalid_request")
+
+
+def test_huge_numbers_in_a_token_are_invalid_request(exchange, ehr):
+    header = json.dumps({"alg": "RS256", "kid": ehr.kid}).encode()
+    claims = json.dumps(ehr.access_claims(exp=0)).replace('"exp": 0', '"exp": 1' + "0" * 5000).encode()
+    error_of(exchange(subject_token=raw_jws(header, claims, ehr.key)), 400, "invalid_request")
+
+
+@pytest.mark.parametrize("answer", [
+    Scripted(body=nested_json(DEEP)),
+    Scripted(body=nested_json(100)),
+    Scripted(body=b"[1, 2, 3]"),
+    Scripted(body=b'{"keys": {"kty": "RSA"}}'),
+    Scripted(body=b'{"keys": [{"kty": "EC", "crv": "P-999", "x": "AA", "y": "AA"}, {"kty": "XYZ"}, '
+                  b'{"kty": "RSA", "n": 5, "e": []}, {"alg": ["RS256"], "kty": "RSA"}, 7]}'),
+    Scripted(body=b"not json"),
+    Scripted(body=b'{"keys": [], "n": 1' + b"0" * 5000 + b"}"),
+    Scripted(status=302, headers=(("Location", "/ehr-a/jwks2"),), body=b""),
+])
+def test_a_hostile_issuer_jwks_is_invalid_request_never_500(exchange, ehr, answer):
+    ehr.replies["jwks"] = answer
+    error_of(exchange(), 400, "invalid_request")
+
+
+def test_unusable_keys_beside_a_good_one_are_skipped(exchange, ehr):
+    good = ehr.jwks()["keys"]
+    odd = [{"kty": "EC", "crv": "P-999", "x": "AA", "y": "AA", "kid": "odd"}, {"kty": "XYZ"},
+           {"kty": "RSA", "alg": ["RS256"], "n": "AQAB", "e": "AQAB"}, {"kid": 5, "kty": "RSA"},
+           dict(good[0], use="enc", kid="enc-key")]
+    ehr.replies["jwks"] = Scripted(body=json.dumps({"keys": odd + good}).encode())
+    assert exchange().status_code == 200
+
+
+@pytest.mark.parametrize("answer", [
+    Scripted(body=nested_json(DEEP)),
+    Scripted(headers=(("Cache-Control", "max-age=" + "9" * 5000),)),
+    Scripted(body=b'{"keys": [{"kty": "EC", "crv": "P-999", "x": "AA", "y": "AA", "kid": "vendor-keys-k1"}]}'),
+    Scripted(body=b'{"keys": [{"kty": "unknown", "kid": "vendor-keys-k1"}]}'),
+    Scripted(body=b'["keys"]'),
+])
+def test_a_hostile_client_jwks_is_never_500(http, ehr, vendor, answer):
+    vendor.replies["jwks"] = answer
+    r = post_token(http, assertion_form(ehr, vendor_assertion(vendor)), auth=None)
+    assert r.status_code in (200, 401), r.get_data(as_text=True)
+    if r.status_code == 401:
+        error_of(r, 401, "invalid_client")
+
+
+def test_a_client_jwks_with_a_5000_digit_max_age_still_authenticates(http, ehr, vendor):
+    vendor.replies["jwks"] = Scripted(headers=(("Cache-Control", "max-age=" + "9" * 5000),))
+    r = post_token(http, assertion_form(ehr, vendor_assertion(vendor)), auth=None)
+    assert r.status_code == 200, r.get_json()
+
+
+@pytest.mark.parametrize("answer", [
+    Scripted(body=nested_json(DEEP)), Scripted(body=b'["active", true]'), Scripted(body=b"null"),
+    Scripted(body=b'{"active": true, "exp": 1' + b"0" * 5000 + b"}"),
+    Scripted(body=b'{"active": true, "exp": 1e999, "sub": "user-1"}'),
+    Scripted(status=500, body=b"oops"),
+])
+def test_a_hostile_introspection_answer_is_invalid_request_never_500(exchange, ehr, answer):
+    ehr.replies["introspect"] = answer
+    error_of(exchange(subject_token="opaque-hostile"), 400, "invalid_request")
+
+
+@pytest.mark.parametrize("path", ["/introspect", "/revoke"])
+def test_a_nested_token_at_introspect_and_revoke_is_never_500(http, path):
+    from conftest import TARGET_SECRET
+    from test_lifecycle import basic
+    deep_header = b'{"alg":"RS256","x":' + b"[" * DEEP + b"]" * DEEP + b"}"
+    plain_header, sig = b'{"alg":"RS256"}', b"s"
+    for token in (".".join([b64(deep_header), b64(b"{}"), b64(sig)]),
+                  ".".join([b64(plain_header), b64(nested_claims({})), b64(sig)])):
+        auth = basic("hospital-b", TARGET_SECRET) if path == "/introspect" else basic("vendor", VENDOR_SECRET)
+        r = http.post(path, data={"token": token}, headers=auth)
+        assert r.status_code == 200, r.get_data(as_text=True)
+
+
+# -- 7. subject and actor from one source -----------------------------------------------------
+@pytest.fixture
+def two_sources(world, ehr_b):
+    """ehr_b vouches for SOURCE and SOURCE2; the same patient id has a link from each."""
+    world("issuer", "add", ehr_b.issuer, "--jwks-uri", ehr_b.issuer + "/jwks", "--source", SOURCE,
+          "--source", SOURCE2, "--algs", "ES256")
+    world("trust", "add", "--client", "vendor", "--issuer", ehr_b.issuer, "--target", TARGET,
+          "--scopes", "patient/*.rs", "--upstream-client-id", UPSTREAM)
+    world("link", "add", "--source", SOURCE2, "--patient", "a-123", "--target", TARGET, "--target-patient", "b-999")
+    return ehr_b
+
+
+def test_access_and_id_token_naming_different_sources_is_invalid_request(exchange, two_sources):
+    b = two_sources
+    body = error_of(exchange(subject_token=b.access_token(patient="a-123", source=SOURCE),
+                             actor_token=b.id_token(patient="a-123", source=SOURCE2)), 400, "invalid_request")
+    assert "source" in body["error_description"]
+
+
+def test_access_and_id_token_naming_the_same_source_are_granted(exchange, two_sources):
+    b = two_sources
+    r = exchange(subject_token=b.access_token(patient="a-123", source=SOURCE2),
+                 actor_token=b.id_token(patient="a-123", source=SOURCE2))
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["patient"] == "b-999"
+
+
+# -- 8. introspected subject tokens are access tokens -----------------------------------------
+def opaque_answer(ehr, **over):
+    now = int(time.time())
+    body = {"active": True, "iss": ehr.issuer, "sub": "user-1", "client_id": UPSTREAM, "scope": "patient/*.rs",
+            "aud": SOURCE, "exp": now + 300, "iat": now}
+    body.update(over)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def test_introspection_is_sent_the_access_token_hint(exchange, ehr):
+    ehr.opaque["opaque-hint"] = opaque_answer(ehr)
+    assert exchange(subject_token="opaque-hint").status_code == 200
+    forms = [form for endpoint, _, form in ehr.requests_seen if endpoint == "introspect"]
+    assert forms[-1]["token_type_hint"] == ["access_token"]
+
+
+@pytest.mark.parametrize("token_type", ["refresh_token", "urn:ietf:params:oauth:token-type:refresh_token",
+                                        "id_token", "", 5, ["access_token"]])
+def test_an_introspected_token_of_another_type_is_invalid_request(exchange, ehr, token_type):
+    ehr.opaque["opaque-type"] = opaque_answer(ehr, token_type=token_type)
+    body = error_of(exchange(subject_token="opaque-type"), 400, "invalid_request")
+    assert "access token" in body["error_description"]
+
+
+@pytest.mark.parametrize("token_type", [None, "access_token", "Bearer", "bearer", "ACCESS_TOKEN",
+                                        "urn:ietf:params:oauth:token-type:access_token"])
+def test_an_introspected_access_token_is_accepted(exchange, ehr, token_type):
+    ehr.opaque["opaque-ok"] = opaque_answer(ehr, token_type=token_type)
+    r = exchange(subject_token="opaque-ok")
+    assert r.status_code == 200, r.get_json()
+
+
+def test_urls_are_logged_without_their_credentials(make_app, world, exchange_factory, ehr, ehr_b, caplog):
+    import logging
+    with_creds = "http://user:s3cret-pw@127.0.0.1:9/keys?api_key=s3cret-q"
+    world("issuer", "add", ehr_b.issuer, "--jwks-uri", with_creds, "--source", SOURCE2, "--algs", "ES256")
+    world("trust", "add", "--client", "vendor", "--issuer", ehr_b.issuer, "--target", TARGET,
+          "--scopes", "patient/*.rs", "--upstream-client-id", UPSTREAM)
+    world("client", "add", "creds", "--jwks-uri", with_creds)
+    http = make_app().test_client()
+    service_log = logging.getLogger("token_exchange")  # it does not propagate to the root logger
+    service_log.addHandler(caplog.handler)
+    try:
+        error_of(exchange_factory(http, subject_token=ehr_b.access_token(aud=SOURCE2),
+                                  actor_token=ehr_b.id_token(source=SOURCE2)), 400, "invalid_request")
+        now = int(time.time())
+        a = jwt.encode({"iss": "creds", "sub": "creds", "aud": SERVICE + "/token", "exp": now + 60, "jti": "j"},
+                       new_key("ES384"), algorithm="ES384")
+        error_of(post_token(http, assertion_form(ehr, a), auth=None), 401, "invalid_client")
+    finally:
+        service_log.removeHandler(caplog.handler)
+    logged = [f"{r.getMessage()} {r.__dict__}" for r in caplog.records]
+    assert sum("127.0.0.1:9/keys" in line for line in logged) >= 2  # both failures were logged...
+    assert not any("s3cret" in line for line in logged)  # ...without the credentials

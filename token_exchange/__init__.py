@@ -16,7 +16,6 @@ class Extension:
 
 def create_app(settings=None, env=None):
     """Application factory: settings, database, authorization server, blueprint, CLI."""
-    import requests
     from flask import Flask
 
     from . import consent, endpoints, logs
@@ -39,10 +38,10 @@ def create_app(settings=None, env=None):
     accelerator = Accelerator(settings.redis_url, settings.database_url, settings.redis_prefix)
     store = Store(engine, settings, accelerator)
     metrics = Metrics()
-    http = requests.Session()
-    jwks_cache = JWKSCache(settings, http, metrics)
-    validator = TokenValidator(jwks_cache, http, settings)
-    assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, http))
+    upstream = Upstream(settings, metrics)  # every outbound call: deadline, size cap, no cookies
+    jwks_cache = JWKSCache(settings, upstream, metrics)
+    validator = TokenValidator(jwks_cache, upstream, settings)
+    assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, upstream, metrics))
     consents = consent.init_app(app, settings, store, metrics)
     upstream = Upstream(settings, metrics)  # every outbound call: deadline, size cap, no cookies
     patients = PatientMapper(store, make_matcher(settings, store, upstream, metrics))

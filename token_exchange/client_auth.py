@@ -8,22 +8,18 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import threading
 import time
 
 from urllib.parse import unquote
 
-import requests
 from authlib.oauth2.rfc6749.authenticate_client import ClientAuthentication
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
-from joserfc import jwt as jose_jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet as JoseKeySet
 
-from . import urns
+from . import jose, urns
 from .errors import InvalidClient, InvalidClientError, InvalidRequest
-from .issuers import max_age
+from .issuers import IssuerUnavailable, JWKSCache, import_keys
 from .sealing import check_secret
+from .subject import audiences
 
 log = logging.getLogger(__name__)
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
@@ -121,51 +117,49 @@ class Authenticator:
 
 
 class ClientJWKS:
-    """Clients' registered JWKS: inline, or fetched from their jwks_uri and cached
-    as its Cache-Control allows (bounded)."""
+    """Clients' registered keys: inline (imported once per registration), or from
+    their jwks_uri through a JWKSCache: Cache-Control honoured within bounds, at
+    most one fetch per jwks_min_refetch per URI whatever the outcome."""
 
-    def __init__(self, settings, http):
-        self.settings, self.http = settings, http
-        self._cache: dict = {}  # uri -> (expires, jwks dict)
+    def __init__(self, settings, upstream, metrics=None):
+        self.remote = JWKSCache(settings, upstream, metrics)
+        self._inline: dict = {}  # client_id -> (the registration's jwks dict, [Key])
 
-    def get(self, cfg) -> dict:
+    def keys(self, cfg, kid: str | None) -> list:
         if cfg.jwks:
-            return cfg.jwks
+            hit = self._inline.get(cfg.client_id)
+            if hit is None or hit[0] is not cfg.jwks:
+                try:
+                    hit = (cfg.jwks, import_keys(cfg.jwks))
+                except ValueError:
+                    hit = (cfg.jwks, [])
+                self._inline[cfg.client_id] = hit
+            return hit[1]
         if not cfg.jwks_uri:
             raise InvalidClientError(description="The client has no registered keys.")
-        now = time.monotonic()
-        hit = self._cache.get(cfg.jwks_uri)
-        if hit and hit[0] > now:
-            return hit[1]
         try:
-            r = self.http.get(cfg.jwks_uri, timeout=self.settings.http_timeout)
-            r.raise_for_status()
-            jwks = r.json()
-            if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
-                raise ValueError("not a JWKS")
-        except (requests.RequestException, ValueError):
-            if hit:  # stale-if-error
-                return hit[1]
+            return self.remote.keys(cfg.jwks_uri, kid)
+        except IssuerUnavailable:
             raise InvalidClientError(description="The client's JWKS could not be fetched.") from None
-        advertised = max_age(r.headers)
-        ttl = self.settings.jwks_cache_ttl if advertised is None else min(advertised, self.settings.jwks_cache_ttl)
-        if "no-store" in r.headers.get("Cache-Control", "") or "no-cache" in r.headers.get("Cache-Control", ""):
-            ttl = 0
-        self._cache[cfg.jwks_uri] = (now + ttl, jwks)
-        return jwks
 
 
 class PrivateKeyJWT(JWTBearerClientAssertion):
     """RFC 7523 §2.2 client assertions, as SMART Backend Services profiles them:
     iss = sub = client_id, aud = the token endpoint (or this issuer), exp at most
     five minutes ahead, jti never twice while unexpired, kid selecting exactly one
-    registered key, jku only when it equals the registered JWKS URL."""
+    registered key, jku only when it equals the registered JWKS URL.
+
+    Cheap checks first: the assertion is decoded once (bounded, jose.parse), and
+    its structure, iss/sub (a registered private_key_jwt client), aud and exp must
+    pass before the client's keys are looked up, so junk assertions never make
+    the service fetch a vendor's JWKS. The signature is verified with PyJWT's
+    algorithms (as for subject tokens), then Authlib's claim registry and the jti
+    replay check run."""
     CLIENT_AUTH_METHOD = "private_key_jwt"
 
     def __init__(self, settings, store, jwks: ClientJWKS):
         super().__init__(validate_jti=True, leeway=urns.CLOCK_LEEWAY)
         self.settings, self.store, self.jwks = settings, store, jwks
-        self._local = threading.local()  # the key chosen for the request in flight
 
     def get_audiences(self):
         return [self.settings.token_endpoint, self.settings.issuer]
@@ -174,37 +168,53 @@ class PrivateKeyJWT(JWTBearerClientAssertion):
         assertion = request.form.get("client_assertion")
         if not assertion:
             raise InvalidClientError(description="client_assertion is required.")
-        headers, claims = self.extract_assertion(assertion)
-        alg = headers.get("alg")
-        if alg not in urns.CLIENT_ASSERTION_ALGS:
+        try:
+            parsed = jose.parse(assertion)
+        except jose.MalformedToken:
+            raise InvalidClientError(description="The client assertion is not a well-formed JWT.") from None
+        header, claims = parsed.header, parsed.claims
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in urns.CLIENT_ASSERTION_ALGS:
             raise InvalidClientError(description="Unsupported client assertion algorithm.")
-        client = query_client(claims.get("sub")) if isinstance(claims.get("sub"), str) else None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or claims.get("iss") != sub:
+            raise InvalidClientError(description="The assertion's iss and sub must both be the client_id.")
+        client = query_client(sub)
         if client is None or client.cfg.auth_method != "private_key_jwt":
             raise InvalidClientError(description="Unknown client or not registered for private_key_jwt.")
-        if "jku" in headers and headers["jku"] != client.cfg.jwks_uri:
+        self._check_audience_and_expiry(claims)
+        if "jku" in header and header["jku"] != client.cfg.jwks_uri:
             raise InvalidClientError(description="jku does not equal the registered JWKS URL.")
-        kid = headers.get("kid")
-        keys = [k for k in self.jwks.get(client.cfg).get("keys", []) if isinstance(k, dict)]
-        matching = [k for k in keys if k.get("kid") == kid] if kid is not None else keys
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidClientError(description="The assertion's kid is malformed.")
+        keys = self.jwks.keys(client.cfg, kid)  # the first point that may reach the network
+        matching = [k for k in keys if k.kid == kid] if kid is not None else keys
         if len(matching) != 1:
             raise InvalidClientError(description="The assertion's kid must select exactly one registered key.")
-        self._local.key, self._local.alg = matching[0], alg
-        return super().__call__(query_client, request)
+        key = matching[0]
+        if key.alg is not None and key.alg != alg:
+            raise InvalidClientError(description="The assertion's alg is not the registered key's.")
+        if not jose.verify_signature(parsed, alg, key.jwk.key):
+            raise InvalidClientError(description="The client assertion's signature does not verify.")
+        request.client = client
+        self.verify_claims(claims)  # Authlib: iss, sub, aud, exp, nbf, iat; then the jti
+        return self.authenticate_client(client)
 
-    def resolve_client_public_key(self, client):
-        return JoseKeySet.import_key_set({"keys": [self._local.key]})
-
-    def process_assertion_claims(self, assertion, resolve_key):
-        try:
-            token = jose_jwt.decode(assertion, resolve_key, algorithms=[self._local.alg])
-        except JoseError as e:
-            raise InvalidClientError(description="The client assertion's signature does not verify.") from e
-        self.verify_claims(token.claims)
-        return token.claims
+    def _check_audience_and_expiry(self, claims):
+        """aud names this service; exp present, not passed, at most five minutes ahead."""
+        accepted = self.get_audiences()
+        if not any(a in accepted for a in audiences(claims)):
+            raise InvalidClientError(description="The assertion's aud must be this service's token endpoint.")
+        exp, now = claims.get("exp"), time.time()
+        if not jose.is_number(exp) or exp <= now - urns.CLOCK_LEEWAY:
+            raise InvalidClientError(description="The assertion lacks exp or has expired.")
+        if exp > now + urns.ASSERTION_MAX_AHEAD + urns.CLOCK_LEEWAY:
+            raise InvalidClientError(description="The assertion's exp is more than five minutes ahead.")
 
     def validate_jti(self, claims, jti):
         exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or exp > time.time() + urns.ASSERTION_MAX_AHEAD + urns.CLOCK_LEEWAY:
+        if not jose.is_number(exp) or exp > time.time() + urns.ASSERTION_MAX_AHEAD + urns.CLOCK_LEEWAY:
             raise InvalidClientError(description="The assertion's exp is more than five minutes ahead.")
         if not isinstance(jti, str) or not jti or len(jti) > 255:
             return False

@@ -43,14 +43,17 @@ def b64url_decode(segment: str) -> bytes:
 
 
 def parse(token: str) -> Parsed:
-    """Split and decode a compact JWS; no verification yet."""
+    """Split and decode a compact JWS; no verification yet. Bounded: callers cap the
+    token's length, and any JSON the decoder refuses is a MalformedToken."""
     parts = token.split(".")
     if len(parts) != 3:
         raise MalformedToken()
     try:
         header = _DECODER.decode(b64url_decode(parts[0]).decode("utf-8"))
         claims = _DECODER.decode(b64url_decode(parts[1]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # ValueError also covers integers of more digits than int() reads (4,300);
+        # RecursionError, JSON nested deeper than the decoder follows.
         raise MalformedToken() from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise MalformedToken()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import jose, scopes, urns
 from .errors import InvalidRequest
-from .issuers import IssuerUnavailable, UnknownKey, introspect
+from .issuers import ACCESS_TOKEN_TYPES, IssuerUnavailable, UnknownKey, introspect
 
 # Claims only an ID token carries (OIDC Core §2, §3.1.3.6): an access token has none.
 _ID_TOKEN_ONLY = ("nonce", "at_hash", "c_hash", "s_hash")
@@ -42,15 +42,17 @@ def looks_like_jwt(token: str) -> bool:
 
 
 class TokenValidator:
-    def __init__(self, jwks_cache, http, settings):
+    def __init__(self, jwks_cache, upstream, settings):
         self.jwks = jwks_cache
-        self.http = http
+        self.upstream = upstream
         self.settings = settings
 
     # -- one JWT ------------------------------------------------------------
-    def verify_jwt(self, token: str, cfg, what: str) -> tuple[object, dict]:
+    def verify_jwt(self, token: str, cfg, what: str, trusts=None) -> tuple[object, dict]:
         """Signature, algorithm, iss, exp, nbf, iat (rule 1) -> (IssuerCfg, claims).
-        The token is decoded once (jose.parse)."""
+        The token is decoded once (jose.parse). With ``trusts`` (the client's), an
+        issuer none of them names is refused before its keys are fetched: a client
+        cannot make the service fetch keys it would not use."""
         try:
             parsed = jose.parse(token)
         except jose.MalformedToken:
@@ -61,6 +63,12 @@ class TokenValidator:
         if issuer is None:
             raise InvalidRequest(f"The {what} was not issued by a trusted issuer; "
                                  "its iss must equal a registered issuer URL exactly.")
+        if trusts is not None and not any(t.issuer == iss for t in trusts):
+            # Contract order: the trust for this issuer is checked after the tokens,
+            # with the same error (invalid_request); here it is checked first, from
+            # the still unverified iss, so no key is fetched for an untrusted issuer.
+            raise InvalidRequest(f"This client is not trusted to exchange tokens from the issuer of the {what}; "
+                                 "send tokens from an issuer its trusts name, or ask an administrator for a trust.")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in issuer.algs or alg not in urns.ASYMMETRIC_ALGS:
             raise InvalidRequest(f"The {what} is signed with an algorithm this issuer is not allowed to use.")
@@ -88,24 +96,25 @@ class TokenValidator:
 
     # -- the whole request ----------------------------------------------------
     def validate(self, req, cfg, client_id: str, target) -> Presented:
+        trusts = cfg.trusts_by_client.get(client_id, ())
         if req.subject_token_type == urns.ID_TOKEN:
-            issuer, claims = self.verify_jwt(req.subject_token, cfg, "subject_token (ID token)")
+            issuer, claims = self.verify_jwt(req.subject_token, cfg, "subject_token (ID token)", trusts)
             _check_id_token_shape(claims, "subject_token")
             presented = Presented(issuer, req.subject_token_type, claims.get("sub"), claims, claims, None,
                                   None, None, _str(claims.get("fhirUser")), int(claims["exp"]))
         else:
-            presented = self._access_token(req, cfg, client_id, target)
+            presented = self._access_token(req, cfg, client_id, target, trusts)
         _check_may_act(presented.claims, client_id)  # rule 4
         self._locate_patient(presented)
         return presented
 
-    def _access_token(self, req, cfg, client_id, target) -> Presented:
+    def _access_token(self, req, cfg, client_id, target, trusts) -> Presented:
         actor_issuer = actor = None
         if req.actor_token is not None:
-            actor_issuer, actor = self.verify_jwt(req.actor_token, cfg, "actor_token (ID token)")
+            actor_issuer, actor = self.verify_jwt(req.actor_token, cfg, "actor_token (ID token)", trusts)
             _check_id_token_shape(actor, "actor_token")
         if looks_like_jwt(req.subject_token):
-            issuer, claims = self.verify_jwt(req.subject_token, cfg, "subject_token")
+            issuer, claims = self.verify_jwt(req.subject_token, cfg, "subject_token", trusts)
             if any(c in claims for c in _ID_TOKEN_ONLY):
                 raise InvalidRequest("The subject_token is an ID token; send it as actor_token, "
                                      "or as subject_token with subject_token_type id_token.")
@@ -129,10 +138,7 @@ class TokenValidator:
                 raise InvalidRequest("The subject_token and actor_token come from different issuers.")
             if "sub" in claims and "sub" in actor and claims["sub"] != actor["sub"]:
                 raise InvalidRequest("The subject_token and actor_token name different subjects (sub).")
-        raw_scope = claims.get("scope", claims.get("scp"))
-        if isinstance(raw_scope, list):
-            raw_scope = " ".join(s for s in raw_scope if isinstance(s, str))
-        token_scopes = scopes.parse(raw_scope if isinstance(raw_scope, str) else "", strict=False)
+        token_scopes = _token_scopes(claims)
         exps = [int(c["exp"]) for c in (claims, actor) if c is not None and jose.is_number(c.get("exp"))]
         sub = claims.get("sub") if isinstance(claims.get("sub"), str) else (actor or {}).get("sub")
         fhir_user = _str((actor or {}).get("fhirUser"))
@@ -156,11 +162,17 @@ class TokenValidator:
             raise InvalidRequest("The subject_token is opaque and its issuer has no introspection "
                                  "endpoint registered; send a JWT access token.")
         try:
-            body = introspect(self.http, issuer, token, self.settings.http_timeout)
+            body = introspect(self.upstream, issuer, token)
         except IssuerUnavailable:
             raise InvalidRequest("The subject_token could not be introspected at its issuer; try again later.") from None
         if body.get("active") is not True:
             raise InvalidRequest("The subject_token is not active at its issuer.")
+        token_type = body.get("token_type")
+        if token_type is not None and (not isinstance(token_type, str)
+                                       or token_type.lower() not in ACCESS_TOKEN_TYPES):
+            # RFC 7662 §2.2: a refresh token (or anything else) is not an access token.
+            raise InvalidRequest("The subject_token is not an access token (its issuer's introspection "
+                                 "names another token_type); send the EHR access token.")
         now = time.time()
         exp = body.get("exp")
         if exp is not None and (not jose.is_number(exp) or exp + urns.CLOCK_LEEWAY < now):
@@ -174,20 +186,24 @@ class TokenValidator:
         return body
 
     def _locate_patient(self, p: Presented) -> None:
-        """The patient and its source: ID token, else access token, else introspection."""
+        """The patient and its source: ID token, else access token, else introspection.
+        Each token's claims are read into (patient, source) first; where both tokens
+        name a patient the ids must match, and where both carry a source so must
+        the sources (contract, "Standards details")."""
         issuer = p.issuer
-        pc, sc = issuer.patient_claim, issuer.source_claim
-        id_patient = _claim(p.id_claims, pc, "patient")
-        at_patient = None if p.subject_type == urns.ID_TOKEN else _claim(p.claims, pc, "patient")
+        id_patient, id_source = _patient_of(p.id_claims, issuer)
+        at_patient, at_source = (None, None) if p.subject_type == urns.ID_TOKEN else _patient_of(p.claims, issuer)
         if id_patient is not None and at_patient is not None and id_patient != at_patient:
             raise InvalidRequest("The ID token and the access token name different patients.")
+        if id_source is not None and at_source is not None and id_source != at_source:
+            raise InvalidRequest("The ID token and the access token name different source FHIR servers; "
+                                 "send tokens from one launch.")
         if id_patient is not None:
-            patient, source = id_patient, _claim(p.id_claims, sc, "source")
+            patient, source = id_patient, id_source
         elif at_patient is not None:
-            patient, source = at_patient, _claim(p.claims, sc, "source")
+            patient, source = at_patient, at_source
         else:
-            patient, source = None, _claim(p.id_claims, sc, "source") or (
-                None if p.subject_type == urns.ID_TOKEN else _claim(p.claims, sc, "source"))
+            patient, source = None, id_source if id_source is not None else at_source
         if source is not None and source not in issuer.sources:
             raise InvalidRequest("The token's source FHIR server is not one this issuer may vouch for.")
         if source is None and len(issuer.sources) == 1:
@@ -196,6 +212,33 @@ class TokenValidator:
             patient = None  # several sources, none named: the patient is unknown
         p.patient, p.source = patient, source
         p.patient_claims = None if patient is None else p.id_claims if id_patient is not None else p.claims
+
+
+def _patient_of(claims, issuer) -> tuple:
+    """One token's (patient id, source) from the issuer's claim names; None where
+    it names none. (Where absolute references {source}/Patient/{id} are read,
+    they normalise here, so the comparison above stays the same.)"""
+    if not claims:
+        return None, None
+    return _claim(claims, issuer.patient_claim, "patient"), _claim(claims, issuer.source_claim, "source")
+
+
+def _token_scopes(claims: dict) -> scopes.ScopeSet:
+    """An access token's (or introspection answer's) scopes, within the budget."""
+    raw = claims.get("scope", claims.get("scp"))
+    try:
+        if isinstance(raw, list):
+            if len(raw) > scopes.MAX_CLAIMED_SCOPES:
+                raise scopes.ScopeBudgetError("too many scopes")
+            raw = " ".join(s for s in raw if isinstance(s, str))
+        return scopes.parse_claim(raw if isinstance(raw, str) else "")
+    except scopes.ScopeBudgetError:
+        raise InvalidRequest(_TOO_MANY_SCOPES) from None
+
+
+_TOO_MANY_SCOPES = (f"The subject_token's scope claim is over this service's budget (at most "
+                    f"{scopes.MAX_CLAIMED_SCOPES} scopes, {scopes.MAX_SCOPE_TEXT} characters); "
+                    "ask the EHR for a token with fewer scopes.")
 
 
 def _check_id_token_shape(claims: dict, slot: str) -> None:
