@@ -400,6 +400,57 @@ def test_an_introspected_access_token_is_accepted(exchange, ehr, token_type):
     assert r.status_code == 200, r.get_json()
 
 
+# -- 9. revocation is idempotent under concurrency ---------------------------------------------
+def test_concurrent_revocations_of_one_token_all_answer_200(app, exchange):
+    """RFC 7009 §2.2: revoking is idempotent. Check-then-insert let two revocations of one
+    token collide on PostgreSQL's unique key, and one answered 503."""
+    import threading
+
+    from test_lifecycle import basic, introspect
+    n, statuses = 16, []
+    for _ in range(6):  # rounds: each a new token, revoked by n threads at once
+        token = exchange().get_json()["access_token"]
+        barrier = threading.Barrier(n)
+
+        def revoke():
+            http = app.test_client()
+            barrier.wait()
+            r = http.post("/revoke", data={"token": token}, headers=basic("vendor", VENDOR_SECRET))
+            statuses.append(r.status_code)
+        threads = [threading.Thread(target=revoke) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert introspect(app.test_client(), token).get_json() == {"active": False}
+    assert statuses == [200] * n * 6, sorted(set(statuses))
+
+
+def test_threads_of_one_worker_all_commit_their_audit_records(app, world, ehr):
+    """gthread serves requests on threads of one process: each thread keeps its own
+    hot-path connection and (SQLite) its own flock file description, so writers of
+    one process still queue on the writer lock and every decision is recorded."""
+    import threading
+    before = len(audit_rows(world, "--outcome", "granted"))
+    statuses, lock = [], threading.Lock()
+
+    def work():
+        http = app.test_client()
+        for _ in range(8):
+            r = post_token(http, {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                                  "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET})
+            with lock:
+                statuses.append(r.status_code)
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * 64
+    assert len(audit_rows(world, "--outcome", "granted")) - before == 64
+    app.extensions["token_exchange"].store.close()
+
+
 def test_urls_are_logged_without_their_credentials(make_app, world, exchange_factory, ehr, ehr_b, caplog):
     import logging
     with_creds = "http://user:s3cret-pw@127.0.0.1:9/keys?api_key=s3cret-q"

@@ -9,6 +9,7 @@ written directly: they are per-request facts.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -272,10 +273,14 @@ class Store:
                           commit=True)
 
     def revoke(self, jti: str, exp: int) -> None:
+        """Idempotent under concurrency (RFC 7009 §2.2: 200 every time): an insert that
+        does nothing when the jti is already there (ON CONFLICT DO NOTHING, PostgreSQL
+        and SQLite alike), never check-then-insert. Expired revocations are swept in
+        a transaction of their own."""
+        with self.engine.begin() as conn:
+            conn.execute(_insert_or_ignore(conn.dialect.name, Revocation, ["jti"]).values(jti=jti, exp=exp))
         with self.engine.begin() as conn:
             conn.execute(delete(Revocation).where(Revocation.exp < int(time.time())))
-            if conn.execute(select(Revocation.jti).where(Revocation.jti == jti)).first() is None:
-                conn.execute(insert(Revocation).values(jti=jti, exp=exp))
 
     def is_revoked(self, jti: str) -> bool:
         with self.engine.connect() as conn:
@@ -466,8 +471,9 @@ class _HotPath:
         Returns the locked file, or None."""
         lock = getattr(self._local, "writer_lock", None)
         try:
-            if lock is None:
-                lock = self._local.writer_lock = open(self._writer_lock_path, "ab")  # noqa: SIM115 - kept open
+            if lock is None:  # private to the service's user, like the database (db.make_engine)
+                fd = os.open(self._writer_lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                lock = self._local.writer_lock = os.fdopen(fd, "ab")
             fcntl.flock(lock, fcntl.LOCK_EX)
             return lock
         except OSError as e:
@@ -717,6 +723,15 @@ class ConsentQueries:
     def get(self, consent_id: str):
         with Session(self.engine) as s:
             return s.execute(self._select().where(Consent.id == consent_id)).first()
+
+
+def _insert_or_ignore(dialect: str, model, conflict_columns):
+    """INSERT ... ON CONFLICT (columns) DO NOTHING in the dialect's own insert."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(model).on_conflict_do_nothing(index_elements=conflict_columns)
 
 
 @dataclass(frozen=True)
