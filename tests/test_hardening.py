@@ -451,6 +451,43 @@ def test_threads_of_one_worker_all_commit_their_audit_records(app, world, ehr):
     app.extensions["token_exchange"].store.close()
 
 
+# -- 11. private files; URLs logged without credentials ----------------------------------------
+def test_the_sqlite_database_its_sidecars_and_folder_are_private(tmp_path, ehr):
+    import stat
+
+    from conftest import CLI, base_env, build_world
+    from token_exchange import create_app
+    folder = tmp_path / "instance"
+    env = base_env(f"sqlite:///{folder}/te.db")
+    cli = CLI(env)
+    cli("db", "upgrade")
+    build_world(cli, ehr)
+    app = create_app(env=env)
+    data = {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+            "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET}
+    assert post_token(app.test_client(), data).status_code == 200
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    try:
+        assert mode(folder) == 0o700
+        for name in ("te.db", "te.db-wal", "te.db-shm", "te.db-writer.lock"):
+            assert (folder / name).exists(), name
+            assert mode(folder / name) == 0o600, (name, oct(mode(folder / name)))
+    finally:
+        app.extensions["token_exchange"].store.close()
+        app.extensions["token_exchange"].engine.dispose()
+
+
+def test_an_existing_world_readable_database_is_made_private(tmp_path):
+    import stat
+
+    from token_exchange.db import make_engine
+    path = tmp_path / "te.db"
+    path.write_bytes(b"")
+    path.chmod(0o644)
+    make_engine(f"sqlite:///{path}").dispose()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
 def test_urls_are_logged_without_their_credentials(make_app, world, exchange_factory, ehr, ehr_b, caplog):
     import logging
     with_creds = "http://user:s3cret-pw@127.0.0.1:9/keys?api_key=s3cret-q"
@@ -473,3 +510,24 @@ def test_urls_are_logged_without_their_credentials(make_app, world, exchange_fac
     logged = [f"{r.getMessage()} {r.__dict__}" for r in caplog.records]
     assert sum("127.0.0.1:9/keys" in line for line in logged) >= 2  # both failures were logged...
     assert not any("s3cret" in line for line in logged)  # ...without the credentials
+
+
+# -- 12. malformed database URLs: one line naming the setting, never the password ---------------
+@pytest.mark.parametrize("url, says", [
+    ("postgresql://te:pw-s3cret@db.example:notaport/te", "port"),
+    ("mysql://te:pw-s3cret@db.example/te", "PostgreSQL and SQLite"),
+    ("notaurl", "not a database URL"),
+    ("postgresql+pg8000://te:pw-s3cret@db.example/te", "driver"),
+    ("sqlite:///{file}/below/te.db", "directory"),
+    ("", "not a database URL"),
+])
+def test_a_malformed_database_url_is_one_settings_error_line(tmp_path, url, says):
+    from token_exchange.db import make_engine
+    from token_exchange.settings import SettingsError
+    regular = tmp_path / "a-file"
+    regular.write_text("x")
+    with pytest.raises(SettingsError) as e:
+        make_engine(url.format(file=regular))
+    msg = str(e.value)
+    assert "\n" not in msg and "TOKEN_EXCHANGE_DATABASE_URL" in msg and says in msg, msg
+    assert "pw-s3cret" not in msg
