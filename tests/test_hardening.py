@@ -531,3 +531,150 @@ def test_a_malformed_database_url_is_one_settings_error_line(tmp_path, url, says
     msg = str(e.value)
     assert "\n" not in msg and "TOKEN_EXCHANGE_DATABASE_URL" in msg and says in msg, msg
     assert "pw-s3cret" not in msg
+
+
+# -- 10. slow clients cannot hold workers: a real `token-exchange serve` --------------------------
+class Served:
+    """`token-exchange serve` in its own process group, on the test's database."""
+
+    def __init__(self, env, tmp, workers=1, **settings):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        import requests
+
+        from fakes import free_port
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"serve-{self.port}.log", "w")  # noqa: SIM115 - closed in stop()
+        env = {k: v for k, v in env.items() if k != "TOKEN_EXCHANGE_RELOAD_INTERVAL"}
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "token-exchange"), "serve", "--port", str(self.port),
+             "--workers", str(workers)], env=dict(os.environ, **env, **settings), stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            assert self.proc.poll() is None, "serve exited at start"
+            time.sleep(0.1)
+        raise AssertionError("serve did not become ready")
+
+    def stop(self):
+        import signal
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def serve(env, world, tmp_path):
+    started = []
+
+    def start(**kw):
+        s = Served(env, tmp_path, **kw)
+        started.append(s)
+        return s
+    yield start
+    for s in started:
+        s.stop()
+
+
+def _timed(fn):
+    t = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - t
+
+
+def legit_exchange(base, ehr):
+    import requests
+    data = {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+            "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET}
+    return requests.post(base + "/token", data=data, auth=("vendor", VENDOR_SECRET), timeout=60)
+
+
+def test_slow_request_bodies_cannot_hold_the_workers(serve, ehr):
+    """More clients than threads trickle a declared 1,000-byte body one byte at a time
+    for 20 s; a legitimate exchange beside them is answered promptly, and each
+    trickling connection is cut at the read deadline."""
+    import socket
+    import threading
+    srv = serve(workers=1, TOKEN_EXCHANGE_WORKER_THREADS="4", TOKEN_EXCHANGE_REQUEST_READ_TIMEOUT="2")
+    assert legit_exchange(srv.base, ehr).status_code == 200  # warm: keys cached
+    stop, held = threading.Event(), []
+    head = (f"POST /token HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n").encode()
+
+    def trickle():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+                    s.sendall(head)
+                    while not stop.is_set():
+                        s.sendall(b"a")
+                        if stop.wait(0.25):
+                            break
+            except OSError:
+                pass  # cut by the server
+            held.append(time.monotonic() - started)
+    attackers = [threading.Thread(target=trickle, daemon=True) for _ in range(8)]
+    for t in attackers:
+        t.start()
+    latencies = []
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            r, took = _timed(lambda: legit_exchange(srv.base, ehr))
+            assert r.status_code == 200, r.text
+            latencies.append(took)
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(10)
+    assert max(latencies) < 5, f"legitimate exchanges took up to {max(latencies):.1f} s beside the attack"
+    assert len(held) > 8 * 3, "the trickling connections were not cut"
+    assert sorted(held)[len(held) // 2] < 5, f"median trickling connection held {sorted(held)[len(held) // 2]:.1f} s"
+
+
+def test_jwks_and_discovery_answer_while_exchanges_wait_on_a_slow_upstream(serve, ehr):
+    import threading
+
+    import requests
+    srv = serve(workers=1)
+    ehr.hang = 3  # the EHR answers its JWKS only after 3 s
+    waiting = [threading.Thread(target=legit_exchange, args=(srv.base, ehr), daemon=True) for _ in range(2)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.5)  # the exchanges are now waiting on the EHR
+    for path in ("/jwks", "/.well-known/smart-configuration", "/.well-known/oauth-authorization-server"):
+        r, took = _timed(lambda: requests.get(srv.base + path, timeout=30))
+        assert r.status_code == 200 and took < 1.5, (path, r.status_code, took)
+    for t in waiting:
+        t.join(30)
+
+
+def test_idle_connections_do_not_hold_threads(serve, ehr):
+    import socket
+
+    import requests
+    srv = serve(workers=1, TOKEN_EXCHANGE_WORKER_THREADS="2")
+    idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(12)]  # never send a byte
+    kept = requests.Session()
+    for _ in range(4):  # kept-alive connections, idle after their request
+        assert kept.get(srv.base + "/healthz", timeout=10).status_code == 200
+    try:
+        for path in ("/jwks", "/healthz"):
+            r, took = _timed(lambda: requests.get(srv.base + path, timeout=30))
+            assert r.status_code == 200 and took < 1.5, (path, took)
+        r, took = _timed(lambda: legit_exchange(srv.base, ehr))
+        assert r.status_code == 200 and took < 3, took
+    finally:
+        for s in idle:
+            s.close()
+        kept.close()

@@ -22,9 +22,21 @@ def _int(env, name, default, minimum=0):
     try:
         value = int(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a whole number of seconds, not {raw!r}") from None
+        raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}")
+    return value
+
+
+# Each thread keeps a database connection for its hot-path statements; the engine's
+# pool (db.make_engine: 5 + 10 overflow) must leave room for the others.
+MAX_WORKER_THREADS = 12
+
+
+def _bounded(env, name, default, minimum, maximum):
+    value = _int(env, name, default, minimum)
+    if value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum}")
     return value
 
 
@@ -99,6 +111,11 @@ class Settings:
     metrics: bool = True
     #: request bodies above this are refused with 413 before parsing.
     max_body: int = 64 * 1024
+    #: TOKEN_EXCHANGE_REQUEST_READ_TIMEOUT: seconds `serve` gives a client to send one whole
+    #: request (line, headers and body); a slower client is disconnected.
+    request_read_timeout: int = 10
+    #: TOKEN_EXCHANGE_WORKER_THREADS: threads per `serve` worker process (gunicorn gthread).
+    worker_threads: int = 8
 
     @property
     def token_endpoint(self) -> str:
@@ -135,4 +152,6 @@ class Settings:
             reload_interval=float(_int(env, "TOKEN_EXCHANGE_RELOAD_INTERVAL", 1)),
             rate_limit=_int(env, "TOKEN_EXCHANGE_RATE_LIMIT", 0),
             metrics=_switch(env, "TOKEN_EXCHANGE_METRICS", True),
+            request_read_timeout=_int(env, "TOKEN_EXCHANGE_REQUEST_READ_TIMEOUT", 10, minimum=1),
+            worker_threads=_bounded(env, "TOKEN_EXCHANGE_WORKER_THREADS", 8, 1, MAX_WORKER_THREADS),
         )
