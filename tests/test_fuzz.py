@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import AT, IDT, JWT_T, TE, VENDOR_SECRET, post_token
@@ -64,3 +65,150 @@ def test_mutated_valid_requests_never_5xx_and_mint_only_when_valid(http, ehr, mu
                (mutation == "swap" and name == "scope") or (mutation == "flip" and name == "scope") or \
                (mutation == "truncate" and name == "scope") or \
                (mutation == "dup" and name == "resource"), (mutation, name, r.get_json())
+
+
+# -- issue 16: nested JSON, huge numbers and control characters in tokens, client
+# assertions and upstream documents. Whatever they carry: never a 5xx. -------------------
+import base64  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+import jwt  # noqa: E402
+
+from fakes import SOURCE, UPSTREAM, Scripted  # noqa: E402
+
+CONTROL = st.text(st.characters(min_codepoint=0, max_codepoint=0x9f), max_size=12)
+HUGE_NUMBERS = st.sampled_from(["1" + "0" * 5000, "-" + "9" * 4400, "1e999", "-1e999", "1e-999", "0.1" + "1" * 400,
+                                "123456789012345678901234567890", "-0", "1E400"])
+# JSON text, written out so nesting past Python's recursion limit and numbers int()
+# refuses can be expressed at all (json.dumps cannot produce them).
+DEEP = st.sampled_from([50, 900, 1100, 3000]).flatmap(
+    lambda n: st.sampled_from(["[" * n + "]" * n, '{"a":' * n + "1" + "}" * n, "[" * n + '"x"' + "]" * n]))
+json_texts = st.recursive(
+    st.one_of(st.just("null"), st.just("true"), HUGE_NUMBERS, st.integers().map(str),
+              st.floats(allow_nan=False, allow_infinity=False).map(repr),
+              CONTROL.map(json.dumps), text.map(json.dumps), DEEP),
+    lambda inner: st.one_of(st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"),
+                            st.lists(st.tuples(st.sampled_from(["scope", "aud", "patient", "source", "sub", "exp",
+                                                                "may_act", "client_id", "x"]), inner), max_size=3)
+                            .map(lambda kv: "{" + ",".join(f'"{k}":{v}' for k, v in kv) + "}")),
+    max_leaves=6)
+CLAIM_NAMES = st.sampled_from(["scope", "scp", "aud", "patient", "source", "sub", "exp", "nbf", "iat", "may_act",
+                               "client_id", "azp", "fhirUser", "iss", "nonce", "x"])
+FUZZ = settings(max_examples=600 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 120, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _signed(header: dict, payload: str, key, alg: str) -> str:
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(payload.encode('utf-8', 'surrogatepass'))}"
+    return signing_input + "." + _b64(jwt.get_algorithm_by_name(alg).sign(signing_input.encode(), key))
+
+
+def _with_claim(claims: dict, name: str, value_text: str) -> str:
+    """claims as JSON text with `name` set to the raw JSON text value_text."""
+    claims = {k: v for k, v in claims.items() if k != name}
+    return json.dumps(claims)[:-1] + (", " if claims else "") + f'"{name}": {value_text}' + "}"
+
+
+@FUZZ
+@given(slot=st.sampled_from(["subject_token", "actor_token"]), name=CLAIM_NAMES, value=json_texts)
+def test_validly_signed_tokens_with_any_claim_value_never_5xx(http, ehr, slot, name, value):
+    claims = ehr.access_claims() if slot == "subject_token" else ehr.id_claims()
+    token = _signed({"alg": "RS256", "kid": ehr.kid}, _with_claim(claims, name, value), ehr.key, "RS256")
+    if len(token) > 16 * 1024:
+        return
+    fields = {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+              "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET}
+    fields[slot] = token
+    r = post_token(http, fields)
+    assert r.status_code < 500, r.get_data(as_text=True)
+
+
+@FUZZ
+@given(part=st.sampled_from(["header", "payload"]), raw=json_texts)
+def test_tokens_whose_json_is_anything_never_5xx(http, ehr, part, raw):
+    header = raw if part == "header" else json.dumps({"alg": "RS256", "kid": ehr.kid})
+    payload = raw if part == "payload" else json.dumps(ehr.access_claims())
+    signing_input = f"{_b64(header.encode('utf-8', 'surrogatepass'))}.{_b64(payload.encode('utf-8', 'surrogatepass'))}"
+    token = signing_input + "." + _b64(jwt.get_algorithm_by_name("RS256").sign(signing_input.encode(), ehr.key))
+    if len(token) > 16 * 1024:
+        return
+    r = post_token(http, {"grant_type": TE, "subject_token": token, "subject_token_type": AT,
+                          "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET})
+    assert r.status_code < 500, r.get_data(as_text=True)
+    assert r.status_code != 200 or part == "payload"
+
+
+@pytest.fixture
+def inline_client(world, tmp_path):
+    """A private_key_jwt client with an inline JWKS: assertions are checked without
+    any outbound call."""
+    from test_private_key_jwt import VendorKeys
+    keys = VendorKeys("ES384", "fuzz-k1")
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [keys.jwk()]}))
+    world("client", "add", "backend", "--jwks-file", str(tmp_path / "jwks.json"))
+    return keys
+
+
+@FUZZ
+@given(where=st.sampled_from(["claim", "header", "payload"]), name=CLAIM_NAMES | st.sampled_from(["jti", "jku", "kid"]),
+       value=json_texts)
+def test_client_assertions_carrying_anything_never_5xx(http, ehr, inline_client, where, name, value):
+    now = int(time.time())
+    claims = {"iss": "backend", "sub": "backend", "aud": "http://te.test/token", "exp": now + 120, "iat": now,
+              "jti": uuid.uuid4().hex}
+    header = {"alg": "ES384", "kid": inline_client.kid}
+    if where == "claim":
+        assertion = _signed(header, _with_claim(claims, name, value), inline_client.key, "ES384")
+    elif where == "header":
+        text_header = _with_claim(header, name, value)
+        si = f"{_b64(text_header.encode('utf-8', 'surrogatepass'))}.{_b64(json.dumps(claims).encode())}"
+        assertion = si + "." + _b64(jwt.get_algorithm_by_name("ES384").sign(si.encode(), inline_client.key))
+    else:
+        assertion = f"{_b64(json.dumps(header).encode())}.{_b64(value.encode('utf-8', 'surrogatepass'))}.{_b64(b'sig')}"
+    r = post_token(http, {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                          "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET,
+                          "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                          "client_assertion": assertion}, auth=None)
+    assert r.status_code < 500, r.get_data(as_text=True)
+
+
+def _upstream_documents():
+    keys = st.lists(json_texts, max_size=3).map(lambda ks: '{"keys": [' + ",".join(ks) + "]}")
+    return st.one_of(json_texts, keys, CONTROL.map(lambda t: t.encode("utf-8", "surrogatepass").decode("latin-1")))
+
+
+@FUZZ
+@given(doc=_upstream_documents(), cache_control=st.sampled_from(["", "max-age=" + "9" * 5000, "max-age=-1",
+                                                                   "no-store", "max-age=1e9"]))
+def test_any_issuer_jwks_document_never_5xx(http, ehr, app, doc, cache_control):
+    app.extensions["token_exchange"].jwks_cache._entries.clear()  # each example fetches afresh
+    headers = (("Cache-Control", cache_control),) if cache_control else ()
+    ehr.replies["jwks"] = Scripted(body=doc.encode("utf-8", "surrogatepass"), headers=headers)
+    try:
+        r = post_token(http, {"grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                              "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET})
+    finally:
+        ehr.reset_hostile()
+    assert r.status_code < 500, r.get_data(as_text=True)
+
+
+@FUZZ
+@given(doc=_upstream_documents(), name=CLAIM_NAMES | st.sampled_from(["active", "token_type"]), value=json_texts)
+def test_any_introspection_answer_never_5xx(http, ehr, doc, name, value):
+    now = int(time.time())
+    base = {"active": True, "sub": "user-1", "client_id": UPSTREAM, "scope": "patient/*.rs", "aud": SOURCE,
+            "exp": now + 300}
+    body = doc if name == "x" else _with_claim(base, name, value)
+    ehr.replies["introspect"] = Scripted(body=body.encode("utf-8", "surrogatepass"))
+    try:
+        r = post_token(http, {"grant_type": TE, "subject_token": "opaque-fuzz", "subject_token_type": AT,
+                              "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET})
+    finally:
+        ehr.reset_hostile()
+    assert r.status_code < 500, r.get_data(as_text=True)
