@@ -243,6 +243,27 @@ def test_a_client_jwks_answering_no_store_is_still_fetched_at_most_once_per_inte
     assert vendor.hits["jwks"] == 1
 
 
+def test_a_slow_refresh_holds_no_request_that_has_cached_keys(app, exchange_factory, ehr):
+    """Expired keys are refreshed by one request; the others go on with the cached keys
+    instead of queueing behind the fetch."""
+    import threading
+    assert exchange_factory(app.test_client()).status_code == 200
+    entry = next(iter(app.extensions["token_exchange"].jwks_cache._entries.values()))
+    entry.expires = entry.last_attempt = 0.0  # expired, and a refetch is due
+    ehr.hang = 3
+    hits = ehr.jwks_hits
+    refreshing = threading.Thread(target=exchange_factory, args=(app.test_client(),))
+    refreshing.start()
+    end = time.monotonic() + 10
+    while ehr.jwks_hits == hits and time.monotonic() < end:
+        time.sleep(0.01)  # until the refresh has reached the (hanging) EHR
+    t = time.monotonic()
+    r = exchange_factory(app.test_client())
+    took = time.monotonic() - t
+    refreshing.join(30)
+    assert r.status_code == 200 and took < 1.5, took
+
+
 # -- 6. no 500 from any input or upstream answer ---------------------------------------------
 def test_a_client_assertion_nested_thousands_deep_is_invalid_client(http, ehr, vendor):
     now = int(time.time())

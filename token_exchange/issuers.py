@@ -146,7 +146,12 @@ class JWKSCache:
         """Fetch the JWKS, at most once per jwks_min_refetch: otherwise serve what is
         cached (even stale), or refuse at once when nothing usable is."""
         s = self.settings
-        with e.lock:  # concurrent requests for one URI wait for one fetch
+        # Concurrent requests for one URI share one fetch: those that have no keys
+        # wait for it (bounded by the fetch's deadline); those with cached keys, even
+        # expired ones, go on with them meanwhile.
+        if not e.lock.acquire(blocking=e.keys is None):
+            return
+        try:
             now = time.monotonic()
             if not force and e.keys is not None and now < e.expires:
                 return  # refreshed while this thread waited
@@ -179,6 +184,8 @@ class JWKSCache:
             e.keys, e.by_kid = keys, by_kid
             e.fetched, e.expires = now, now + max(s.jwks_min_refetch, ttl)
             self._count("jwks_fetches")
+        finally:
+            e.lock.release()
 
     def _count(self, name):
         if self.metrics is not None:
