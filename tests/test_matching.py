@@ -747,8 +747,6 @@ def test_the_fhir_audit_export_shows_how_the_patient_was_mapped(swap, fhir, matc
     assert any(ent.get("description") == "target patient (mapped by a matched link)" for ent in ev["entity"])
 
 
-@pytest.mark.xfail(strict=True, reason="needs `serve` on threaded workers (branch hardening, not merged yet): a sync "
-                                      "worker answers nothing while its one request waits; remove this mark then")
 def test_jwks_and_discovery_answer_at_once_while_an_exchange_waits_on_a_slow_target(matching, fhir, ehr, env,
                                                                                      tmp_path):
     """Under `token-exchange serve` with one worker: a target fetching the keys to verify
