@@ -19,6 +19,7 @@ import uuid
 from datetime import datetime, timezone
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from .keys import BACKEND_SERVICES_ALGS
 from .upstream import UpstreamError, redact
 
 log = logging.getLogger(__name__)
@@ -186,10 +187,10 @@ class BackendServices:
 
     def _request(self, issuer, key, deadline) -> tuple[str, int]:
         endpoint = self.token_endpoint(issuer, deadline)
-        try:
-            assertion = key.client_assertion(issuer.fhir_client_id, endpoint)
-        except ValueError as e:
-            raise FHIRUnavailable("EHR", redact(endpoint), str(e)) from None
+        if key.alg not in BACKEND_SERVICES_ALGS:  # SMART Backend Services: RS384 or ES384 only
+            raise FHIRUnavailable("EHR", redact(endpoint), f"a {key.alg} signing key cannot sign Backend Services "
+                                  "assertions (RS384 or ES384): rotate to an RSA or P-384 key")
+        assertion = key.client_assertion(issuer.fhir_client_id, endpoint)
         # RFC 6749 §4.4 client_credentials; RFC 7523 §2.2 client_assertion.
         reply = _call(self.upstream, "EHR", "POST", endpoint, deadline, data={
             "grant_type": "client_credentials", "scope": issuer.fhir_scope or BACKEND_SCOPE,

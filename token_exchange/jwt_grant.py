@@ -27,7 +27,6 @@ from .errors import InvalidRequest, UnauthorizedClient, _Detailed
 from .grant import MAX_TOKEN_LENGTH, ExchangeGrant, _clip
 from .subject import Presented, _str
 
-GRANT_TYPE_MEDIA = ("oauth-id-jag+jwt", "application/oauth-id-jag+jwt")  # RFC 7515 §4.1.9
 MAX_LIFETIME = 300  # exp - iat, no leeway
 # RFC 8693 parameters have no place in this grant.
 EXCHANGE_ONLY = ("subject_token", "subject_token_type", "actor_token", "actor_token_type", "requested_token_type")
@@ -70,10 +69,11 @@ class JWTAuthorizationGrant(ExchangeGrant):
             raise InvalidGrant("The assertion is not a well-formed JWT.") from None
         header, claims = parsed.header, parsed.claims
         typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in GRANT_TYPE_MEDIA:
+        if not isinstance(typ, str) or typ.lower() not in urns.JAG_TYPES:
             raise InvalidGrant("The assertion's typ header must be oauth-id-jag+jwt (a JWT authorization grant).")
         try:  # signature by the registered issuer's key, algorithm, iss, exp, nbf, iat (rule 1)
-            issuer, claims = self.server.validator.verify_jwt(self.request.assertion, self.cfg, "assertion")
+            issuer, claims = self.server.validator.verify_jwt(self.request.assertion, self.cfg, "assertion",
+                                                              addressed_here=True)
         except InvalidRequest as e:
             raise InvalidGrant(e.description, detail=getattr(e, "detail", None)) from None
         self.audit["assertion_jti"] = _clip(claims.get("jti") if isinstance(claims.get("jti"), str) else None)

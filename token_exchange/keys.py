@@ -20,7 +20,18 @@ DEFAULT_ALG = "RS256"
 _CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
 # SMART Backend Services (client-confidential-asymmetric): assertions are RS384 or ES384,
 # so an RSA key signs them RS384 and a P-384 key ES384; a P-256 key cannot.
-BACKEND_SERVICES_ALGS = {"RS256": "RS384", "PS256": "RS384", "ES384": "ES384"}
+# The algorithm of the service's own client assertions (Backend Services, consent sign-in) by
+# the signing key's: SMART Backend Services asks RS384 or ES384.
+CLIENT_ASSERTION_ALGS = {"RS256": "RS384", "PS256": "RS384", "ES384": "ES384", "ES256": "ES256"}
+BACKEND_SERVICES_ALGS = {k: v for k, v in CLIENT_ASSERTION_ALGS.items() if v in ("RS384", "ES384")}
+TWIN_SUFFIX = ".rs384"
+
+
+def client_kid(kid: str, alg: str) -> str:
+    """The kid the service's client assertions name: an RSA key is published a second
+    time for RS384 (a JWK's alg binds it to one algorithm, and strict verifiers hold
+    to it), so assertions signed RS384 name that twin."""
+    return kid + TWIN_SUFFIX if CLIENT_ASSERTION_ALGS.get(alg) == "RS384" and alg != "RS384" else kid
 
 
 def generate(alg: str = DEFAULT_ALG) -> tuple[str, str, dict]:
@@ -57,19 +68,22 @@ class ActiveKey:
     def __repr__(self):
         return f"ActiveKey(kid={self.kid!r}, alg={self.alg!r})"
 
-    def client_assertion(self, client_id: str, token_endpoint: str, lifetime: int = 300) -> str:
-        """A private_key_jwt client assertion (RFC 7523 §2.2, §3) as SMART Backend
-        Services asks: iss = sub = client_id, aud = the token endpoint, exp at most
-        5 minutes ahead, a fresh jti, header kid and typ JWT; RS384 with an RSA key,
-        ES384 with a P-384 key. Built with Authlib's client-side helper; the private
-        key does not leave this object. ValueError for a key that cannot sign one."""
+    def client_assertion(self, client_id: str, token_endpoint: str, lifetime: int = 300,
+                         backend_services: bool = True) -> str:
+        """A private_key_jwt client assertion (RFC 7523 §2.2, §3): iss = sub = client_id,
+        aud = the token endpoint, exp at most 5 minutes ahead, a fresh jti, header kid
+        and typ JWT. For SMART Backend Services (the default) it is RS384 with an RSA
+        key (naming the key's RS384 twin in the JWKS, ``client_kid``) or ES384 with a
+        P-384 key; otherwise (an OpenID Connect sign-in) the key's own algorithm.
+        Built with Authlib's client-side helper; the private key stays in this object."""
         from authlib.oauth2.rfc7523 import private_key_jwt_sign
         from joserfc.jwk import ECKey, RSAKey
-        alg = BACKEND_SERVICES_ALGS.get(self.alg)
-        if alg is None:
-            raise ValueError(f"a {self.alg} key cannot sign SMART Backend Services assertions (RS384 or ES384)")
-        key = (RSAKey if alg == "RS384" else ECKey).import_key(self._key)
-        return private_key_jwt_sign(key, client_id, token_endpoint, alg=alg, header={"kid": self.kid, "typ": "JWT"},
+        if backend_services:
+            alg, kid = CLIENT_ASSERTION_ALGS[self.alg], client_kid(self.kid, self.alg)
+        else:
+            alg, kid = self.alg, self.kid
+        key = (ECKey if alg.startswith("ES") else RSAKey).import_key(self._key)
+        return private_key_jwt_sign(key, client_id, token_endpoint, alg=alg, header={"kid": kid, "typ": "JWT"},
                                     expires_in=min(lifetime, 300))
 
     def mint(self, claims: dict) -> str:
@@ -77,28 +91,24 @@ class ActiveKey:
         signing_input = self._header + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
         return (signing_input + b"." + _b64(self._algorithm.sign(signing_input, self._key))).decode()
 
-    def assertion(self, claims: dict) -> str:
-        """A JWT the service signs as a client (RFC 7523 §2.2 client assertion): typ JWT,
-        never at+jwt, so it cannot pass for an access token."""
-        header = _b64(json.dumps({"alg": self.alg, "kid": self.kid, "typ": "JWT"}, separators=(",", ":")).encode())
-        signing_input = header + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
-        return (signing_input + b"." + _b64(self._algorithm.sign(signing_input, self._key))).decode()
-
 
 def _b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-def published(rows, grace: int, now: datetime | None = None) -> list[dict]:
-    """Public JWKs to publish: staged, active, and retired keys inside the grace period."""
+def published(rows, grace: int, now: datetime | None = None, twins: bool = True) -> list[dict]:
+    """Public JWKs to publish: staged, active, and retired keys inside the grace period;
+    with ``twins``, each RSA key also as its RS384 twin (``client_kid``) for the
+    service's own client assertions."""
     now = now or datetime.now(timezone.utc)
     out = []
     for row in rows:
-        if row.state in ("staged", "active"):
+        if row.state in ("staged", "active") or (row.state == "retired" and row.retired is not None
+                                                 and _aware(row.retired) + timedelta(seconds=grace) > now):
             out.append(row.public_jwk)
-        elif row.state == "retired" and row.retired is not None and \
-                _aware(row.retired) + timedelta(seconds=grace) > now:
-            out.append(row.public_jwk)
+            twin_kid = client_kid(row.kid, row.alg)
+            if twins and twin_kid != row.kid:
+                out.append(dict(row.public_jwk, kid=twin_kid, alg="RS384"))
     return out
 
 

@@ -25,7 +25,7 @@ def verify_minted(token: str, cfg, settings) -> dict | None:
     except jwt.PyJWTError:
         return None
     kid = header.get("kid")
-    jwk = next((k for k in keymod.published(cfg.key_rows, settings.key_grace)
+    jwk = next((k for k in keymod.published(cfg.key_rows, settings.key_grace, twins=False)
                 if isinstance(kid, str) and k.get("kid") == kid), None)
     if jwk is None or header.get("typ") != "at+jwt" or header.get("alg") != jwk.get("alg"):
         return None

@@ -6,6 +6,7 @@ The patient and its source come only from signed or introspected data.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -48,16 +49,26 @@ class TokenValidator:
         self.settings = settings
 
     # -- one JWT ------------------------------------------------------------
-    def verify_jwt(self, token: str, cfg, what: str, trusts=None) -> tuple[object, dict]:
+    def verify_jwt(self, token: str, cfg, what: str, trusts=None, addressed_here: bool = False) -> tuple[object, dict]:
         """Signature, algorithm, iss, exp, nbf, iat (rule 1) -> (IssuerCfg, claims).
         The token is decoded once (jose.parse). With ``trusts`` (the client's), an
         issuer none of them names is refused before its keys are fetched: a client
-        cannot make the service fetch keys it would not use."""
+        cannot make the service fetch keys it would not use. Unless ``addressed_here``
+        (a JWT authorization grant), a token addressed to this service is refused: the
+        subject and actor tokens are for FHIR servers and apps, never for us."""
         try:
             parsed = jose.parse(token)
         except jose.MalformedToken:
             raise InvalidRequest(f"The {what} is not a well-formed JWT.") from None
         header, claims = parsed.header, parsed.claims
+        if not addressed_here:
+            typ = header.get("typ")
+            if isinstance(typ, str) and typ.lower() in urns.JAG_TYPES:
+                raise InvalidRequest(f"The {what} is a JWT authorization grant (typ oauth-id-jag+jwt); present "
+                                     f"it with grant_type {urns.JWT_BEARER} and assertion.")
+            if any(self.settings.names_service(a) for a in audiences(claims)):
+                raise InvalidRequest(f"The {what} is addressed to this service (its aud names it); a subject or "
+                                     "actor token is one the EHR issued for a FHIR server or for the app.")
         iss = claims.get("iss")
         issuer = cfg.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
@@ -130,8 +141,13 @@ class TokenValidator:
         # Rule 1: a subject access token is meant for the issuer's FHIR servers.
         accepted = set(issuer.sources) | set(issuer.audiences)
         if aud is not None and not accepted.intersection(aud):
+            if not opaque and not any(c in claims for c in ("scope", "scp", "client_id")):
+                raise InvalidRequest("The subject_token looks like an ID token (no scope, no client_id, and its aud "
+                                     "names no FHIR server): send the EHR access token as subject_token and the ID "
+                                     "token as actor_token.")
             raise InvalidRequest("The subject_token is not an access token for a FHIR server this "
-                                 "issuer vouches for (its aud names none of the registered sources).")
+                                 "issuer vouches for (its aud names none of the registered sources).",
+                                 detail=f"aud {aud[:5]!r}")
         # Rule 2: one issuer, one subject.
         if actor is not None:
             if actor_issuer.url != issuer.url:
@@ -179,6 +195,9 @@ class TokenValidator:
             raise InvalidRequest("The subject_token has expired.")
         if "iss" in body and body["iss"] != issuer.url:
             raise InvalidRequest("The subject_token's introspection names another issuer.")
+        if any(self.settings.names_service(a) for a in audiences(body)):
+            raise InvalidRequest("The subject_token is addressed to this service (its introspection's aud names "
+                                 "it); a subject token is one the EHR issued for a FHIR server.")
         if "sub" in body and not isinstance(body["sub"], str):
             raise InvalidRequest("The subject_token's introspection has a malformed sub.")
         body = dict(body)
@@ -215,12 +234,36 @@ class TokenValidator:
 
 
 def _patient_of(claims, issuer) -> tuple:
-    """One token's (patient id, source) from the issuer's claim names; None where
-    it names none. (Where absolute references {source}/Patient/{id} are read,
-    they normalise here, so the comparison above stays the same.)"""
+    """One token's (patient id, source) from the issuer's claim names, normalised
+    (contract, "Standards details"): ``{source}/Patient/{id}`` with ``{source}`` one of
+    the issuer's sources, ``Patient/{id}``, or ``{id}``. A token carries a source when
+    it has a source claim or an absolute reference; the two must agree. Anything else
+    (another base, ``_history``, a query, a fragment) is refused."""
     if not claims:
         return None, None
-    return _claim(claims, issuer.patient_claim, "patient"), _claim(claims, issuer.source_claim, "source")
+    raw = _claim(claims, issuer.patient_claim, "patient")
+    source = _claim(claims, issuer.source_claim, "source")
+    if raw is None:
+        return None, source
+    if "://" in raw:
+        base, sep, pid = raw.rpartition("/Patient/")
+        if not sep or base not in issuer.sources:
+            raise InvalidRequest("The token's patient is an absolute reference outside the FHIR servers this "
+                                 "issuer may vouch for; use {source}/Patient/{id} with a registered source.")
+        if source is not None and source != base:
+            raise InvalidRequest("The token's patient reference and its source claim name different FHIR servers.")
+        source = base
+    elif raw.startswith("Patient/"):
+        pid = raw[len("Patient/"):]
+    else:
+        pid = raw
+    if not pid or not _PATIENT_ID.match(pid):
+        raise InvalidRequest("The token's patient claim is not a patient id or a Patient reference "
+                             "({source}/Patient/{id}, Patient/{id} or {id}; no history, query or fragment).")
+    return pid, source
+
+
+_PATIENT_ID = re.compile(r"[^/?#\s\x00-\x1f\x7f]{1,255}\Z")
 
 
 def _token_scopes(claims: dict) -> scopes.ScopeSet:

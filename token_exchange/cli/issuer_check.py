@@ -156,7 +156,6 @@ def _check_jwks(r: Report, uri, cfg, settings) -> dict:
 
 
 def _check_token(r: Report, text, what, issuer_url, keys, cfg, doc):
-    import jwt as pyjwt
     try:
         parsed = jose.parse(text)
     except jose.MalformedToken:

@@ -89,9 +89,7 @@ class ServiceKeyJWT(PrivateKeyJWT):
         self.key = key
 
     def sign(self, auth, token_endpoint):
-        now = int(time.time())
-        return self.key.assertion({"iss": auth.client_id, "sub": auth.client_id, "aud": token_endpoint,
-                                   "iat": now, "exp": now + 60, "jti": secrets.token_urlsafe(24)})
+        return self.key.client_assertion(auth.client_id, token_endpoint, lifetime=60, backend_services=False)
 
 
 class SignIn:
