@@ -207,12 +207,17 @@ def test_consent_flow_in_a_real_browser(stack, op, browser, tmp_path):
     assert exchange(base, op).status_code == 200  # the earlier consent stands
 
     # 6. the user withdraws at /consent
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
     browser.get(base + "/consent")
-    click(browser, "form button[type=submit]")  # Sign in at the EHR (single sign-on)
-    wait_until_at(browser, base + "/consent")
+    signin = wait_for(browser, "form button[type=submit]")  # Sign in at the EHR (single sign-on)
+    signin.click()
+    WebDriverWait(browser, WAIT).until(ec.staleness_of(signin))
     wait_for(browser, "section.consent")
     assert "Acme Health" in browser.find_element(By.TAG_NAME, "main").text
-    click(browser, "section.consent button")
+    withdraw = wait_for(browser, "section.consent button")
+    withdraw.click()
+    WebDriverWait(browser, WAIT).until(ec.staleness_of(withdraw))  # the page after the POST, not the old one
     wait_for(browser, "main p:not(.who)")
     assert browser.find_elements(By.CSS_SELECTOR, "section.consent") == []
     assert "no active approvals" in browser.find_element(By.TAG_NAME, "main").text

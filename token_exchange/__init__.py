@@ -42,7 +42,7 @@ def create_app(settings=None, env=None):
     jwks_cache = JWKSCache(settings, upstream, metrics)
     validator = TokenValidator(jwks_cache, upstream, settings)
     assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, upstream, metrics))
-    consents = consent.init_app(app, settings, store, metrics, upstream)  # the same outbound client
+    consents = consent.init_app(app, settings, store, upstream)
     patients = PatientMapper(store, make_matcher(settings, store, upstream, metrics))
     server = TokenExchangeServer(settings, store, validator, assertion_method=assertion, metrics=metrics,
                                  patients=patients, consent=consents)

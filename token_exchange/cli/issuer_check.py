@@ -81,6 +81,8 @@ def issuer_check(issuer_url, id_token, access_token, as_json):
 
 def check(issuer_url, registered, id_token, access_token, settings) -> Report:
     from ..issuers import discover
+    from ..upstream import Upstream
+    upstream = Upstream(settings)  # the one outbound client: total deadline, size cap
     r = Report()
     if registered is None:
         r.note("registration", "not registered yet: checking against the defaults of `issuer add`")
@@ -89,7 +91,7 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
                          "identifier_claim": "patient_identifier", "identifier_systems": []}
     doc = None
     try:
-        doc = discover(issuer_url, settings.http_timeout)
+        doc = discover(issuer_url, settings.http_timeout, upstream)
         r.ok("discovery", f"found; issuer matches and jwks_uri is {doc['jwks_uri']}")
     except ValueError as e:
         (r.note if registered else r.fail)("discovery", f"{e}" + ("; the registered jwks_uri is used" if registered
@@ -108,7 +110,7 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
             r.fail("algorithms", f"the EHR signs ID tokens with {', '.join(map(str, advertised))}; the allow-list is "
                                  f"{', '.join(cfg['algs'])}: add one with `issuer update --algs`")
     jwks_uri = (registered or {}).get("jwks_uri") or (doc or {}).get("jwks_uri")
-    keys = _check_jwks(r, jwks_uri, cfg, settings) if jwks_uri else {}
+    keys = _check_jwks(r, jwks_uri, cfg, upstream) if jwks_uri else {}
     if not jwks_uri:
         r.fail("jwks", "no JWKS URL: neither registered nor discovered")
     for text, what in ((access_token, "access token"), (id_token, "ID token")):
@@ -119,40 +121,34 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
     return r
 
 
-def _check_jwks(r: Report, uri, cfg, settings) -> dict:
-    import jwt
-    import requests
+def _check_jwks(r: Report, uri, cfg, upstream) -> dict:
+    from ..issuers import import_keys
+    from ..upstream import UpstreamError
     try:
-        resp = requests.get(uri, timeout=settings.http_timeout, headers={"Accept": "application/json"},
-                            allow_redirects=False)
-        resp.raise_for_status()
-        data = json.loads(resp.content[:1024 * 1024], parse_constant=lambda c: None)
-        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-            raise ValueError("not a JWKS (an object with a keys array)")
-    except (requests.RequestException, ValueError, RecursionError) as e:
-        r.fail("jwks", f"{uri} cannot be used ({type(e).__name__}: {str(e)[:120]})")
+        reply = upstream.get_json(uri, headers={"Accept": "application/json"})
+        if reply.status != 200:
+            raise UpstreamError("answered", reply.status)
+        keys = import_keys(reply.json)
+    except (UpstreamError, ValueError) as e:
+        r.fail("jwks", f"{uri} cannot be used ({e})")
         return {}
-    keys, described = {}, []
-    for k in data["keys"]:
-        if not isinstance(k, dict):
-            continue
-        try:
-            jwk = jwt.PyJWK(k)
-        except (jwt.PyJWKError, ValueError, TypeError) as e:
-            r.note("jwks key", f"key {printable(str(k.get('kid')))} ({printable(str(k.get('kty')))}) is unusable: {e}")
-            continue
-        kind = k.get("kty") + (f" {k.get('crv')}" if k.get("crv") else "")
-        described.append(f"{k.get('kid') or '(no kid)'} {kind}" + (f" {k['alg']}" if k.get("alg") else ""))
-        keys[k.get("kid") or ""] = jwk
-        if k.get("alg") and k["alg"] not in cfg["algs"]:
-            r.note("jwks key", f"key {k.get('kid')} is for {k['alg']}, not in the allow-list {', '.join(cfg['algs'])}")
-        if k.get("use") not in (None, "sig"):
-            r.note("jwks key", f"key {k.get('kid')} has use {k.get('use')!r}, not sig")
+    raw = {k.get("kid") or "": k for k in reply.json["keys"] if isinstance(k, dict)}
+    skipped = [printable(str(k.get("kid"))) for kid, k in raw.items() if kid not in {x.kid for x in keys}]
+    if skipped:
+        r.note("jwks key", f"unusable for signatures (unknown type or curve, malformed, or not use sig): "
+                           f"{', '.join(skipped)}")
+    described = []
+    for k in keys:
+        j = raw.get(k.kid, {})
+        kind = str(j.get("kty")) + (f" {j.get('crv')}" if j.get("crv") else "")
+        described.append(f"{k.kid or '(no kid)'} {kind}" + (f" {k.alg}" if k.alg else ""))
+        if k.alg and k.alg not in cfg["algs"]:
+            r.note("jwks key", f"key {k.kid} is for {k.alg}, not in the allow-list {', '.join(cfg['algs'])}")
     if keys:
         r.ok("jwks", f"{uri} reachable: " + "; ".join(described))
     else:
         r.fail("jwks", f"{uri} has no usable signing key")
-    return keys
+    return {k.kid: k.jwk for k in keys}
 
 
 def _check_token(r: Report, text, what, issuer_url, keys, cfg, doc):

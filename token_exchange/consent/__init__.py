@@ -5,12 +5,12 @@ the FHIR Consent export (``fhir``)."""
 from __future__ import annotations
 
 
-def init_app(app, settings, store, metrics=None, upstream=None):
-    """-> the ConsentService for TokenExchangeServer(consent=...); registers the pages."""
-    from .outbound import make_upstream
+def init_app(app, settings, store, upstream):
+    """-> the ConsentService for TokenExchangeServer(consent=...); registers the pages.
+    ``upstream`` is the app's one outbound client (token_exchange.upstream)."""
     from .service import ConsentService
     from .signin import SignIn
     from .views import bp
-    service = ConsentService(settings, store, SignIn(settings, upstream or make_upstream(settings, metrics)))
+    service = ConsentService(settings, store, SignIn(settings, upstream))
     app.register_blueprint(bp)
     return service

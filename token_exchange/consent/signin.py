@@ -26,7 +26,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from .outbound import Deadline, UpstreamError
+from ..upstream import Deadline, UpstreamError
 
 log = logging.getLogger(__name__)
 SCOPE = "openid fhirUser"
