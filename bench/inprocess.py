@@ -111,6 +111,15 @@ def main():
         wrap(ext.store, "find_link", "  store.find_link (patient link SELECT)")
         wrap(keymod.ActiveKey, "mint", "  mint (RS256 sign)")
         wrap(ext.store, "record_audit", "  store.record_audit (INSERT + COMMIT)")
+        from token_exchange import endpoints, grant, server
+        for step, method in grant.TokenExchangeGrant.STEPS:
+            wrap(grant.TokenExchangeGrant, method, f"  grant step: {step}")
+        wrap(grant.TokenExchangeGrant, "create_token_response", "  grant.create_token_response (mint and body)")
+        wrap(server, "log_decision", "  the decision's log line")
+        wrap(endpoints, "read_form", "endpoints.read_form (size, type, parse)")
+        wrap(endpoints, "json_response", "endpoints.json_response")
+        wrap(ext.metrics, "exchange", "metrics.exchange")
+        wrap(ext.metrics, "observe", "metrics.observe")
         total = drive(svc, bodies["stage"])
         print(f"\nservice stages, {a.n} exchanges (median / mean per exchange; total {total * 1e6:.0f} µs):")
         for label, calls in stages.items():

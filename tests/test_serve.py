@@ -38,6 +38,14 @@ def test_every_scrape_under_two_workers_reports_the_sum_over_all_workers(env, wo
             assert s == {("granted", ""): granted, ("refused", "invalid_target"): refused}, scrapes
     finally:
         server.stop()
+    # each decision was one JSON line in the server's log, as `serve` writes them
+    lines = [json.loads(x) for x in (tmp_path / f"serve-{server.port}.log").read_text().splitlines()
+             if x.startswith("{")]
+    made = [x for x in lines if x["logger"] == "token_exchange.decision"]
+    assert sorted(x["msg"] for x in made) == ["granted"] * granted + ["refused"] * refused
+    for x in made:
+        assert x["level"] == "info" and x["client_id"] == "vendor" and len(x["request_id"]) == 32 and x["time"]
+    assert {x["error"] for x in made if x["msg"] == "refused"} == {"invalid_target"}
 
 
 def test_serve_logs_one_line_at_start_and_one_at_shutdown_without_the_database_password(env, world, tmp_path):

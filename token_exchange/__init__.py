@@ -51,4 +51,5 @@ def create_app(settings=None, env=None):
     app.register_blueprint(endpoints.bp)
     endpoints.register_error_handlers(app)
     endpoints.register_request_ids(app)
+    app.wsgi_app = endpoints.TokenEndpoint(app.wsgi_app, app.extensions["token_exchange"])  # the hot path
     return app

@@ -4,14 +4,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from http import HTTPStatus
 from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
-from werkzeug.datastructures import MultiDict
+from werkzeug.datastructures import EnvironHeaders, MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.wsgi import get_content_length, get_input_stream
 
-from . import keys, lifecycle, urns
+from . import keys, lifecycle, logs, urns
 from .errors import InvalidRequest, OAuth2Error, RequestTooLarge, TemporarilyUnavailable
 from .metrics import CONTENT_TYPE
 from .server import TokenRequest
@@ -39,29 +42,36 @@ def oauth_error_response(error: OAuth2Error):
     return json_response(status, body, headers)
 
 
-def read_form() -> MultiDict:
+def read_form(environ=None, max_body: int | None = None) -> MultiDict:
     """The request body as a form, strictly: size first, form-encoded POST only,
-    no parameters in the query string (RFC 6749 §3.2)."""
-    max_body = _ext().settings.max_body
+    no parameters in the query string (RFC 6749 §3.2). Read from the WSGI environ,
+    so the token endpoint (served without Flask's request context) and the other
+    endpoints share it."""
+    if environ is None:
+        environ, max_body = request.environ, _ext().settings.max_body
 
     def too_large():
         return RequestTooLarge(f"The request body is larger than {max_body // 1024} KiB.")
-    chunked = request.content_length is None
-    if chunked:
+    length = get_content_length(environ)
+    if length is None:
         # No Content-Length (chunked): read at most the limit + 1 byte, never more. The raw
         # input, because Werkzeug's limited stream stops silently at the limit.
-        body = request.environ["wsgi.input"].read(max_body + 1) if request.environ.get(
-            "wsgi.input_terminated") else b""
+        body = environ["wsgi.input"].read(max_body + 1) if environ.get("wsgi.input_terminated") else b""
         if len(body) > max_body:
             raise too_large()
-    elif request.content_length > max_body:
+    elif length > max_body:
         raise too_large()
-    if request.mimetype != FORM:
+    if parse_options_header(environ.get("CONTENT_TYPE", ""))[0] != FORM:
         raise InvalidRequest(f"Send the request as {FORM}.")
-    if request.query_string:
+    if environ.get("QUERY_STRING"):
         raise InvalidRequest("Send parameters in the form body, not in the query string.")
-    if not chunked:
-        body = request.get_data(cache=False)  # at most Content-Length bytes; a short body is 400
+    if length is not None:
+        try:
+            body = get_input_stream(environ).read()  # at most Content-Length bytes
+        except HTTPException:  # Werkzeug's ClientDisconnected: the body ended early
+            body = b""
+        if len(body) < length:
+            raise InvalidRequest("The request body is shorter than its Content-Length.")
     return parse_form(body)
 
 
@@ -77,17 +87,70 @@ def parse_form(body: bytes) -> MultiDict:
 
 @bp.post("/token")
 def token():
-    started = time.perf_counter()
-    ext = _ext()
-    try:
-        form = read_form()
-    except OAuth2Error as e:
-        ext.metrics.exchange("refused", e.error)
-        return oauth_error_response(e)
-    req = TokenRequest(request.method, ext.settings.token_endpoint, request.headers, form)
-    status, body, headers = ext.server.create_token_response(req)
-    ext.metrics.observe(time.perf_counter() - started)
-    return json_response(status, body, headers)
+    """POST /token when TokenEndpoint does not stand in front of the app (create_app
+    puts it there): the same answer, through Flask."""
+    status, body, headers = TokenEndpoint(None, _ext()).answer(request.environ)
+    return Response(body, status=status, headers=headers)
+
+
+class TokenEndpoint:
+    """POST /token as a plain WSGI handler in front of the Flask app: every exchange
+    passes here, so it runs without Flask's request context, routing and response
+    objects (the same form reading, server, errors and headers as the other
+    endpoints, and the request id for logs through logs.current_environ). Any other
+    path or method goes on to Flask (which answers 405 with Allow for GET /token)."""
+
+    def __init__(self, flask_wsgi_app, ext):
+        self.next, self.ext = flask_wsgi_app, ext
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") != "/token" or environ.get("REQUEST_METHOD") != "POST":
+            return self.next(environ, start_response)
+        reset = logs.current_environ.set(environ)
+        try:
+            status, body, headers = self.answer(environ)
+            headers = [("X-Request-Id", logs.current_request_id())] + headers
+        finally:
+            logs.current_environ.reset(reset)
+        start_response(_STATUS.get(status) or f"{status} {HTTPStatus(status).phrase}", headers)
+        return [body]
+
+    def answer(self, environ):
+        """-> (status, body bytes, headers) for one token request; never raises."""
+        ext = self.ext
+        started = time.perf_counter()
+        try:
+            try:
+                form = read_form(environ, ext.settings.max_body)
+            except OAuth2Error as e:
+                ext.metrics.exchange("refused", e.error)
+                return _json(*e())
+            req = TokenRequest("POST", ext.settings.token_endpoint, EnvironHeaders(environ), form)
+            status, body, headers = ext.server.create_token_response(req)
+            ext.metrics.observe(time.perf_counter() - started)
+            return _json(status, body, headers)
+        except SQLAlchemyError as exc:
+            return _json(*database_unavailable(ext, exc)())
+        except Exception:  # noqa: BLE001 - no input yields a traceback to the client
+            log.exception("unexpected error")
+            return _json(500, {"error": "server_error", "error_description": "An unexpected error occurred."},
+                         [("Cache-Control", "no-store")])
+
+
+_STATUS = {200: "200 OK", 400: "400 BAD REQUEST", 401: "401 UNAUTHORIZED"}
+
+
+def _json(status, body, headers=()):
+    data = json.dumps(body).encode()
+    out = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    out += [(k, v) for k, v in headers if k.lower() != "content-type"]
+    return status, data, out
+
+
+def database_unavailable(ext, exc) -> TemporarilyUnavailable:
+    ext.metrics.inc("db_errors")
+    log.error("database error", extra={"reason": type(exc).__name__})
+    return TemporarilyUnavailable("The database is unreachable; retry shortly.")
 
 
 @bp.post("/introspect")
@@ -220,10 +283,7 @@ def register_request_ids(app):
 def register_error_handlers(app):
     @app.errorhandler(SQLAlchemyError)
     def _db_down(exc):
-        ext = app.extensions["token_exchange"]
-        ext.metrics.inc("db_errors")
-        log.error("database error", extra={"reason": type(exc).__name__})
-        return oauth_error_response(TemporarilyUnavailable("The database is unreachable; retry shortly."))
+        return oauth_error_response(database_unavailable(app.extensions["token_exchange"], exc))
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc):

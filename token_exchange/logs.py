@@ -1,6 +1,7 @@
 """Structured JSON logs. Never a token or a secret: callers log reasons and ids only."""
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -22,15 +23,20 @@ def request_id(incoming: str | None) -> str:
 
 
 _ENVIRON_KEY = "token_exchange.request_id"
+# The WSGI environ of the request being served outside Flask's request context
+# (endpoints.TokenEndpoint, the hot path); Flask's own requests are found through it.
+current_environ: contextvars.ContextVar = contextvars.ContextVar("token_exchange_environ", default=None)
 
 
 def current_request_id():
     """This request's id, made on first use (a log line or the response header) and
     kept in the WSGI environ for the rest of the request."""
     try:
-        if not has_request_context():
-            return None
-        environ = request.environ
+        environ = current_environ.get()
+        if environ is None:
+            if not has_request_context():
+                return None
+            environ = request.environ
         rid = environ.get(_ENVIRON_KEY)
         if rid is None:
             rid = environ[_ENVIRON_KEY] = request_id(environ.get("HTTP_X_REQUEST_ID"))
@@ -43,11 +49,14 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line. The timestamp text is made once per second, not per line."""
     _second, _stamp = None, None
 
-    def format(self, record):
-        second = int(record.created)
+    def stamp(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
-        out = {"time": self._stamp, "level": record.levelname.lower(), "logger": record.name,
+        return self._stamp
+
+    def format(self, record):
+        out = {"time": self.stamp(record.created), "level": record.levelname.lower(), "logger": record.name,
                "msg": record.getMessage()}
         rid = current_request_id()
         if rid:
@@ -61,11 +70,45 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure(level=logging.INFO):
+    # Our JSON lines carry none of the caller's file, line, process or thread: do not
+    # let every record look them up (the logging HOWTO's "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    global _handler
     root = logging.getLogger("token_exchange")
     if any(isinstance(h.formatter, JSONFormatter) for h in root.handlers):
         return
-    h = logging.StreamHandler(sys.stderr)
+    h = _handler = logging.StreamHandler(sys.stderr)
     h.setFormatter(JSONFormatter())
     root.addHandler(h)
     root.setLevel(level)
     root.propagate = False
+
+
+_handler = None  # the JSON handler configure() installed
+
+
+def info_line(logger: logging.Logger, msg: str, fields: dict) -> None:
+    """logger.info(msg, extra=fields), the same JSON line, made without a LogRecord
+    when the line goes only to the handler configure() installed (one line per
+    decision is on every request's path). Any other set-up (a handler added to the
+    logger, another level) goes through logging as usual."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    h = _handler
+    if h is None or logger.handlers or logger.parent.handlers != [h] or logger.parent.propagate \
+            or h.level > logging.INFO or h.filters:
+        logger.info(msg, extra=fields)
+        return
+    out = {"time": h.formatter.stamp(time.time()), "level": "info", "logger": logger.name, "msg": msg}
+    rid = current_request_id()
+    if rid:
+        out["request_id"] = rid
+    out.update(fields)
+    line = json.dumps(out, default=str) + "\n"
+    with h.lock:
+        try:
+            h.stream.write(line)
+            h.stream.flush()
+        except Exception:  # noqa: BLE001 - as logging.Handler.handleError: logging must never fail
+            pass

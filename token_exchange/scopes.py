@@ -422,11 +422,32 @@ def _simplify(scopes) -> tuple:
     return tuple(out)
 
 
+_DOWNSCOPE_MEMO_SCOPES = 8  # requests of at most this many scopes...
+_DOWNSCOPE_MEMO_PARAMS = 64  # ...whose ?param parts are this short...
+_DOWNSCOPE_MEMO = 1024  # ...are memoised, this many at most (about a megabyte at worst)
+
+
 def downscope(requested: str | ScopeSet | None, *bounds: ScopeSet) -> ScopeSet:
     """requested ∩ every bound (contract rule 6). Absent request: all the bounds allow.
 
     Raises ScopeError for a malformed request, ScopeBudgetError when the grant
-    would list more than MAX_SCOPES scopes."""
+    would list more than MAX_SCOPES scopes. Apps ask for the same few scope strings
+    again and again: a small request (a few short scopes) against the same bounds
+    (verified tokens' and trusts' scope sets) is answered from a memo of at most
+    _DOWNSCOPE_MEMO entries, so its memory stays bounded whatever requests carry
+    (errors are never memoised)."""
+    if requested is None or (isinstance(requested, ScopeSet) and len(requested.scopes) <= _DOWNSCOPE_MEMO_SCOPES
+                             and all(len(x.params) <= _DOWNSCOPE_MEMO_PARAMS for x in requested.scopes)):
+        return _downscope_memo(requested, bounds)
+    return _downscope(requested, *bounds)
+
+
+@lru_cache(maxsize=_DOWNSCOPE_MEMO)
+def _downscope_memo(requested, bounds) -> ScopeSet:
+    return _downscope(requested, *bounds)
+
+
+def _downscope(requested: str | ScopeSet | None, *bounds: ScopeSet) -> ScopeSet:
     if requested is None:
         if not bounds:
             return _EMPTY

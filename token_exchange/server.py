@@ -15,6 +15,7 @@ from authlib.oauth2.rfc6749 import AuthorizationServer
 from authlib.oauth2.rfc6749.requests import OAuth2Payload, OAuth2Request
 from werkzeug.datastructures import MultiDict
 
+from . import logs
 from .client_auth import AuthClient, Authenticator
 from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .grant import TokenExchangeGrant
@@ -166,12 +167,12 @@ def log_decision(audit: dict, error) -> None:
     """One structured line per decision: ids, issuer, target, the error code and the
     internal reason; never a token or a secret (the audit dict holds none)."""
     if error is None:
-        decision_log.info("granted", extra={k: audit.get(k) for k in _GRANTED_FIELDS})
+        logs.info_line(decision_log, "granted", {k: audit.get(k) for k in _GRANTED_FIELDS})
     else:
-        extra = {k: audit.get(k) for k in _REFUSED_FIELDS}
-        extra["error"] = error.error
-        extra["reason"] = getattr(error, "detail", None) or error.description
-        decision_log.info("refused", extra=extra)
+        fields = {k: audit.get(k) for k in _REFUSED_FIELDS}
+        fields["error"] = error.error
+        fields["reason"] = getattr(error, "detail", None) or error.description
+        logs.info_line(decision_log, "refused", fields)
 
 
 _GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "consent", "jti")

@@ -121,11 +121,15 @@ class Settings:
     def token_endpoint(self) -> str:
         return self.issuer.rstrip("/") + "/token"
 
+    def __post_init__(self):
+        base = self.issuer.rstrip("/")
+        object.__setattr__(self, "_service_base", base)  # frozen: set once, here
+        object.__setattr__(self, "_service_below", base + "/")
+
     def names_service(self, url: str) -> bool:
         """True when url is this service: its issuer URL, its token endpoint, or any URL
         under its issuer URL (tokens addressed here are grants, not access tokens)."""
-        base = self.issuer.rstrip("/")
-        return isinstance(url, str) and (url.rstrip("/") == base or url.startswith(base + "/"))
+        return isinstance(url, str) and (url.startswith(self._service_below) or url == self._service_base)
 
     @classmethod
     def from_env(cls, env=None, instance_path=None) -> Settings:

@@ -439,7 +439,12 @@ class _HotPath:
             insert(AuditEvent.__table__).values({c: bindparam(c) for c in _AUDIT_COLUMNS}), dialect)
         time_type = AuditEvent.__table__.c.time.type.dialect_impl(dialect)  # e.g. SQLite's DATETIME, as the ORM writes it
         self.time_bind = time_type.bind_processor(dialect) or (lambda v: v)
-        self._local = threading.local()
+        # PostgreSQL: one connection per thread, so threads overlap their round trips.
+        # SQLite: one connection per process, used by one thread at a time (a mutex):
+        # its statements take microseconds, and every further connection in the
+        # process would only add page-cache invalidations and lock traffic.
+        self._local = threading.local() if dialect.name != "sqlite" else _ProcessLocal()
+        self._mutex = threading.Lock() if dialect.name == "sqlite" else None
         path = engine.url.database if dialect.name == "sqlite" else None
         self._writer_lock_path = f"{path}-writer.lock" if fcntl and path and path != ":memory:" else None
 
@@ -499,6 +504,12 @@ class _HotPath:
                              for (sql, names), params in statements], fetch, commit)
 
     def _locked(self, work, fetch, commit):
+        if self._mutex is None:
+            return self._flocked(work, fetch, commit)
+        with self._mutex:
+            return self._flocked(work, fetch, commit)
+
+    def _flocked(self, work, fetch, commit):
         lock = self._take_writer_lock() if commit and self._writer_lock_path else None
         try:
             return self._run(work, fetch, commit)
@@ -530,6 +541,11 @@ class _HotPath:
                 if attempt == 2:
                     sql, args = work[-1]
                     raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
+
+
+class _ProcessLocal:
+    """threading.local's interface, one value for the whole process (SQLite's shared
+    hot-path connection and writer-lock file; guarded by _HotPath's mutex)."""
 
 
 def _dialect_insert(conn, model):
