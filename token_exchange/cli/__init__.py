@@ -1,6 +1,17 @@
 """The `token-exchange` admin CLI: one click group per noun, one module each."""
-from . import (audit, clients, consent, database, explain, issuer_check, issuers, keys, links,  # noqa: F401
-               targets, trusts)  # each module registers its commands
+from . import (  # noqa: F401
+               audit,
+               clients,
+               consent,
+               database,
+               explain,
+               issuer_check,
+               issuers,
+               keys,
+               links,
+               targets,  # each module registers its commands
+               trusts,
+)
 from .common import cli, main
 
 __all__ = ["cli", "main"]

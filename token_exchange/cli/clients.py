@@ -11,7 +11,7 @@ from ..models import Client, Issuer, Trust
 from ..sealing import generate_secret, hash_secret
 from ..store import utcnow
 from .common import (Fail, check_id, cli, commit, confirm_cascade, emit, get_row, given_options, json_option,
-                     pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
+                     options, pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
 from .issuers import _list
 
 
@@ -20,15 +20,13 @@ def client():
     """Vendor backends that ask for exchanges."""
 
 
-def _credential_options(f):
-    for opt in reversed([
-        click.option("--secret-env", metavar="VAR",
-                     help="Environment variable holding its secret (at least 32 characters; stored hashed)."),
-        click.option("--generate-secret", "generate", is_flag=True, default=None,
-                     help="Make a new secret and print it once."),
-    ]):
-        f = opt(f)
-    return f
+_CREDENTIALS = [
+    click.option("--secret-env", metavar="VAR",
+                 help="Environment variable holding its secret (at least 32 characters; stored hashed)."),
+    click.option("--generate-secret", "generate", is_flag=True, default=None,
+                 help="Make a new secret and print it once."),
+]
+_credential_options = options(_CREDENTIALS)
 
 
 def _options(update: bool):
@@ -44,12 +42,7 @@ def _options(update: bool):
                           "fragment (http only for loopback) (repeatable)." + listed),
     ]
 
-    def deco(f):
-        f = _credential_options(f)
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return deco
+    return options([*opts, *_CREDENTIALS])
 
 
 def _credentials(ctx, o, required: bool):

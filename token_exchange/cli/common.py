@@ -286,5 +286,15 @@ def confirm_cascade(what: str, counts: dict, yes: bool):
         raise Fail(f"removing {what} would also delete {listed}; run again with --yes to do it")
 
 
+def options(opts):
+    """One decorator applying a list of click options in their listed order (so a
+    noun's `add` and `update` share one list)."""
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 yes_option = click.option("--yes", is_flag=True, help="Also delete the records that depend on it.")

@@ -39,7 +39,8 @@ def _read_token(path: str, what: str) -> str:
 
 
 @cli.command()
-@click.option("--client", "client_id", required=True, metavar="CLIENT_ID", help="The client asking (not authenticated).")
+@click.option("--client", "client_id", required=True, metavar="CLIENT_ID",
+              help="The client asking (not authenticated).")
 @click.option("--subject-token", metavar="FILE", help="File (or - for stdin) with the subject token.")
 @click.option("--subject-token-type", type=click.Choice(sorted(TOKEN_TYPES)), default="access_token",
               show_default=True, help="What the subject token is (id_token: the OpenID exchange).")

@@ -8,8 +8,8 @@ from .. import urns
 from ..models import Client, Issuer, Trust
 from ..sealing import seal
 from ..store import utcnow
-from .common import (Fail, cli, commit, confirm_cascade, emit, get_row, given_options, json_option, pass_ctx,
-                     printable, secret_from_env, show, url_arg, yes_option)
+from .common import (Fail, cli, commit, confirm_cascade, emit, get_row, given_options, json_option, options,
+                     pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
 
 
 @cli.group()
@@ -62,12 +62,7 @@ def _options(update: bool):
     ]
     if update:
         opts.append(click.option("--no-introspection", is_flag=True, help="Remove the introspection settings."))
-
-    def deco(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return deco
+    return options(opts)
 
 
 def _list(values):

@@ -13,8 +13,8 @@ from sqlalchemy.exc import IntegrityError
 
 from ..models import PatientLink, Target
 from ..store import Store
-from .common import (Fail, check_id, cli, commit, emit, get_target, iso, json_option, pass_ctx, printable, show,
-                     url_arg)
+from .common import (Fail, check_id, cli, commit, emit, get_target, iso, json_option, options, pass_ctx,
+                     printable, show, url_arg)
 
 ORIGINS = ("table", "matched", "blocked")
 LINK_HEADER = ["source", "patient", "target", "target_patient"]
@@ -35,10 +35,7 @@ _WHICH = [
 ]
 
 
-def _which(f):
-    for opt in reversed(_WHICH):
-        f = opt(f)
-    return f
+_which = options(_WHICH)
 
 
 def _existing(s, source, patient, target_id):

@@ -9,7 +9,7 @@ from ..models import Consent, PatientLink, Target, Trust
 from ..sealing import hash_secret
 from ..store import utcnow
 from .common import (Fail, cli, commit, confirm_cascade, emit, get_target, given_options, json_option,
-                     pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
+                     options, pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
 from .issuers import _list, _system
 
 
@@ -37,12 +37,7 @@ def _options(update: bool):
     if update:
         opts += [click.option("--no-max-ttl", is_flag=True, help="Remove the lifetime cap."),
                  click.option("--no-introspection-secret", is_flag=True, help="Remove its /introspect secret.")]
-
-    def deco(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return deco
+    return options(opts)
 
 
 def _apply(ctx, s, row: Target, o: dict):

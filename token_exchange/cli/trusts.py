@@ -7,7 +7,8 @@ from sqlalchemy import delete, select
 from .. import scopes
 from ..models import Client, Issuer, Target, Trust
 from ..store import utcnow
-from .common import Fail, cli, commit, emit, get_row, get_target, given_options, json_option, pass_ctx, printable
+from .common import (Fail, cli, commit, emit, get_row, get_target, given_options, json_option, options,
+                     pass_ctx, printable)
 
 
 @cli.group()
@@ -45,12 +46,7 @@ def _options(update: bool):
     ]
     if update:
         opts.append(click.option("--no-max-ttl", is_flag=True, help="Remove the lifetime cap."))
-
-    def deco(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return deco
+    return options(opts)
 
 
 def _parse_scopes(text):
@@ -146,14 +142,8 @@ def trust_list(ctx, client_id, as_json):
     emit(rows, as_json, ["client", "issuer", "target", "scopes", "upstream_client_id"])
 
 
-def _key_options(f):
-    for opt in reversed(_KEY):
-        f = opt(f)
-    return f
-
-
 @trust.command("remove")
-@_key_options
+@options(_KEY)
 @pass_ctx
 def trust_remove(ctx, client_id, issuer_url, target_ref):
     """Remove one trust."""
