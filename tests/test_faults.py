@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.engine import make_url
 
-from conftest import PG_URL
+from conftest import PG_URL, audit_rows
 from fakes import TCPProxy
 from test_token import error_of
 
@@ -160,3 +160,41 @@ def test_a_filesystem_that_refuses_flock_leaves_the_ordering_to_sqlite(writer_lo
     assert exchange().status_code == 200
     assert calls == [store.fcntl.LOCK_EX], "the lock was tried again after the filesystem refused it"
     assert any("busy handler alone" in r.getMessage() for r in caplog.records)
+
+
+def test_group_commit_answers_each_audit_record_alone_when_a_shared_commit_fails(db_url, world, monkeypatch):
+    """Threaded workers on SQLite commit concurrent audit records together; a record that
+    cannot be written fails only its own request, and every other one is committed."""
+    import threading
+
+    from conftest import base_env
+    from token_exchange import create_app
+    from token_exchange import store as store_mod
+    if not db_url.startswith("sqlite"):
+        pytest.skip("group commit is the SQLite writer's; PostgreSQL commits per thread")
+    monkeypatch.setitem(store_mod.GROUP_COMMIT, "threads", True)
+    app = create_app(env=base_env(db_url))
+    store = app.extensions["token_exchange"].store
+    assert store._hot.group is not None
+    gate = threading.Barrier(6)
+    outcomes = {}
+
+    def write(i):
+        event = {"client_id": f"c{i}", "outcome": "granted", "jti": f"j{i}", "consent": "consent-1",
+                 "consent_token": (f"same-jti" if i in (3, 4) else f"t{i}", 2_000_000_000)}
+        gate.wait()
+        try:
+            store.record_audit(event)
+            outcomes[i] = "ok"
+        except Exception as e:  # noqa: BLE001 - the unique jti of consent_token, for one of 3 and 4
+            outcomes[i] = type(e).__name__
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    app.extensions["token_exchange"].engine.dispose()
+    assert sorted(v for v in outcomes.values() if v != "ok") == ["IntegrityError"]
+    rows = {r["jti"] for r in audit_rows(world)}
+    assert rows == {f"j{i}" for i, v in outcomes.items() if v == "ok"} and len(rows) == 5

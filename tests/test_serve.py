@@ -120,3 +120,50 @@ def test_invalid_settings_refuse_to_start_with_one_line_naming_the_variable(env,
                         ("TOKEN_EXCHANGE_REDIS_URL", "http://cache"), ("TOKEN_EXCHANGE_ISSUER", "te.example")):
         code, _, lines = _serve_once(dict(env, **{name: value}), tmp_path)
         assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], lines
+
+
+def test_a_worker_killed_under_load_loses_no_audit_record_of_a_token_it_answered(env, world, ehr, tmp_path):
+    """Every answered token has its committed audit record, also when a worker dies by
+    SIGKILL mid-load (threaded workers commit audit records together, never after answering)."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from conftest import audit_rows
+    server = Instance(env, tmp_path)
+    jtis, killed, errors = [], threading.Event(), []
+    lock = threading.Lock()
+
+    def client(n):
+        session = requests.Session()
+        for _ in range(n):
+            try:
+                r = server.exchange(ehr)
+            except requests.RequestException:
+                continue  # a connection the killed worker held
+            if r.status_code == 200:
+                payload = r.json()["access_token"].split(".")[1]
+                claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+                with lock:
+                    jtis.append(claims["jti"])
+                    if len(jtis) == 40 and not killed.is_set():  # well into the load: kill a worker
+                        kids = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                                              text=True).stdout.split()
+                        os.kill(int(kids[0]), signal.SIGKILL)
+                        killed.set()
+            elif r.status_code != 503:
+                errors.append(r.status_code)
+        session.close()
+    try:
+        threads = [threading.Thread(target=client, args=(30,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.stop()
+    assert killed.is_set() and len(jtis) > 60 and errors == []
+    recorded = {row["jti"] for row in audit_rows(world, "--outcome", "granted")}
+    assert set(jtis) <= recorded, f"{len(set(jtis) - recorded)} answered tokens have no audit record"

@@ -265,12 +265,11 @@ class Store:
         row["time"] = self._hot.time_bind(utcnow())
         minted = event.get("consent_token")
         if minted is None:
-            self._hot.run(self._hot.insert_audit, row, commit=True)
+            self._hot.write(((self._hot.insert_audit, row),))
             return
         jti, exp = minted
-        self._hot.run_all(((self._hot.insert_audit, row),
-                           (self._hot.insert_consent_token, {"jti": jti, "consent_id": event["consent"], "exp": exp})),
-                          commit=True)
+        self._hot.write(((self._hot.insert_audit, row),
+                         (self._hot.insert_consent_token, {"jti": jti, "consent_id": event["consent"], "exp": exp})))
 
     def revoke(self, jti: str, exp: int) -> None:
         """Idempotent under concurrency (RFC 7009 §2.2: 200 every time): an insert that
@@ -445,6 +444,10 @@ class _HotPath:
         # process would only add page-cache invalidations and lock traffic.
         self._local = threading.local() if dialect.name != "sqlite" else _ProcessLocal()
         self._mutex = threading.Lock() if dialect.name == "sqlite" else None
+        # Threaded workers on SQLite: the audit writes of requests that arrive together
+        # are committed together (one transaction, one writer-lock turn), each request
+        # still waiting for its own record's commit before it answers.
+        self.group = _GroupCommit(self) if dialect.name == "sqlite" and GROUP_COMMIT["threads"] else None
         path = engine.url.database if dialect.name == "sqlite" else None
         self._writer_lock_path = f"{path}-writer.lock" if fcntl and path and path != ":memory:" else None
 
@@ -498,6 +501,15 @@ class _HotPath:
         args = tuple(params[n] for n in names) if names is not None else params
         return self._locked(((sql, args),), fetch, commit)
 
+    def write(self, statements):
+        """(statement, params)... committed as one before this returns: with group
+        commit, in a transaction shared with other threads' writes."""
+        work = [(sql, tuple(params[n] for n in names) if names is not None else params)
+                for (sql, names), params in statements]
+        if self.group is not None:
+            return self.group.submit(work)
+        return self._locked(work, False, True)
+
     def run_all(self, statements, fetch=False, commit=False):
         """Several (statement, params) in one transaction; the last one's row if fetch."""
         return self._locked([(sql, tuple(params[n] for n in names) if names is not None else params)
@@ -533,14 +545,77 @@ class _HotPath:
                     conn.commit()
                 return row
             except dbapi_error as e:
-                self._local.conn = None
-                try:
-                    conn.invalidate()
-                except Exception:  # noqa: BLE001 - the connection is already gone
-                    pass
-                if attempt == 2:
-                    sql, args = work[-1]
+                sql, args = work[-1]
+                if isinstance(e, self.engine.dialect.loaded_dbapi.IntegrityError):
+                    # The statement, not the connection: undo this transaction (it may hold
+                    # the write lock) and keep the connection.
+                    try:
+                        conn.rollback()
+                    except dbapi_error:
+                        self._drop(conn)
                     raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
+                self._drop(conn)
+                if attempt == 2:
+                    raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
+
+    def _drop(self, conn):
+        """Forget a broken connection, closing it so it holds no lock."""
+        self._local.conn = None
+        try:
+            conn.invalidate()
+        except Exception:  # noqa: BLE001 - the connection is already gone
+            pass
+
+
+# Set by the threaded gunicorn worker (wsgi_server.ThreadWorker) before it loads the app.
+GROUP_COMMIT = {"threads": False}
+
+
+class _GroupCommit:
+    """One writer thread per process that commits the audit records of every request
+    waiting at that moment in one transaction. A request returns only once its own
+    record is committed (or with the error that kept it from being), so the contract's
+    "committed before the response" holds; under load a commit and a writer-lock turn
+    serve several requests. When a shared transaction fails, each record is tried on
+    its own, so one bad record never costs the others theirs."""
+
+    def __init__(self, hot):
+        self.hot = hot
+        self.cv = threading.Condition()
+        self.queue: list = []
+        self.thread = None
+
+    def submit(self, work) -> None:
+        item = [work, threading.Event(), None]
+        with self.cv:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, daemon=True, name="token-exchange-audit")
+                self.thread.start()
+            self.queue.append(item)
+            self.cv.notify()
+        item[1].wait()
+        if item[2] is not None:
+            raise item[2]
+
+    def _loop(self):
+        while True:
+            with self.cv:
+                while not self.queue:
+                    self.cv.wait()
+                batch, self.queue = self.queue, []
+            try:
+                self.hot._locked([w for item in batch for w in item[0]], False, True)
+            except Exception as e:  # noqa: BLE001 - handed to the waiting requests
+                if len(batch) == 1:
+                    batch[0][2] = e
+                else:
+                    for item in batch:
+                        try:
+                            self.hot._locked(item[0], False, True)
+                        except Exception as one:  # noqa: BLE001
+                            item[2] = one
+            for item in batch:
+                item[1].set()
 
 
 class _ProcessLocal:
