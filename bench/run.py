@@ -15,8 +15,11 @@ What it does (see bench/README.md):
    a short warm-up: exchanges/s, p50/p99 latency, non-2xx count, peak RSS per
    worker. The headline is service / floor; both are also set against the
    crypto-only ceiling = cores / (2 RS256 verify + 1 RS256 sign), measured here.
-4. The service again at 1,000,000 links (100,000 with --quick).
-5. bench/RESULTS.md (--quick: bench/out/RESULTS-quick.md) and raw JSON in bench/out/.
+4. Variants, in the same rounds as step 3 and against the same floor: the service
+   signing with an ES256 key, exchanges under a user's existing consent, and
+   exchanges that each match a new patient at a target (`--variants`).
+5. The service again at 1,000,000 links (100,000 with --quick).
+6. bench/RESULTS.md (--quick: bench/out/RESULTS-quick.md) and raw JSON in bench/out/.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
@@ -60,7 +64,7 @@ from urllib.parse import urlencode  # noqa: E402
 
 import jwt  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 
 BENCH = ROOT / "bench"
 OUT = BENCH / "out"
@@ -79,11 +83,21 @@ REQ_SCOPE = "patient/Observation.rs"
 CLIENT_ID = "vendor"
 CLIENT_SECRET = "bench-vendor-secret-0123456789abcdef-0123456789"  # >= 32 characters
 TOKEN_TTL = 4 * 3600  # EHR tokens outlive the whole benchmark
+TARGET_CONSENT = "https://fhir.c.example/fhir"  # variant "consent": its trust requires the user's consent
+MATCH_SYSTEM = "urn:oid:2.16.840.1.113883.4.1"  # variant "match": the identifier system both sides trust
+VARIANTS = {  # --variants: service runs added to every round of the 1,000-link phase, after the RS256 run
+    "es256": "the same exchanges, the service signing with an ES256 (P-256) key instead of RS256",
+    "consent": "a trust that requires consent, every user having consented already (one indexed read and "
+               "one consent_token row more per exchange)",
+    "match": "every exchange for a patient with no link yet: the service mints itself a search token, "
+             "searches the target by identifier (a fake FHIR server on loopback), stores the matched link",
+}
 
 # Set in the parent before forking the signing pool; read by _sign_chunk.
 _EHR_KEY = None
 _EHR_ISS = None
 _EHR_KID = None
+_MATCH_TARGET = None
 
 
 def log(msg: str) -> None:
@@ -142,23 +156,81 @@ class FakeEHR:
         self.httpd.server_close()
 
 
+class FakeFHIR:
+    """A target FHIR server as far as matching needs one: GET /fhir/Patient?identifier=
+    SYSTEM|VALUE answers a searchset Bundle with exactly one matching Patient (id
+    m-VALUE). It does not check the search token: what is measured is the service's
+    side of a first-time match."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}/fhir"
+        self.searches = 0
+        fhir = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real FHIR server offers
+            disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms delayed-ACK stall
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                ident = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("identifier", "")
+                system, _, value = urllib.parse.unquote(ident).partition("|")
+                if path != "/fhir/Patient" or not value:
+                    self.send_error(404)
+                    return
+                fhir.searches += 1
+                body = json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [{
+                    "fullUrl": f"{fhir.base}/Patient/m-{value}", "search": {"mode": "match"},
+                    "resource": {"resourceType": "Patient", "id": f"m-{value}", "active": True,
+                                 "identifier": [{"system": system, "value": value}]}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 # -- request bodies -------------------------------------------------------------
 def patient_id(n: int) -> str:
     return f"a-{n:07d}"
 
 
 def _sign_chunk(task):
-    """(tag, first index, patient numbers) -> form bodies, one pair of tokens each."""
-    tag, first, patients = task
+    """(tag, first index, patient numbers, kind) -> form bodies, one pair of tokens each.
+    kind: "std" (linked patients), "consent" (each patient's consenting user) or
+    "match" (patients with no link, carrying an identifier the target is searched by)."""
+    tag, first, patients, kind = task
     now = int(time.time())
     out = []
     for i, pn in enumerate(patients, start=first):
         sub = f"user-{tag}-{i}"  # distinct per pair: no two ID tokens alike either
-        access = {"iss": _EHR_ISS, "sub": sub, "aud": SOURCE, "client_id": UPSTREAM, "scope": EHR_SCOPE,
-                  "iat": now, "exp": now + TOKEN_TTL, "jti": uuid.uuid4().hex}
-        ident = {"iss": _EHR_ISS, "sub": sub, "aud": UPSTREAM, "azp": UPSTREAM, "iat": now,
+        ident = {"iss": _EHR_ISS, "aud": UPSTREAM, "azp": UPSTREAM, "iat": now,
                  "exp": now + TOKEN_TTL, "fhirUser": f"{SOURCE}/Practitioner/pr-{i % 997}",
                  "patient": patient_id(pn), "source": SOURCE}
+        resource = TARGET
+        if kind == "consent":
+            sub = f"consent-user-{pn}"  # the user who consented for this patient
+            ident["nonce"] = uuid.uuid4().hex  # keeps this user's ID tokens distinct
+            resource = TARGET_CONSENT
+        elif kind == "match":
+            ident["patient"] = f"m-{pn:09d}"  # never linked, never matched before
+            ident["patient_identifier"] = [f"{MATCH_SYSTEM}|{pn:09d}"]
+            resource = _MATCH_TARGET
+        ident["sub"] = sub
+        access = {"iss": _EHR_ISS, "sub": sub, "aud": SOURCE, "client_id": UPSTREAM, "scope": EHR_SCOPE,
+                  "iat": now, "exp": now + TOKEN_TTL, "jti": uuid.uuid4().hex}
         h = {"kid": _EHR_KID}
         out.append(urlencode([
             ("grant_type", TE),
@@ -166,33 +238,39 @@ def _sign_chunk(task):
             ("subject_token_type", AT),
             ("actor_token", jwt.encode(ident, _EHR_KEY, algorithm="RS256", headers=h)),
             ("actor_token_type", IDT),
-            ("resource", TARGET),
+            ("resource", resource),
             ("scope", REQ_SCOPE),
         ]))
     return out
 
 
-def make_bodies(ehr: FakeEHR, sets: list[tuple[str, int, int]], tmp: Path) -> dict[str, Path]:
-    """sets: (tag, count, patient range) -> {tag: file of form bodies, one per line}.
-    Signed in a pool of processes, one per core (before any run, so it disturbs none)."""
-    global _EHR_KEY, _EHR_ISS, _EHR_KID
-    _EHR_KEY, _EHR_ISS, _EHR_KID = ehr.key, ehr.issuer, ehr.kid
+def make_bodies(ehr: FakeEHR, sets: list[tuple], tmp: Path, match_target: str | None = None) -> dict[str, Path]:
+    """sets: (tag, count, patients, kind) -> {tag: file of form bodies, one per line}.
+    patients is a number N (each pair's patient drawn at random from the first N) or a
+    range (used in order, each once). Signed in a pool of processes, one per core
+    (before any run, so it disturbs none)."""
+    global _EHR_KEY, _EHR_ISS, _EHR_KID, _MATCH_TARGET
+    _EHR_KEY, _EHR_ISS, _EHR_KID, _MATCH_TARGET = ehr.key, ehr.issuer, ehr.kid, match_target
     files = {}
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(os.cpu_count() or 1) as pool:
-        for tag, count, prange in sets:
-            rng = random.Random(f"bench-{tag}")
-            patients = [rng.randrange(prange) for _ in range(count)]
+        for tag, count, prange, kind in sets:
+            if isinstance(prange, range):
+                patients = list(prange)[:count]
+                drawn = f"patients {prange.start:,}..{prange.start + count - 1:,}, none linked"
+            else:
+                rng = random.Random(f"bench-{tag}")
+                patients = [rng.randrange(prange) for _ in range(count)]
+                drawn = f"patients drawn from {prange:,} linked"
             chunk = 250
-            tasks = [(tag, s, patients[s:s + chunk]) for s in range(0, count, chunk)]
+            tasks = [(tag, s, patients[s:s + chunk], kind) for s in range(0, count, chunk)]
             path = tmp / f"bodies-{tag}.txt"
             started = time.perf_counter()
             with path.open("w") as f:
                 for bodies in pool.imap(_sign_chunk, tasks):
                     f.write("\n".join(bodies) + "\n")
             files[tag] = path
-            log(f"  {count} token pairs for '{tag}' (patients drawn from {prange:,} linked) "
-                f"in {time.perf_counter() - started:.1f} s")
+            log(f"  {count} token pairs for '{tag}' ({drawn}) in {time.perf_counter() - started:.1f} s")
     return files
 
 
@@ -216,6 +294,7 @@ def measure_crypto(ehr: FakeEHR) -> dict:
                        ehr.key, algorithm="RS256", headers={"kid": ehr.kid})
     pub = ehr.key.public_key()
     sign_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
     minted = {"iss": "http://127.0.0.1:8000", "aud": TARGET, "sub": "user-1", "client_id": CLIENT_ID,
               "scope": REQ_SCOPE, "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex,
               "patient": "b-0000001", "act": {"sub": CLIENT_ID}}
@@ -227,6 +306,8 @@ def measure_crypto(ehr: FakeEHR) -> dict:
                                                          headers={"kid": "k1", "typ": "at+jwt"}), 100),
         "raw_verify_s": _best_per_op(lambda: pub.verify(sig, msg, padding.PKCS1v15(), hashes.SHA256()), 400),
         "raw_sign_s": _best_per_op(lambda: sign_key.sign(msg, padding.PKCS1v15(), hashes.SHA256()), 100),
+        "pyjwt_es256_sign_s": _best_per_op(lambda: jwt.encode(minted, ec_key, algorithm="ES256",
+                                                               headers={"kid": "k2", "typ": "at+jwt"}), 400),
     }
     res["cores"] = os.cpu_count() or 1
     res["per_exchange_s"] = 2 * res["pyjwt_verify_s"] + res["pyjwt_sign_s"]
@@ -383,8 +464,8 @@ def run_wrk(url, bodies: Path, seconds: float, threads: int, connections: int, a
 
 # -- one measured run -----------------------------------------------------------
 class Bench:
-    def __init__(self, args, tmp: Path, ehr: FakeEHR):
-        self.args, self.tmp, self.ehr = args, tmp, ehr
+    def __init__(self, args, tmp: Path, ehr: FakeEHR, fhir: FakeFHIR | None = None):
+        self.args, self.tmp, self.ehr, self.fhir = args, tmp, ehr, fhir
         self.auth = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
         self.svc_port, self.floor_port = free_port(), free_port()
         self.db = tmp / "te.db"
@@ -393,6 +474,8 @@ class Bench:
         self.svc_env = dict(env, TOKEN_EXCHANGE_DATABASE_URL=f"sqlite:///{self.db}",
                             TOKEN_EXCHANGE_ISSUER=f"http://127.0.0.1:{self.svc_port}",
                             BENCH_VENDOR_SECRET=CLIENT_SECRET)
+        self.es_db = tmp / "te-es256.db"  # variant es256: a copy of the set-up database whose active key is ES256
+        self.es_env = dict(self.svc_env, TOKEN_EXCHANGE_DATABASE_URL=f"sqlite:///{self.es_db}")
         self.floor_env = dict(env, FLOOR_EHR_PEM=str(ehr.write_public_pem(tmp / "ehr-public.pem")))
         self.runs: list[dict] = []
         self.discarded: list[dict] = []  # runs done again because other processes disturbed them
@@ -401,12 +484,12 @@ class Bench:
         self.service_non2xx_seen = 0
 
     # the CLI ------------------------------------------------------------------
-    def cli(self, *argv, timeout=900) -> str:
+    def cli(self, *argv, timeout=900, env=None) -> str:
         """Run `token-exchange ARGV`; note its wall time and peak RSS (VmHWM, sampled)."""
         cmd = [str(BIN / "token-exchange"), *argv]
         t = time.perf_counter()
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(cmd, cwd=self.tmp, env=self.svc_env, stdout=out, stderr=err, text=True)
+            proc = subprocess.Popen(cmd, cwd=self.tmp, env=env or self.svc_env, stdout=out, stderr=err, text=True)
             peak = 0
             while proc.poll() is None:
                 try:
@@ -436,29 +519,79 @@ class Bench:
                  "--scopes", "patient/*.rs", "--upstream-client-id", UPSTREAM)
         return self.import_links(0, links)
 
-    def import_links(self, first: int, stop: int) -> dict:
+    def setup_variants(self, links: int) -> list[dict]:
+        """What the variants need, through the CLI (and the consents users would have
+        given in their browsers, which no command can give on their behalf)."""
+        imports = []
+        trust = ["trust", "add", "--client", CLIENT_ID, "--issuer", self.ehr.issuer, "--scopes", "patient/*.rs",
+                 "--upstream-client-id", UPSTREAM]
+        if "consent" in self.args.variants:
+            self.cli("target", "add", TARGET_CONSENT, "--name", "hospital-c")
+            self.cli(*trust, "--target", TARGET_CONSENT, "--consent", "required", "--consent-max-days", "365")
+            imports.append(self.import_links(0, links, TARGET_CONSENT))
+            self.write_consents(links)
+        if "match" in self.args.variants:
+            self.cli("issuer", "update", self.ehr.issuer, "--identifier-system", MATCH_SYSTEM)
+            self.cli("target", "add", self.fhir.base, "--name", "hospital-m", "--match-identifier", MATCH_SYSTEM)
+            self.cli(*trust, "--target", self.fhir.base)
+        if "es256" in self.args.variants:
+            # The same world in a second database file, whose active signing key is ES256.
+            src, dst = sqlite3.connect(self.db), sqlite3.connect(self.es_db)
+            try:
+                src.backup(dst)
+            finally:
+                src.close()
+                dst.close()
+            self.cli("keys", "stage", "--alg", "ES256", env=self.es_env)
+            self.cli("keys", "rotate", env=self.es_env)
+        return imports
+
+    def write_consents(self, n: int):
+        """User consent-user-K consented for patient K (0 <= K < n) to the vendor reaching
+        hospital-c with patient/*.rs for a year, as the approval page records it."""
+        from datetime import timedelta
+
+        from sqlalchemy import create_engine, insert, select
+
+        from token_exchange.models import Consent, Target
+        engine = create_engine(f"sqlite:///{self.db}")
+        now = datetime.now(timezone.utc)
+        with engine.begin() as conn:
+            target_id = conn.execute(select(Target.id).where(Target.base_url == TARGET_CONSENT)).scalar_one()
+            conn.execute(insert(Consent), [{
+                "id": uuid.uuid4().hex, "issuer": self.ehr.issuer, "sub": f"consent-user-{k}", "signer": None,
+                "source": SOURCE, "patient": patient_id(k), "client_id": CLIENT_ID, "target_id": target_id,
+                "scopes": "patient/*.rs", "granted": now, "expires": now + timedelta(days=365),
+                "decision": "granted"} for k in range(n)])
+        engine.dispose()
+        log(f"  {n:,} consents recorded (consent-user-K for patient K, patient/*.rs, 365 days)")
+
+    def import_links(self, first: int, stop: int, target: str = TARGET) -> dict:
         path = self.tmp / f"links-{first}-{stop}.csv"
         with path.open("w") as f:
             f.write("source,patient,target,target_patient\n")
             for n in range(first, stop):
-                f.write(f"{SOURCE},{patient_id(n)},{TARGET},b-{n:07d}\n")
+                f.write(f"{SOURCE},{patient_id(n)},{target},b-{n:07d}\n")
         out = self.cli("link", "import", str(path))
         took, peak = self.last_cli_s, self.last_cli_peak_mib
         path.unlink()
         log(f"  token-exchange link import: {out!r} in {took:.1f} s, peak RSS {peak:.0f} MiB")
-        return {"rows": stop - first, "seconds": took, "output": out, "peak_rss_mib": peak}
+        return {"rows": stop - first, "seconds": took, "output": out, "peak_rss_mib": peak, "target": target}
 
     # one run -------------------------------------------------------------------
     def server(self, kind: str) -> Gunicorn:
-        if kind == "service":
-            return Gunicorn("service", "wsgi:app", self.svc_port, ROOT, self.svc_env, self.tmp / "service.log")
+        if kind == "service-es256":
+            return Gunicorn(kind, "wsgi:app", self.svc_port, ROOT, self.es_env, self.tmp / "service.log")
+        if kind.startswith("service"):
+            return Gunicorn(kind, "wsgi:app", self.svc_port, ROOT, self.svc_env, self.tmp / "service.log")
         return Gunicorn("floor", "floor_app:app", self.floor_port, FLOOR_DIR, self.floor_env,
                         self.tmp / "floor.log", chdir=FLOOR_DIR)
 
     def measure(self, kind: str, phase: str, links: int, rnd: int, bodies: Path, warm: Path) -> dict:
         a = self.args
         other_before = wait_quiet(a.quiet_wait)
-        code = code_fingerprint() if kind == "service" else None
+        service = kind.startswith("service")
+        code = code_fingerprint() if service else None
         srv = self.server(kind).start()
         load_before = os.getloadavg()[0]
         try:
@@ -467,7 +600,7 @@ class Bench:
             status, text = post_token(srv.base, first, self.auth)
             if status != 200:
                 raise SystemExit(f"{kind}: the first exchange failed: HTTP {status} {text[:500]}\n{srv.log_tail()}")
-            if kind == "service":
+            if service:
                 self.service_2xx_seen += 1
             dump = str(self.tmp / f"fail-{phase}-{kind}-{rnd}")
             warmup = run_wrk(srv.base + "/token", warm, a.warmup, a.threads, a.connections, self.auth,
@@ -501,7 +634,7 @@ class Bench:
             "warmup": {k: warmup[k] for k in ("responses", "non2xx", "wrapped")},
             "wrk_stdout": res["wrk_stdout"],
         }
-        if kind == "service":
+        if service:
             self.service_2xx_seen += ok + warmup["responses"] - warmup["non2xx"]
             self.service_non2xx_seen += res["non2xx"] + warmup["non2xx"]
         self.runs.append(run)
@@ -527,11 +660,17 @@ class Bench:
                                  f"(connect/read/write/timeout) reported by wrk")
         return run
 
-    def phase(self, phase: str, links: int, sets: dict, warm: Path, rounds: int):
+    def phase(self, phase: str, links: int, sets: dict, warm: Path, rounds: int, variants=()):
+        """Rounds of floor, service, then each variant's service run, on the round's bodies
+        (the consent and match variants on their own)."""
         for rnd in range(1, rounds + 1):
             bodies = sets[f"{phase}-r{rnd}"]
-            for kind in ("floor", "service"):
-                self.measure_clean(kind, phase, links, rnd, bodies, warm)
+            for kind in ("floor", "service", *(f"service-{v}" for v in variants)):
+                v = kind.removeprefix("service-")
+                if v in ("consent", "match"):
+                    self.measure_clean(kind, phase, links, rnd, sets[f"{v}-r{rnd}"], sets[f"warmup-{v}"])
+                else:
+                    self.measure_clean(kind, phase, links, rnd, bodies, warm)
 
     def measure_clean(self, kind, phase, links, rnd, bodies, warm):
         """A run that other processes disturbed (> OTHER_MAX cores during it) is run again,
@@ -552,12 +691,21 @@ class Bench:
         return keep
 
     def audit_counts(self) -> dict:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        try:
-            audit = dict(con.execute("SELECT outcome, count(*) FROM audit_event GROUP BY outcome").fetchall())
-            links = con.execute("SELECT count(*) FROM patient_link").fetchone()[0]
-        finally:
-            con.close()
+        """Audit outcomes over both databases; links and matches per target in the main one."""
+        audit: dict = {}
+        for db in (self.db, self.es_db):
+            if not db.exists():
+                continue
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                for outcome, n in con.execute("SELECT outcome, count(*) FROM audit_event GROUP BY outcome"):
+                    audit[outcome] = audit.get(outcome, 0) + n
+                if db == self.db:
+                    links = dict(con.execute(
+                        "SELECT t.base_url || ' ' || l.origin, count(*) FROM patient_link l "
+                        "JOIN target t ON t.id = l.target_id GROUP BY t.base_url, l.origin").fetchall())
+            finally:
+                con.close()
         return {"audit": audit, "links": links}
 
 
@@ -645,8 +793,32 @@ def summarize(runs, phase):
     }
 
 
+def summarize_variant(runs, kind):
+    """A variant's runs against the floor run and the RS256 service run of their own round."""
+    rounds: dict = {}
+    for r in runs:
+        if r["phase"] == "small":
+            rounds.setdefault(r["round"], {})[r["app"]] = r
+    full = [rd for _, rd in sorted(rounds.items()) if {"floor", "service", kind} <= rd.keys()]
+    if not full:
+        return None
+    v = [rd[kind] for rd in full]
+    return {
+        "rate": statistics.fmean(r["exchanges_per_s"] for r in v),
+        "floor_ratios": [rd[kind]["exchanges_per_s"] / rd["floor"]["exchanges_per_s"] for rd in full],
+        "service_ratios": [rd[kind]["exchanges_per_s"] / rd["service"]["exchanges_per_s"] for rd in full],
+        "cpu_ms": statistics.median(r["app_cpu_ms_per_exchange"] or 0 for r in v),
+        "service_cpu_ms": statistics.median(rd["service"]["app_cpu_ms_per_exchange"] or 0 for rd in full),
+        "p50": statistics.median(r["p50_ms"] for r in v),
+        "p99": statistics.median(r["p99_ms"] for r in v),
+        "rss": max(max(r["rss_peak_mib"] or [0]) for r in v),
+        "non2xx": sum(r["non2xx"] for r in v),
+    }
+
+
 def report(info, args, command, crypto, runs, discarded, summaries, imports, checks, problems, sizes, started,
-           wall) -> str:
+           wall, variants=None) -> str:
+    variants = variants or {}
     L = []
     w = L.append
     small, big = summaries["small"], summaries["big"]
@@ -685,6 +857,12 @@ def report(info, args, command, crypto, runs, discarded, summaries, imports, che
           f"p99 {small['floor_p99']:.1f} ms, peak RSS {small['floor_rss']:.0f} MiB per worker.")
         w(f"- crypto-only ceiling: {ceiling:.0f} exchanges/s; floor ÷ ceiling = "
           f"{small['floor_rate'] / ceiling:.2f}, service ÷ ceiling = {small['service_rate'] / ceiling:.2f}.")
+    for name, v in variants.items():
+        if v:
+            w(f"- variant **{name}**: {v['rate']:.0f} exchanges/s, ÷ floor = **{statistics.median(v['floor_ratios']):.2f}**, "
+              f"÷ the RS256 service of the same round = {statistics.median(v['service_ratios']):.2f}; CPU per exchange "
+              f"{v['cpu_ms']:.2f} ms (RS256 service {v['service_cpu_ms']:.2f} ms); p50 {v['p50']:.1f} ms, "
+              f"p99 {v['p99']:.1f} ms (see Variants).")
     if big and small:
         w(f"- at {args.big_links:,} links: **service ÷ floor = {big['ratio']:.2f}** (vs {small['ratio']:.2f} at "
           f"{args.links:,}; per round: {', '.join(f'{x:.2f}' for x in big['round_ratios'])}); CPU per exchange "
@@ -734,6 +912,30 @@ def report(info, args, command, crypto, runs, discarded, summaries, imports, che
               f"{s['service_p50']:.1f} / {s['service_p99']:.1f} | {s['floor_p50']:.1f} / {s['floor_p99']:.1f} | "
               f"{s['service_rss']:.0f} | {s['service_cpu_ms']:.2f} / {s['floor_cpu_ms']:.2f} | {s['cpu_ratio']:.2f} |")
     w("")
+    if variants:
+        w("## Variants\n")
+        w(f"Each round at {args.links:,} links runs the floor, the service (RS256), then each variant's service "
+          "run, every run a fresh `gunicorn -w 2` with its own warm-up; ratios are per round, then the median. "
+          "What each variant changes:\n")
+        for name in variants:
+            w(f"- **{name}**: {VARIANTS[name]}.")
+        w("")
+        w("| variant | exchanges/s | ÷ floor (per round) | ÷ floor | ÷ RS256 service (per round) | ÷ RS256 service | "
+          "p50 / p99 ms | CPU ms per exchange (RS256 service) | peak RSS MiB | non-2xx |")
+        w("|---|---:|---|---:|---|---:|---|---|---:|---:|")
+        for name, v in variants.items():
+            if v:
+                w(f"| {name} | {v['rate']:.1f} | {', '.join(f'{x:.2f}' for x in v['floor_ratios'])} | "
+                  f"**{statistics.median(v['floor_ratios']):.2f}** | "
+                  f"{', '.join(f'{x:.2f}' for x in v['service_ratios'])} | "
+                  f"{statistics.median(v['service_ratios']):.2f} | {v['p50']:.1f} / {v['p99']:.1f} | "
+                  f"{v['cpu_ms']:.2f} ({v['service_cpu_ms']:.2f}) | {v['rss']:.0f} | {v['non2xx']} |")
+        w("")
+        if "match" in variants:
+            w("The match variant's CPU column counts the service only; the fake FHIR server answering its "
+              "searches runs in the benchmark process (not counted as *other*). Every one of its exchanges "
+              "is a patient's first: a matched link is never matched again within `--match-ttl`, so the next "
+              "exchange for that patient costs what the RS256 row costs.\n")
     w("## Crypto-only ceiling\n")
     w("Measured in the benchmark process, one thread, best of 5 batches, RSA-2048 "
       f"(other processes meanwhile: {crypto.get('other_cores', 0):.2f} cores):\n")
@@ -741,6 +943,8 @@ def report(info, args, command, crypto, runs, discarded, summaries, imports, che
     w("|---|---:|---:|")
     w(f"| RS256 verify | {crypto['pyjwt_verify_s'] * 1e6:.0f} µs | {crypto['raw_verify_s'] * 1e6:.0f} µs |")
     w(f"| RS256 sign | {crypto['pyjwt_sign_s'] * 1e6:.0f} µs | {crypto['raw_sign_s'] * 1e6:.0f} µs |")
+    if "pyjwt_es256_sign_s" in crypto:
+        w(f"| ES256 sign (P-256; the es256 variant's minting) | {crypto['pyjwt_es256_sign_s'] * 1e6:.0f} µs | |")
     w("")
     w(f"Ceiling = cores ÷ (2 × verify + 1 sign) = {crypto['cores']} ÷ {crypto['per_exchange_s'] * 1e3:.3f} ms "
       f"= **{ceiling:.0f} exchanges/s** (PyJWT figures). Nothing that verifies two RS256 tokens and signs one "
@@ -752,6 +956,20 @@ def report(info, args, command, crypto, runs, discarded, summaries, imports, che
       "`target add https://fhir.b.example/fhir --name hospital-b`, `client add vendor --secret-env ...` "
       f"({len(CLIENT_SECRET)}-character secret, HTTP Basic), "
       "`trust add ... --scopes 'patient/*.rs' --upstream-client-id vendor-at-ehr`, `link import FILE.csv`.")
+    if "consent" in variants:
+        w(f"- Variant consent: `target add {TARGET_CONSENT} --name hospital-c`, `trust add ... --consent required "
+          "--consent-max-days 365`, the same links for it, and one recorded consent per linked patient (user "
+          "consent-user-K for patient K, `patient/*.rs`), written with the service's own models as the approval "
+          "page writes them (no command grants consent on a user's behalf). Its tokens' `sub` is that user; "
+          "the ID token carries a random `nonce`, so every pair is still distinct.")
+    if "match" in variants:
+        w(f"- Variant match: `issuer update EHR --identifier-system {MATCH_SYSTEM}`, `target add "
+          f"http://127.0.0.1:PORT/fhir --name hospital-m --match-identifier {MATCH_SYSTEM}`, a trust for it. Its "
+          "ID tokens name patients no link or earlier match knows (a distinct range per round and for the "
+          "warm-up), with `patient_identifier` of that system.")
+    if "es256" in variants:
+        w("- Variant es256: a copy of the set-up database (SQLite backup), then `keys stage --alg ES256` and "
+          "`keys rotate` on it; the service run with `TOKEN_EXCHANGE_DATABASE_URL` pointing at the copy.")
     for imp in imports:
         w(f"- `link import` of {imp['rows']:,} rows: {imp['seconds']:.1f} s, peak RSS of the CLI process "
           f"{imp['peak_rss_mib']:.0f} MiB ({imp['output']}).")
@@ -796,7 +1014,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--out", help="report path (default bench/RESULTS.md; --quick bench/out/RESULTS-quick.md)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (database, logs, bodies)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated service variants run in every round at --links: {', '.join(VARIANTS)} "
+                        "(default all), or 'none'")
     args = p.parse_args(argv)
+    args.variants = [] if args.variants.strip() in ("", "none") else [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)} or 'none'")
     args.duration = args.duration or (3 if args.quick else 8)
     args.warmup = args.warmup or (1 if args.quick else 2)
     args.quiet_wait = args.quiet_wait if args.quiet_wait is not None else (10 if args.quick else 90)
@@ -821,10 +1046,14 @@ def main(argv=None):
     log(f"{info['nproc']} cores, {info['cpu_model']}, Python {info['python']}; load avg {os.getloadavg()[0]:.2f}")
     tmp = Path(tempfile.mkdtemp(prefix="te-bench-"))
     ehr = FakeEHR()
-    bench = Bench(args, tmp, ehr)
+    fhir = FakeFHIR() if "match" in args.variants else None
+    bench = Bench(args, tmp, ehr, fhir)
     try:
         log(f"setting up the service in {tmp} (fake EHR at {ehr.issuer})")
         imports = [bench.setup_world(args.links)]
+        if args.variants:
+            log(f"setting up the variants: {', '.join(args.variants)}")
+            imports += bench.setup_variants(args.links)
 
         log("measuring RS256 verify/sign in-process for the crypto-only ceiling")
         wait_quiet(args.quiet_wait)
@@ -843,10 +1072,21 @@ def main(argv=None):
         sets = [("warmup", warm_n, args.links)]
         sets += [(f"small-r{r}", per_run, args.links) for r in range(1, args.rounds + 1)]
         sets += [(f"big-r{r}", per_run, args.big_links) for r in range(1, args.rounds + 1)]
-        files = make_bodies(ehr, sets, tmp)
+        sets = [(*st, "std") for st in sets]
+        if "consent" in args.variants:
+            sets.append(("warmup-consent", warm_n, args.links, "consent"))
+            sets += [(f"consent-r{r}", per_run, args.links, "consent") for r in range(1, args.rounds + 1)]
+        if "match" in args.variants:
+            # A first-time match costs an outbound search and two more writes: half as many suffice.
+            match_n = max(1000, per_run // 2)
+            sets.append(("warmup-match", warm_n, range(0, warm_n), "match"))
+            sets += [(f"match-r{r}", match_n, range(r * 10_000_000, r * 10_000_000 + match_n), "match")
+                     for r in range(1, args.rounds + 1)]
+        files = make_bodies(ehr, sets, tmp, fhir.base if fhir else None)
 
-        log(f"phase 1: {args.links:,} links, {args.rounds} rounds of floor then service")
-        bench.phase("small", args.links, files, files["warmup"], args.rounds)
+        log(f"phase 1: {args.links:,} links, {args.rounds} rounds of floor then service"
+            + (f", then the variants {', '.join(args.variants)}" if args.variants else ""))
+        bench.phase("small", args.links, files, files["warmup"], args.rounds, args.variants)
 
         log(f"importing {args.big_links - args.links:,} more links ({args.big_links:,} in all)")
         imports.append(bench.import_links(args.links, args.big_links))
@@ -857,10 +1097,19 @@ def main(argv=None):
         checks = []
         granted = counts["audit"].get("granted", 0)
         refused = counts["audit"].get("refused", 0)
-        checks.append(f"patient links in the database at the end: {counts['links']:,} "
-                      f"(expected {args.big_links:,}).")
-        if counts["links"] != args.big_links:
-            bench.problems.append(f"patient_link holds {counts['links']} rows, not {args.big_links}")
+        table_links = counts["links"].get(f"{TARGET} table", 0)
+        checks.append(f"patient links for {TARGET} at the end: {table_links:,} (expected {args.big_links:,}).")
+        if table_links != args.big_links:
+            bench.problems.append(f"patient_link holds {table_links} rows for {TARGET}, not {args.big_links}")
+        if fhir:
+            matched = counts["links"].get(f"{fhir.base} matched", 0)
+            match_ok = sum(r["ok"] for r in bench.runs if r["app"] == "service-match")
+            checks.append(f"variant match: {fhir.searches:,} searches at the fake target, {matched:,} links "
+                          f"stored with origin matched, {match_ok:,} 2xx answers in the kept measured match "
+                          "runs (the searches also count warm-ups, hand-sent exchanges and dropped runs; each "
+                          "search stored one link).")
+            if matched != fhir.searches:
+                bench.problems.append(f"variant match: {fhir.searches} searches but {matched} matched links")
         checks.append(f"audit records: {granted:,} granted, {refused:,} refused; 2xx answers this script saw "
                       f"from the service (wrk and the hand-sent exchanges): {bench.service_2xx_seen:,}, non-2xx "
                       f"{bench.service_non2xx_seen:,}. Granted records may exceed the 2xx count by the requests "
@@ -886,15 +1135,17 @@ def main(argv=None):
                       "(the service caches the issuer's keys; about one fetch per worker per run is expected).")
 
         summaries = {"small": summarize(bench.runs, "small"), "big": summarize(bench.runs, "big")}
+        variants = {v: summarize_variant(bench.runs, f"service-{v}") for v in args.variants}
         wall = time.time() - t0
         text = report(info, args, command, crypto, bench.runs, bench.discarded, summaries, imports, checks,
-                      bench.problems, sizes, started_at, wall)
+                      bench.problems, sizes, started_at, wall, variants)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         OUT.mkdir(parents=True, exist_ok=True)
         raw = OUT / ("results-quick.json" if args.quick else "results.json")
         raw.write_text(json.dumps({"command": command, "machine": info, "crypto": crypto, "sizes": sizes,
-                                   "imports": imports, "runs": bench.runs, "discarded_runs": bench.discarded, "summaries": summaries,
+                                   "imports": imports, "runs": bench.runs, "discarded_runs": bench.discarded,
+                                   "summaries": summaries, "variants": variants,
                                    "checks": checks, "problems": bench.problems}, indent=1))
         log(f"wrote {out} and {raw}")
         s = summaries["small"]
@@ -905,11 +1156,17 @@ def main(argv=None):
             b = summaries["big"]
             print(f"at {args.big_links:,} links: service {b['service_rate']:.0f}/s (p50 {b['service_p50']:.1f} ms, "
                   f"p99 {b['service_p99']:.1f} ms), service ÷ floor = {b['ratio']:.2f}")
+        for v, vs in variants.items():
+            if vs:
+                print(f"variant {v}: {vs['rate']:.0f}/s, ÷ floor {statistics.median(vs['floor_ratios']):.2f}, "
+                      f"÷ RS256 service {statistics.median(vs['service_ratios']):.2f}")
         if bench.problems:
             print("\nPROBLEMS:\n- " + "\n- ".join(bench.problems))
         return 1 if bench.problems else 0
     finally:
         ehr.stop()
+        if fhir:
+            fhir.stop()
         if args.keep:
             log(f"kept {tmp}")
         else:
