@@ -804,3 +804,41 @@ def test_without_a_covering_consent_nothing_is_matched(swap, fhir, matching, ehr
     r = swap([f"{SSN}|1"])
     assert r.status_code == 400 and r.get_json()["error"] == "consent_required"
     assert fhir.searches == [] and links(matching, "--origin", "matched") == []
+
+
+def test_link_import_replaces_matched_links_and_keeps_table_links_refused(matching, fhir, tmp_path):
+    fhir.add("t-1", (SSN, "1"))
+    matching("link", "match", "--source", SOURCE, "--patient", "a-123", "--target", "matching-b",
+             "--identifier", f"{SSN}|1")
+    path = tmp_path / "links.csv"
+    path.write_text("\n".join(["source,patient,target,target_patient", f"{SOURCE},a-123,{fhir.base},t-9",
+                               f"{SOURCE},a-7,matching-b,t-7", f"{SOURCE},a-8,{TARGET},b-8"]) + "\n")
+    assert matching("link", "import", str(path)).output == "imported 3 links (1 replaced matched links)\n"
+    rows = {(r["patient"], r["target"]): (r["target_patient"], r["origin"]) for r in links(matching)}
+    assert rows[("a-123", fhir.base)] == ("t-9", "table")
+    assert rows[("a-7", fhir.base)] == ("t-7", "table") and rows[("a-8", TARGET)] == ("b-8", "table")
+    assert links(matching, "--origin", "matched") == []
+
+
+def test_link_import_looks_stored_links_up_by_index_not_by_scanning_the_table():
+    """A row-value IN list is a full scan on SQLite: over a million stored links each
+    batch of an import would read the whole table."""
+    from sqlalchemy import create_engine, event
+
+    from token_exchange.cli.links import _stored
+    from token_exchange.models import Base
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    plans = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def explain(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT") and "patient_link" in statement:
+            plans.append(" ".join(r[3] for r in cursor.connection.execute("EXPLAIN QUERY PLAN " + statement,
+                                                                           parameters)))
+
+    batch = [(n, {"source": s, "patient": f"p-{n}", "target_id": t}) for n, (s, t) in
+             enumerate([("https://a.example/fhir", 1), ("https://a.example/fhir", 2), ("https://c.example/fhir", 1)])]
+    with engine.begin() as conn:
+        assert _stored(conn, batch) == {}
+    assert len(plans) == 3 and all("USING INDEX" in p and "SCAN patient_link" not in p for p in plans), plans

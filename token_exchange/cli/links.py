@@ -8,7 +8,7 @@ import os
 import sys
 
 import click
-from sqlalchemy import delete, insert, select, tuple_
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..models import PatientLink, Target
@@ -205,15 +205,26 @@ def _flush(conn, batch, name, has_other, total, replaced):
     return total + len(batch), replaced
 
 
+def _by_source_target(keys):
+    """(source, patient, target_id) keys -> {(source, target_id): [patients]}: the
+    queries below name source and target_id and list patients, which the unique
+    index answers (a row-value IN list is a full scan on SQLite)."""
+    groups: dict = {}
+    for source, patient, target_id in keys:
+        groups.setdefault((source, target_id), []).append(patient)
+    return groups
+
+
 def _stored(conn, batch):
     """The stored links among the batch's keys -> {(source, patient, target_id): origin}."""
-    keys = [(r["source"], r["patient"], r["target_id"]) for _, r in batch]
     found = {}
-    cols = tuple_(PatientLink.source, PatientLink.patient, PatientLink.target_id)
-    for i in range(0, len(keys), 500):
-        for row in conn.execute(select(PatientLink.source, PatientLink.patient, PatientLink.target_id,
-                                       PatientLink.origin).where(cols.in_(keys[i:i + 500]))):
-            found[(row[0], row[1], row[2])] = row[3]
+    keys = ((r["source"], r["patient"], r["target_id"]) for _, r in batch)
+    for (source, target_id), patients in _by_source_target(keys).items():
+        for i in range(0, len(patients), 500):
+            for row in conn.execute(select(PatientLink.patient, PatientLink.origin).where(
+                    PatientLink.source == source, PatientLink.target_id == target_id,
+                    PatientLink.patient.in_(patients[i:i + 500]))):
+                found[(source, row[0], target_id)] = row[1]
     return found
 
 
@@ -228,9 +239,10 @@ def _clear_matched(conn, batch, name):
                        f"{printable(r['source'])} is already stored; nothing was imported")
         if origin == "matched":
             matched.append((r["source"], r["patient"], r["target_id"]))
-    cols = tuple_(PatientLink.source, PatientLink.patient, PatientLink.target_id)
-    for i in range(0, len(matched), 500):
-        conn.execute(delete(PatientLink).where(cols.in_(matched[i:i + 500])))
+    for (source, target_id), patients in _by_source_target(matched).items():
+        for i in range(0, len(patients), 500):
+            conn.execute(delete(PatientLink).where(PatientLink.source == source, PatientLink.target_id == target_id,
+                                                   PatientLink.patient.in_(patients[i:i + 500])))
     return len(matched)
 
 
