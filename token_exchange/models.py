@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, false as sa_false)
+                        UniqueConstraint, false as sa_false, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 URL = String(2048)
@@ -137,7 +137,12 @@ class SigningKey(Base):
 class AuditEvent(Base):
     """Every exchange decision, granted or refused. Never a token or a secret."""
     __tablename__ = "audit_event"
-    __table_args__ = (Index("ix_audit_event_time", "time"),)
+    # ix_audit_event_consent_jti: the tokens minted under a consent, by jti, so that
+    # introspection follows a token to its consent (withdrawal revokes); partial, so
+    # an exchange without consent pays nothing for it.
+    __table_args__ = (Index("ix_audit_event_time", "time"),
+                      Index("ix_audit_event_consent_jti", "jti", sqlite_where=text("consent IS NOT NULL"),
+                            postgresql_where=text("consent IS NOT NULL")))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     client_id: Mapped[str | None] = mapped_column(ID)
@@ -211,15 +216,6 @@ class Consent(Base):
     expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     withdrawn: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     decision: Mapped[str] = mapped_column(String(16), default="granted", server_default="granted")  # granted | denied
-
-
-class ConsentToken(Base):
-    """Each token minted under a consent, so introspection can answer inactive once
-    the consent is withdrawn; pruned after exp."""
-    __tablename__ = "consent_token"
-    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
-    consent_id: Mapped[str] = mapped_column(String(64), index=True)
-    exp: Mapped[int] = mapped_column(Integer, index=True)
 
 
 class ConsentTicket(Base):

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from . import keys as keymod
 from . import scopes
 from .models import (AdminEvent, AssertionJti, AuditEvent, BrowserSession, Client, Consent, ConsentTicket,
-                     ConsentToken, Generation, Issuer, MatchMemory, PatientLink, Revocation, SigningKey, Target,
+                     Generation, Issuer, MatchMemory, PatientLink, Revocation, SigningKey, Target,
                      Trust)
 from .sealing import SealError, unseal
 
@@ -59,8 +59,6 @@ _FIND_CONSENT = select(_CONSENT.c.id, _CONSENT.c.scopes, _CONSENT.c.expires).whe
     _CONSENT.c.client_id == bindparam("client_id"), _CONSENT.c.target_id == bindparam("target_id"),
     _CONSENT.c.source == bindparam("source"), _CONSENT.c.patient == bindparam("patient"),
     _CONSENT.c.withdrawn.is_(None)).order_by(_CONSENT.c.granted.desc())
-_INSERT_CONSENT_TOKEN = insert(ConsentToken.__table__).values(
-    jti=bindparam("jti"), consent_id=bindparam("consent_id"), exp=bindparam("exp"))
 
 
 log = logging.getLogger(__name__)
@@ -258,18 +256,13 @@ class Store:
 
     def record_audit(self, event: dict) -> None:
         """Committed before the caller answers: a token issued always has its record.
-        A token minted under a consent (``consent_token``: (jti, exp)) is recorded with
-        its consent id in the same transaction, so introspection can follow the consent."""
+        A token minted under a consent is found from its record (``jti`` with
+        ``consent``, the partial index ix_audit_event_consent_jti), so introspection
+        can follow the consent."""
         row = {c: event.get(c) for c in _AUDIT_COLUMNS}
         row["event"] = event.get("event") or "exchange"
         row["time"] = self._hot.time_bind(utcnow())
-        minted = event.get("consent_token")
-        if minted is None:
-            self._hot.write(((self._hot.insert_audit, row),))
-            return
-        jti, exp = minted
-        self._hot.write(((self._hot.insert_audit, row),
-                         (self._hot.insert_consent_token, {"jti": jti, "consent_id": event["consent"], "exp": exp})))
+        self._hot.write(((self._hot.insert_audit, row),))
 
     def revoke(self, jti: str, exp: int) -> None:
         """Idempotent under concurrency (RFC 7009 §2.2: 200 every time): an insert that
@@ -430,7 +423,6 @@ class _HotPath:
         dialect = engine.dialect
         self.find_link = self._compile(_FIND_LINK, dialect)
         self.find_consent = self._compile(_FIND_CONSENT, dialect)
-        self.insert_consent_token = self._compile(_INSERT_CONSENT_TOKEN, dialect)
         # what the ORM would make of a DateTime column read raw (SQLite returns text)
         self.time_result = (_CONSENT.c.expires.type.dialect_impl(dialect).result_processor(dialect, None)
                             or (lambda v: v))
@@ -660,8 +652,8 @@ class ConsentQueries:
         """True when the token was minted under a consent that is now withdrawn or expired."""
         with self.engine.connect() as conn:
             row = conn.execute(select(Consent.withdrawn, Consent.expires)
-                               .join_from(ConsentToken, Consent, ConsentToken.consent_id == Consent.id)
-                               .where(ConsentToken.jti == jti)).first()
+                               .join_from(AuditEvent, Consent, AuditEvent.consent == Consent.id)
+                               .where(AuditEvent.jti == jti, AuditEvent.consent.is_not(None))).first()
         return row is not None and (row.withdrawn is not None or _aware(row.expires) <= now)
 
     # -- tickets ------------------------------------------------------------------
@@ -671,7 +663,6 @@ class ConsentQueries:
         with self.engine.begin() as conn:
             conn.execute(delete(ConsentTicket).where(ConsentTicket.expires < now))
             conn.execute(delete(BrowserSession).where(BrowserSession.expires < now))
-            conn.execute(delete(ConsentToken).where(ConsentToken.exp < now - 60))
             conn.execute(insert(ConsentTicket).values(**ticket))
 
     def ticket(self, ticket_hash: str):
