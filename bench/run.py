@@ -87,8 +87,8 @@ TARGET_CONSENT = "https://fhir.c.example/fhir"  # variant "consent": its trust r
 MATCH_SYSTEM = "urn:oid:2.16.840.1.113883.4.1"  # variant "match": the identifier system both sides trust
 VARIANTS = {  # --variants: service runs added to every round of the 1,000-link phase, after the RS256 run
     "es256": "the same exchanges, the service signing with an ES256 (P-256) key instead of RS256",
-    "consent": "a trust that requires consent, every user having consented already (one indexed read and "
-               "one consent_token row more per exchange)",
+    "consent": "a trust that requires consent, every user having consented already (one indexed read more "
+               "per exchange, and an entry in the audit's partial index of tokens minted under a consent)",
     "match": "every exchange for a patient with no link yet: the service mints itself a search token, "
              "searches the target by identifier (a fake FHIR server on loopback), stores the matched link",
 }
