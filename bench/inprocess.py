@@ -44,8 +44,8 @@ def main():
     bench = run.Bench(args, tmp, ehr)
     try:
         bench.setup_world(a.links)
-        files = run.make_bodies(ehr, [("warm", 200, a.links), ("meas", a.n, a.links), ("stage", a.n, a.links),
-                                        ("prof", a.n, a.links)], tmp)
+        files = run.make_bodies(ehr, [(tag, n, a.links, "std") for tag, n in
+                                      (("warm", 200), ("meas", a.n), ("stage", a.n), ("prof", a.n))], tmp)
         bodies = {k: v.read_text().split("\n")[:-1] for k, v in files.items()}
         headers = {"Authorization": bench.auth, "Content-Type": "application/x-www-form-urlencoded"}
 
