@@ -35,6 +35,16 @@ BROWSER_SKIP = ("Browser tests NOT RUN: install Debian's chromium and chromium-d
                 "(/usr/bin/chromium, /usr/bin/chromedriver) and `pip install selenium`")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (setup.cfg) starts two workers per core: the tests spend about half
+    their time waiting on the servers they start (gunicorn, Medplum, Chromium, the fake
+    EHR, PostgreSQL), so one worker per core leaves a core idle. xdist's own
+    PYTEST_XDIST_AUTO_NUM_WORKERS still sets the number."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's default hook reads it
+    return 2 * (os.cpu_count() or 1)
+
+
 def pytest_report_header(config):
     lines = [f"database backends: {', '.join(BACKENDS)}"]
     if not PG_URL:
