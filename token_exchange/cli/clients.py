@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 
 import click
-from sqlalchemy import delete, func, select
+from sqlalchemy import select
 
 from .. import urns
 from ..models import Client, Issuer, Trust
 from ..sealing import generate_secret, hash_secret
 from ..store import utcnow
-from .common import (Fail, check_id, cli, commit, confirm_cascade, emit, get_row, given_options, json_option,
-                     options, pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
+from .common import (Fail, check_id, cli, commit, emit, get_row, given_options, json_option,
+                     options, pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg,
+                     yes_option)
 from .issuers import _list
 
 
@@ -199,11 +200,4 @@ def client_show(ctx, client_id, as_json):
 @pass_ctx
 def client_remove(ctx, client_id, yes):
     """Remove a client (with --yes, also its trusts)."""
-    with ctx.store.session() as s:
-        c = get_row(s, Client, Client.client_id, client_id, "client")
-        n = s.execute(select(func.count()).select_from(Trust).where(Trust.client_id == c.id)).scalar()
-        confirm_cascade(f"client {printable(client_id)}", {"trust(s)": n}, yes)
-        s.execute(delete(Trust).where(Trust.client_id == c.id))
-        s.delete(c)
-        commit(ctx, s, "client.remove", f"{client_id} (and {n} trusts)")
-    click.echo(f"client {printable(client_id)} removed" + (f" with {n} trust(s)" if n else ""))
+    remove_with_trusts(ctx, Client, Client.client_id, client_id, "client", Trust.client_id, yes)

@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import click
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from ..models import Trust
 from ..store import Store
 
 
@@ -284,6 +285,19 @@ def confirm_cascade(what: str, counts: dict, yes: bool):
     if pending and not yes:
         listed = ", ".join(f"{n} {k}" for k, n in pending.items())
         raise Fail(f"removing {what} would also delete {listed}; run again with --yes to do it")
+
+
+def remove_with_trusts(ctx, model, key_column, key: str, noun: str, trust_column, yes: bool) -> None:
+    """`issuer remove` and `client remove`: the row named ``key`` and (with --yes) every
+    trust whose ``trust_column`` points at it, in one audited transaction."""
+    with ctx.store.session() as s:
+        row = get_row(s, model, key_column, key, noun)
+        n = s.execute(select(func.count()).select_from(Trust).where(trust_column == row.id)).scalar()
+        confirm_cascade(f"{noun} {printable(key)}", {"trust(s)": n}, yes)
+        s.execute(delete(Trust).where(trust_column == row.id))
+        s.delete(row)
+        commit(ctx, s, f"{noun}.remove", f"{key} (and {n} trusts)")
+    click.echo(f"{noun} {printable(key)} removed" + (f" with {n} trust(s)" if n else ""))
 
 
 def options(opts):

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy import delete, func, select
+from sqlalchemy import select
 
 from .. import urns
 from ..models import Client, Issuer, Trust
 from ..sealing import seal
 from ..store import utcnow
-from .common import (Fail, cli, commit, confirm_cascade, emit, get_row, given_options, json_option, options,
-                     pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
+from .common import (Fail, cli, commit, emit, get_row, given_options, json_option, options,
+                     pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg, yes_option)
 
 
 @cli.group()
@@ -240,11 +240,4 @@ def issuer_show(ctx, issuer_url, as_json):
 @pass_ctx
 def issuer_remove(ctx, issuer_url, yes):
     """Remove an issuer (with --yes, also every trust that names it)."""
-    with ctx.store.session() as s:
-        i = get_row(s, Issuer, Issuer.url, issuer_url, "issuer")
-        n = s.execute(select(func.count()).select_from(Trust).where(Trust.issuer_id == i.id)).scalar()
-        confirm_cascade(f"issuer {printable(issuer_url)}", {"trust(s)": n}, yes)
-        s.execute(delete(Trust).where(Trust.issuer_id == i.id))
-        s.delete(i)
-        commit(ctx, s, "issuer.remove", f"{issuer_url} (and {n} trusts)")
-    click.echo(f"issuer {printable(issuer_url)} removed" + (f" with {n} trust(s)" if n else ""))
+    remove_with_trusts(ctx, Issuer, Issuer.url, issuer_url, "issuer", Trust.issuer_id, yes)
