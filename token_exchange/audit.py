@@ -1,11 +1,74 @@
-"""FHIR R4 AuditEvent rendering of exchange decisions, after IHE Basic Audit Log
-Patterns (BALP) "OAuth token" pattern. Never a token or a secret: the minted
-token is named only by its jti, as urn:ietf:params:oauth:jti:<jti>."""
+"""Audit records: the one builder of every record (exchange decisions, consent
+decisions and withdrawals, admin events), and their FHIR R4 AuditEvent rendering
+after IHE Basic Audit Log Patterns (BALP) "OAuth token" pattern.
+
+Never a token or a secret: the minted token is named only by its jti, as
+urn:ietf:params:oauth:jti:<jti>. Every writer (the token pipeline, the consent
+pages, the CLI, the store's consent transactions) shapes its record here, so the
+columns and their bounds are written once.
+"""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 
 from . import urns
+
+# The audit_event columns a record may carry (models.AuditEvent, without its id).
+FIELDS = ("time", "event", "grant", "client_id", "issuer", "subject", "target", "source_patient", "target_patient",
+          "scope_requested", "scope_granted", "outcome", "error", "jti", "consent", "link", "assertion_jti",
+          "request_id", "reason")
+ID_LENGTH, SCOPE_TEXT_LENGTH, REASON_LENGTH = 255, 2000, 1000
+
+
+def clip(value, n: int = ID_LENGTH):
+    """A string cut to n characters (the column's bound); anything else as it is."""
+    return value[:n] if isinstance(value, str) else value
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- exchange decisions (the token pipeline and the grants) --------------------------------
+def exchange(request_id: str | None) -> dict:
+    """A decision's record as the token pipeline opens it: refused until a token exists."""
+    return {"outcome": "refused", "request_id": request_id}
+
+
+def refused(record: dict, error) -> None:
+    """The refusal's code and its internal reason (the private detail, else the description)."""
+    record["error"] = error.error
+    record["reason"] = clip(getattr(error, "detail", None) or error.description, REASON_LENGTH)
+
+
+# -- consent decisions and withdrawals -------------------------------------------------------
+def consent_decision(ticket, granted: bool, consent_id: str, target_url: str, request_id: str | None) -> dict:
+    """The user's answer on the consent page (granted, or a denial), from the ticket's row."""
+    return {"time": now(), "event": "consent-granted" if granted else "consent-denied", "grant": None,
+            "client_id": ticket.client_id, "issuer": ticket.issuer, "subject": ticket.sub, "target": target_url,
+            "source_patient": ticket.patient or None, "scope_granted": ticket.scopes,
+            "outcome": "granted" if granted else "refused", "consent": consent_id,
+            "reason": None if granted else "denied by the user", "request_id": request_id}
+
+
+def withdrawal(reason: str, request_id: str | None = None) -> dict:
+    """A withdrawal as its writer knows it before the consent's row is read (the user at
+    /consent, an admin); ``withdrawn`` completes it from the row."""
+    return {"time": now(), "event": "consent-withdrawn", "grant": None, "reason": reason, "request_id": request_id}
+
+
+def withdrawn(base: dict, consent_id: str, scopes: str, **row_fields) -> dict:
+    """The withdrawal record of one consent: ``base`` (a withdrawal, or the granting
+    decision that replaces it) with the consent's own fields."""
+    return dict(base, event="consent-withdrawn", consent=consent_id, scope_granted=scopes, outcome="granted",
+                **row_fields)
+
+
+# -- admin events ------------------------------------------------------------------------------
+def admin(actor: str, action: str, detail: str, time: datetime | None = None) -> dict:
+    """An admin_event row: who (an admin, or the service itself), what, on what."""
+    return {"time": time or now(), "actor": actor, "action": action, "detail": detail}
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 EVENT_TYPE = {"system": DCM, "code": "110114", "display": "User Authentication"}
