@@ -6,25 +6,30 @@ from dataclasses import dataclass
 
 @dataclass
 class Extension:
+    """What the endpoints, the consent pages and the CLI reach through the app."""
     settings: object
     engine: object
     store: object
-    server: object
+    pipeline: object  # POST /token
+    authenticator: object  # client authentication (/token, /revoke)
+    consent: object  # consent.service.ConsentService (the consent pages' sign-in)
     metrics: object
     jwks_cache: object
 
 
 def create_app(settings=None, env=None):
-    """Application factory: settings, database, authorization server, blueprint, CLI."""
+    """Application factory: the one place that wires settings, stores, grants and their
+    collaborators, the token pipeline, blueprints and error handling."""
     from flask import Flask
 
     from . import consent, endpoints, logs
-    from .client_auth import ClientJWKS, PrivateKeyJWT
+    from .client_auth import Authenticator, ClientJWKS, PrivateKeyJWT, client_lookup
     from .db import make_engine
     from .issuers import JWKSCache
     from .matching import PatientMapper, make_matcher
+    from .grants import Collaborators
     from .metrics import Metrics
-    from .server import TokenExchangeServer
+    from .pipeline import TokenPipeline
     from .settings import Settings
     from .shared import Accelerator
     from .store import Store
@@ -42,12 +47,15 @@ def create_app(settings=None, env=None):
     jwks_cache = JWKSCache(settings, upstream, metrics)
     validator = TokenValidator(jwks_cache, upstream, settings)
     assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, upstream, metrics))
+    authenticator = Authenticator(client_lookup(store.config, settings.key_secret), assertion)
     consents = consent.init_app(app, settings, store, upstream)
     patients = PatientMapper(store, make_matcher(settings, store, upstream, metrics))
-    server = TokenExchangeServer(settings, store, validator, assertion_method=assertion, metrics=metrics,
-                                 patients=patients, consent=consents)
+    deps = Collaborators(settings=settings, config=store.config, validator=validator, patients=patients,
+                         consent=consents, replay=store)
+    pipeline = TokenPipeline(settings, store, authenticator, deps, metrics)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
-    app.extensions["token_exchange"] = Extension(settings, engine, store, server, metrics, jwks_cache)
+    app.extensions["token_exchange"] = Extension(settings, engine, store, pipeline, authenticator, consents,
+                                                 metrics, jwks_cache)
     app.register_blueprint(endpoints.bp)
     endpoints.register_error_handlers(app)
     endpoints.register_request_ids(app)

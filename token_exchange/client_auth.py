@@ -19,7 +19,6 @@ from . import jose, urns
 from .errors import InvalidClient, InvalidClientError, InvalidRequest
 from .issuers import IssuerUnavailable, JWKSCache, import_keys
 from .sealing import check_secret
-from .subject import audiences
 
 log = logging.getLogger(__name__)
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
@@ -43,9 +42,6 @@ class AuthClient:
         if self.cfg.auth_method == "private_key_jwt":
             return method == "private_key_jwt"
         return method in SECRET_METHODS
-
-    def check_grant_type(self, grant_type: str) -> bool:
-        return grant_type in (urns.TOKEN_EXCHANGE, urns.JWT_BEARER)
 
 
 def parse_basic(header: str) -> tuple[str, str]:
@@ -96,8 +92,17 @@ def authenticate_secret_basic(query_client, request):
     return None
 
 
+def client_lookup(config, key_secret):
+    """query_client for Authlib: a registered client from the trust snapshot, or None."""
+    def query_client(client_id):
+        cfg = config().clients.get(client_id)
+        return AuthClient(cfg, key_secret) if cfg is not None else None
+    return query_client
+
+
 class Authenticator:
     def __init__(self, query_client, assertion_method=None):
+        self.query_client = query_client
         self._auth = ClientAuthentication(query_client)
         self._auth.register("client_secret_basic", authenticate_secret_basic)
         if assertion_method is not None:
@@ -204,7 +209,7 @@ class PrivateKeyJWT(JWTBearerClientAssertion):
     def _check_audience_and_expiry(self, claims):
         """aud names this service; exp present, not passed, at most five minutes ahead."""
         accepted = self.get_audiences()
-        if not any(a in accepted for a in audiences(claims)):
+        if not any(a in accepted for a in jose.audiences(claims)):
             raise InvalidClientError(description="The assertion's aud must be this service's token endpoint.")
         exp, now = claims.get("exp"), time.time()
         if not jose.is_number(exp) or exp <= now - urns.CLOCK_LEEWAY:

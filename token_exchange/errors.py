@@ -2,10 +2,11 @@
 
 Each carries a public ``description`` (what the caller should fix) and may carry
 a private ``detail`` for the log. They become HTTP in exactly one place
-(``endpoints.oauth_error_response``).
+(``endpoints.error_answer``).
 """
-from authlib.oauth2.rfc6749.errors import (InvalidClientError, InvalidRequestError,  # noqa: F401
-                                           InvalidScopeError, OAuth2Error, UnauthorizedClientError)
+from authlib.oauth2.rfc6749.errors import (InvalidClientError, InvalidGrantError,  # noqa: F401
+                                           InvalidRequestError, InvalidScopeError, OAuth2Error,
+                                           UnauthorizedClientError)
 
 
 def _ascii(text):
@@ -16,23 +17,25 @@ def _ascii(text):
                    for c in text.replace("\u00a7", "section "))
 
 
-class _Detailed:
+class Detailed:
+    """A public description (ASCII, what to fix) and a private detail (for the log)."""
+
     def __init__(self, description=None, detail=None, **kw):
         super().__init__(description=_ascii(description), **kw)
         self.detail = detail
 
 
-class InvalidTargetError(_Detailed, OAuth2Error):
+class InvalidTarget(Detailed, OAuth2Error):
     """RFC 8693 §2.2.2: the requested resource or audience is unknown, malformed or not allowed."""
     error = "invalid_target"
     status_code = 400
 
 
-class InvalidRequest(_Detailed, InvalidRequestError):
+class InvalidRequest(Detailed, InvalidRequestError):
     pass
 
 
-class InvalidClient(_Detailed, InvalidClientError):
+class InvalidClient(Detailed, InvalidClientError):
     status_code = 401
 
     def get_headers(self):
@@ -40,15 +43,19 @@ class InvalidClient(_Detailed, InvalidClientError):
         return super().get_headers() + [("WWW-Authenticate", 'Basic realm="token-exchange"')]
 
 
-class UnauthorizedClient(_Detailed, UnauthorizedClientError):
+class UnauthorizedClient(Detailed, UnauthorizedClientError):
     pass
 
 
-class InvalidScope(_Detailed, InvalidScopeError):
+class InvalidGrant(Detailed, InvalidGrantError):
+    """RFC 6749 §5.2 invalid_grant: the assertion is invalid, expired, replayed or for another client."""
+
+
+class InvalidScope(Detailed, InvalidScopeError):
     pass
 
 
-class UnsupportedGrantType(_Detailed, OAuth2Error):
+class UnsupportedGrantType(Detailed, OAuth2Error):
     """RFC 6749 §5.2 (Authlib's own takes the grant type, not a description)."""
     error = "unsupported_grant_type"
 
@@ -57,7 +64,7 @@ class RequestTooLarge(InvalidRequest):
     status_code = 413
 
 
-class TemporarilyUnavailable(_Detailed, OAuth2Error):
+class TemporarilyUnavailable(Detailed, OAuth2Error):
     """RFC 6749 §4.1.2.1 temporarily_unavailable, as an HTTP status with Retry-After."""
     error = "temporarily_unavailable"
 
@@ -69,7 +76,7 @@ class TemporarilyUnavailable(_Detailed, OAuth2Error):
         return super().get_headers() + [("Retry-After", str(self.retry_after))]
 
 
-class ConsentRequired(_Detailed, OAuth2Error):
+class ConsentRequired(Detailed, OAuth2Error):
     """The trust requires the user's consent and none covers this exchange (contract,
     "Consent for patient-facing apps"). The body adds ``consent_uri`` (a single-use
     ticket, opened in the user's browser) and ``expires_in`` (its lifetime, seconds);
@@ -87,5 +94,3 @@ class ConsentRequired(_Detailed, OAuth2Error):
             body += [("consent_uri", self.consent_uri), ("expires_in", self.expires_in)]
         return body
 
-
-InvalidTarget = InvalidTargetError

@@ -92,9 +92,24 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _no_constants(name):
+def audiences(claims: dict) -> list:
+    """A token's aud as a list of strings (RFC 7519 §4.1.3: a string or an array)."""
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return [aud]
+    if isinstance(aud, list):
+        return [a for a in aud if isinstance(a, str)]
+    return []
+
+
+def string_or_none(v):
+    """A claim's value when it is a string, else None."""
+    return v if isinstance(v, str) else None
+
+
+def no_constants(name):
     """RFC 8259 has no NaN or Infinity; Python's json would accept them."""
     raise ValueError(name)
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # built once, not per token
+_DECODER = json.JSONDecoder(parse_constant=no_constants)  # built once, not per token

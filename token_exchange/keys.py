@@ -22,8 +22,8 @@ _CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
 # so an RSA key signs them RS384 and a P-384 key ES384; a P-256 key cannot.
 # The algorithm of the service's own client assertions (Backend Services, consent sign-in) by
 # the signing key's: SMART Backend Services asks RS384 or ES384.
-CLIENT_ASSERTION_ALGS = {"RS256": "RS384", "PS256": "RS384", "ES384": "ES384", "ES256": "ES256"}
-BACKEND_SERVICES_ALGS = {k: v for k, v in CLIENT_ASSERTION_ALGS.items() if v in ("RS384", "ES384")}
+OWN_ASSERTION_ALG = {"RS256": "RS384", "PS256": "RS384", "ES384": "ES384", "ES256": "ES256"}
+BACKEND_SERVICES_ALGS = {k: v for k, v in OWN_ASSERTION_ALG.items() if v in ("RS384", "ES384")}
 TWIN_SUFFIX = ".rs384"
 
 
@@ -31,7 +31,7 @@ def client_kid(kid: str, alg: str) -> str:
     """The kid the service's client assertions name: an RSA key is published a second
     time for RS384 (a JWK's alg binds it to one algorithm, and strict verifiers hold
     to it), so assertions signed RS384 name that twin."""
-    return kid + TWIN_SUFFIX if CLIENT_ASSERTION_ALGS.get(alg) == "RS384" and alg != "RS384" else kid
+    return kid + TWIN_SUFFIX if OWN_ASSERTION_ALG.get(alg) == "RS384" and alg != "RS384" else kid
 
 
 def generate(alg: str = DEFAULT_ALG) -> tuple[str, str, dict]:
@@ -79,7 +79,7 @@ class ActiveKey:
         from authlib.oauth2.rfc7523 import private_key_jwt_sign
         from joserfc.jwk import ECKey, RSAKey
         if backend_services:
-            alg, kid = CLIENT_ASSERTION_ALGS[self.alg], client_kid(self.kid, self.alg)
+            alg, kid = OWN_ASSERTION_ALG[self.alg], client_kid(self.kid, self.alg)
         else:
             alg, kid = self.alg, self.kid
         key = (ECKey if alg.startswith("ES") else RSAKey).import_key(self._key)

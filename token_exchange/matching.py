@@ -35,13 +35,20 @@ class Mapped:
     explain: str
 
 
+class MatchingUnavailable(TemporarilyUnavailable):
+    """Matching could not reach the target or the EHR (contract step 4): 503 with
+    Retry-After; the decision's audit record says ``link`` = LINK."""
+    LINK = "unavailable"
+
+
 class PatientMapper:
     def __init__(self, store, matcher=None):
         self.store = store
         self.matcher = matcher
 
-    def map(self, grant, dry_run: bool = False) -> Mapped:
-        p, target = grant.presented, grant.target
+    def map(self, p, target, cfg, dry_run: bool = False) -> Mapped:
+        """The presented patient (``p``: subject.Presented) at ``target`` under the
+        trust snapshot ``cfg``: a stored link, else a match (not stored in a dry run)."""
         row = self.store.find_link(p.source, p.patient, target.id)
         if row is not None:
             target_patient, origin, matched_at = row
@@ -54,7 +61,7 @@ class PatientMapper:
         if self.matcher is None or not target.match_identifiers:
             return Mapped(None, "none", "no patient link maps it to this target, and the target is not set up "
                                         "for matching")
-        return self.matcher.match(grant, stale=row is not None, dry_run=dry_run)
+        return self.matcher.match(p, target, cfg, stale=row is not None, dry_run=dry_run)
 
 
 def _expired(matched_at, ttl_days) -> bool:
@@ -232,27 +239,25 @@ class Matcher:
     def __init__(self, settings, store, fhir: FHIRClient, metrics=None):
         self.settings, self.store, self.fhir, self.metrics = settings, store, fhir, metrics
 
-    def match(self, grant, stale: bool, dry_run: bool) -> Mapped:
+    def match(self, p, target, cfg, stale: bool, dry_run: bool) -> Mapped:
         """For an exchange: the identifiers of the token that supplied the patient;
         the 10-minute memory honoured; ``dry_run`` (explain) searches and writes nothing."""
-        p, target = grant.presented, grant.target
         try:
-            decision = self.run(grant.cfg, [p.issuer], target, p.source, p.patient,
+            decision = self.run(cfg, [p.issuer], target, p.source, p.patient,
                                 claims=p.patient_claims or {}, stale=stale, search=not dry_run, store=not dry_run)
         except FHIRUnavailable as e:
-            grant.audit["link"] = "unavailable"
             raise self.unavailable(e, target) from None
         return decision.mapped()
 
-    def unavailable(self, e: FHIRUnavailable, target) -> TemporarilyUnavailable:
+    def unavailable(self, e: FHIRUnavailable, target) -> MatchingUnavailable:
         """Contract step 4: 503 with Retry-After; a log line naming the target and the status; a metric."""
         if self.metrics is not None:
             self.metrics.inc("match_failures")
         log.warning("patient matching unavailable", extra={
             "target": target.base_url, "party": e.party, "url": e.where, "status": e.status, "reason": e.reason})
         what = "the target FHIR server" if e.party == "target" else "the EHR"
-        return TemporarilyUnavailable(f"Patient matching could not reach {what}; retry after the indicated delay.",
-                                      retry_after=e.retry_after, detail=f"matching: {e}")
+        return MatchingUnavailable(f"Patient matching could not reach {what}; retry after the indicated delay.",
+                                   retry_after=e.retry_after, detail=f"matching: {e}")
 
     def run(self, cfg, issuers, target, source: str, patient: str, *, claims=None, given=None, stale=False,
             search=True, store=True, memory=True, replace_any=False, actor=SERVICE_ACTOR) -> Decision:

@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 from . import scopes, urns
-from .subject import audiences
-from .errors import InvalidRequest, InvalidScope, InvalidTarget  # noqa: F401
+from .errors import InvalidRequest, InvalidScope, InvalidTarget
+from .jose import audiences
+
+
+def check_issuer_named(trusts, iss: str, what: str) -> None:
+    """Before any key of an issuer is fetched: one of the client's trusts names it (a
+    client cannot make the service fetch keys it would not use)."""
+    if not any(t.issuer == iss for t in trusts):
+        raise InvalidRequest(f"This client is not trusted to exchange tokens from the issuer of the {what}; "
+                             "send tokens from an issuer its trusts name, or ask an administrator for a trust.")
 
 
 def find_trust(cfg, client_id: str, issuer_url: str, target):

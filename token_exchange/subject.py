@@ -10,7 +10,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from . import jose, scopes, urns
+from . import jose, policy, scopes, urns
 from .errors import InvalidRequest
 from .issuers import ACCESS_TOKEN_TYPES, IssuerUnavailable, UnknownKey, introspect
 
@@ -66,7 +66,7 @@ class TokenValidator:
             if isinstance(typ, str) and typ.lower() in urns.JAG_TYPES:
                 raise InvalidRequest(f"The {what} is a JWT authorization grant (typ oauth-id-jag+jwt); present "
                                      f"it with grant_type {urns.JWT_BEARER} and assertion.")
-            if any(self.settings.names_service(a) for a in audiences(claims)):
+            if any(self.settings.names_service(a) for a in jose.audiences(claims)):
                 raise InvalidRequest(f"The {what} is addressed to this service (its aud names it); a subject or "
                                      "actor token is one the EHR issued for a FHIR server or for the app.")
         iss = claims.get("iss")
@@ -74,12 +74,11 @@ class TokenValidator:
         if issuer is None:
             raise InvalidRequest(f"The {what} was not issued by a trusted issuer; "
                                  "its iss must equal a registered issuer URL exactly.")
-        if trusts is not None and not any(t.issuer == iss for t in trusts):
+        if trusts is not None:
             # Contract order: the trust for this issuer is checked after the tokens,
             # with the same error (invalid_request); here it is checked first, from
             # the still unverified iss, so no key is fetched for an untrusted issuer.
-            raise InvalidRequest(f"This client is not trusted to exchange tokens from the issuer of the {what}; "
-                                 "send tokens from an issuer its trusts name, or ask an administrator for a trust.")
+            policy.check_issuer_named(trusts, iss, what)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in issuer.algs or alg not in urns.ASYMMETRIC_ALGS:
             raise InvalidRequest(f"The {what} is signed with an algorithm this issuer is not allowed to use.")
@@ -112,11 +111,11 @@ class TokenValidator:
             issuer, claims = self.verify_jwt(req.subject_token, cfg, "subject_token (ID token)", trusts)
             _check_id_token_shape(claims, "subject_token")
             presented = Presented(issuer, req.subject_token_type, claims.get("sub"), claims, claims, None,
-                                  None, None, _str(claims.get("fhirUser")), int(claims["exp"]))
+                                  None, None, jose.string_or_none(claims.get("fhirUser")), int(claims["exp"]))
         else:
             presented = self._access_token(req, cfg, client_id, target, trusts)
         _check_may_act(presented.claims, client_id)  # rule 4
-        self._locate_patient(presented)
+        self.locate_patient(presented)
         return presented
 
     def _access_token(self, req, cfg, client_id, target, trusts) -> Presented:
@@ -129,14 +128,14 @@ class TokenValidator:
             if any(c in claims for c in _ID_TOKEN_ONLY):
                 raise InvalidRequest("The subject_token is an ID token; send it as actor_token, "
                                      "or as subject_token with subject_token_type id_token.")
-            aud = audiences(claims)
+            aud = jose.audiences(claims)
             opaque = False
         else:
             if req.subject_token_type == urns.JWT:
                 raise InvalidRequest("subject_token_type jwt needs a JWT; this subject_token is opaque.")
             issuer = actor_issuer or self._introspecting_issuer(cfg, client_id, target)
             claims = self._introspect(issuer, req.subject_token)
-            aud = audiences(claims) if "aud" in claims else None
+            aud = jose.audiences(claims) if "aud" in claims else None
             opaque = True
         # Rule 1: a subject access token is meant for the issuer's FHIR servers.
         accepted = set(issuer.sources) | set(issuer.audiences)
@@ -157,7 +156,7 @@ class TokenValidator:
         token_scopes = _token_scopes(claims)
         exps = [int(c["exp"]) for c in (claims, actor) if c is not None and jose.is_number(c.get("exp"))]
         sub = claims.get("sub") if isinstance(claims.get("sub"), str) else (actor or {}).get("sub")
-        fhir_user = _str((actor or {}).get("fhirUser"))
+        fhir_user = jose.string_or_none((actor or {}).get("fhirUser"))
         return Presented(issuer, req.subject_token_type, sub, claims, actor, token_scopes, None, None,
                          fhir_user, min(exps) if exps else int(time.time()) + self.settings.token_ttl,
                          opaque=opaque)
@@ -195,7 +194,7 @@ class TokenValidator:
             raise InvalidRequest("The subject_token has expired.")
         if "iss" in body and body["iss"] != issuer.url:
             raise InvalidRequest("The subject_token's introspection names another issuer.")
-        if any(self.settings.names_service(a) for a in audiences(body)):
+        if any(self.settings.names_service(a) for a in jose.audiences(body)):
             raise InvalidRequest("The subject_token is addressed to this service (its introspection's aud names "
                                  "it); a subject token is one the EHR issued for a FHIR server.")
         if "sub" in body and not isinstance(body["sub"], str):
@@ -204,7 +203,7 @@ class TokenValidator:
         body.setdefault("iss", issuer.url)
         return body
 
-    def _locate_patient(self, p: Presented) -> None:
+    def locate_patient(self, p: Presented) -> None:
         """The patient and its source: ID token, else access token, else introspection.
         Each token's claims are read into (patient, source) first; where both tokens
         name a patient the ids must match, and where both carry a source so must
@@ -302,16 +301,6 @@ def _check_may_act(claims: dict, client_id: str) -> None:
         raise InvalidRequest("The subject_token's may_act does not name this client.")
 
 
-def audiences(claims: dict) -> list:
-    """A token's aud as a list of strings (RFC 7519 §4.1.3: a string or an array)."""
-    aud = claims.get("aud")
-    if isinstance(aud, str):
-        return [aud]
-    if isinstance(aud, list):
-        return [a for a in aud if isinstance(a, str)]
-    return []
-
-
 def _claim(claims, name, what):
     if not claims or name not in claims or claims[name] is None:
         return None
@@ -320,6 +309,3 @@ def _claim(claims, name, what):
         raise InvalidRequest(f"The token's {what} claim is malformed.")
     return value
 
-
-def _str(v):
-    return v if isinstance(v, str) else None

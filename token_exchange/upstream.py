@@ -38,6 +38,8 @@ import urllib3
 import urllib3.connection
 from requests.adapters import HTTPAdapter
 
+from .jose import no_constants
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -93,7 +95,7 @@ def decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH):
     (RFC 8259: no NaN or Infinity), nested deeper than max_depth, or so deep that
     the decoder itself gives up."""
     try:
-        doc = json.loads(body, parse_constant=_no_constants)
+        doc = json.loads(body, parse_constant=no_constants)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     stack = [(doc, 1)]
@@ -107,10 +109,6 @@ def decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH):
             raise ValueError("JSON nested too deeply")
         stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
     return doc
-
-
-def _no_constants(name):
-    raise ValueError(name)
 
 
 class _RefuseAllCookies(http.cookiejar.DefaultCookiePolicy):

@@ -85,22 +85,20 @@ def run(client_id: str, form: MultiDict) -> dict:
     """The rule-by-rule report of what POST /token would decide for this client and form."""
     from .. import create_app
     from ..errors import OAuth2Error
-    from ..server import TokenRequest
     from ..settings import SettingsError
     try:
         app = create_app()
     except SettingsError as e:
         raise Fail(str(e)) from None
     ext = app.extensions["token_exchange"]
-    server = ext.server
+    pipeline = ext.pipeline
     logger = logging.getLogger("token_exchange")
     level = logger.level
     logger.setLevel(logging.ERROR)  # the report says it all; no log lines beside it
     try:
         with app.app_context():
-            req = TokenRequest("POST", ext.settings.token_endpoint, {}, form)
             steps, trace = [], []
-            client = server.query_client(client_id)
+            client = ext.authenticator.query_client(client_id)
             if client is None:
                 steps.append({"step": "client", "outcome": "failed", "detail": "no such client is registered",
                               "error": "invalid_client"})
@@ -109,12 +107,11 @@ def run(client_id: str, form: MultiDict) -> dict:
                     "error_description": "Client authentication failed: unknown client."}}
             steps.append({"step": "client", "outcome": "held",
                           "detail": f"registered ({client.cfg.auth_method}); explain does not authenticate it"})
-            req.client = client
             grant = None
             try:
-                grant_cls = server.grant_class(form)
+                grant_cls = pipeline.grant_class(form)
                 steps.append({"step": "grant type", "outcome": "held", "detail": grant_cls.GRANT_NAME})
-                grant = grant_cls(req, server, trace=trace, dry_run=True)
+                grant = pipeline.dry_run(grant_cls, client, form, trace)
                 grant.validate_token_request()
             except OAuth2Error as e:
                 if grant is None:

@@ -62,13 +62,11 @@ def union(a: scopes.ScopeSet, b: scopes.ScopeSet) -> scopes.ScopeSet:
     return scopes.parse(v2(a) + " " + v2(b), strict=False)
 
 
-def consent_key(grant) -> dict:
+def consent_key(p, client_id: str, target_id: int, granted: scopes.ScopeSet) -> dict:
     """What a consent is for: the user at the EHR, the launch's source and patient
     (no patient when no patient/ scope is at stake), the app and the target."""
-    p = grant.presented
-    return {"issuer": p.issuer.url, "sub": p.sub, "client_id": grant.request.client.client_id,
-            "target_id": grant.target.id, "source": p.source or "",
-            "patient": (p.patient or "") if grant.granted.has_patient else ""}
+    return {"issuer": p.issuer.url, "sub": p.sub, "client_id": client_id, "target_id": target_id,
+            "source": p.source or "", "patient": (p.patient or "") if granted.has_patient else ""}
 
 
 class ConsentService:
@@ -76,10 +74,11 @@ class ConsentService:
         self.settings, self.store, self.signin = settings, store, signin
         self.records = store.consents
 
-    def covering(self, grant, dry_run: bool = False) -> Covering:
+    def covering(self, presented, client_id: str, target_id: int, granted: scopes.ScopeSet,
+                 dry_run: bool = False) -> Covering:
         """The consent this exchange goes through under; else ConsentRequired (with a
         new ticket's consent_uri, except in `explain`, which stores nothing)."""
-        key = consent_key(grant)
+        key = consent_key(presented, client_id, target_id, granted)
         found = self.records.find_active(**key)
         now = int(time.time())
         consented = None
@@ -87,14 +86,14 @@ class ConsentService:
             consent_id, text, expires = found
             if expires > now:
                 consented = parsed(text)
-                if covers(consented, grant.granted):
+                if covers(consented, granted):
                     return Covering(consent_id, expires)
         why = ("The user's consent does not include all the scopes asked for" if consented is not None
                else "This trust requires the user's consent")
         if dry_run:
             raise ConsentRequired(f"{why}; POST /token would answer with a consent_uri to open in the user's "
                                   "browser.", detail="no covering consent (explain creates no ticket)")
-        wanted = grant.granted if consented is None else union(consented, grant.granted)
+        wanted = granted if consented is None else union(consented, granted)
         ticket = secrets.token_urlsafe(32)  # 256 bits
         self.records.create_ticket(dict(key, ticket_hash=digest(ticket), expires=now + TICKET_TTL,
                                         scopes=v2(wanted)))

@@ -54,7 +54,7 @@ def _records():
 
 
 def _signin():
-    return _ext().server.consent.signin
+    return _ext().consent.signin
 
 
 def _secure() -> bool:

@@ -1,27 +1,46 @@
-"""The grants at /token, in Authlib's style: one ``BaseGrant`` per grant type with a
-``GRANT_TYPE`` constant, ``validate_token_request()`` then ``create_token_response()``,
-raising typed ``OAuth2Error``s.
+"""What every grant at /token shares, in Authlib's style: one ``BaseGrant`` per grant
+type with a ``GRANT_TYPE`` constant, ``validate_token_request()`` then
+``create_token_response()``, raising typed ``OAuth2Error``s.
 
-Authlib ships no RFC 8693 grant. ``ExchangeGrant`` holds what every grant here
-shares, as named steps run in the contract's order (target, trust, upstream
-client, scopes, consent, patient) and the minting of the RFC 9068 token; a grant
-adds its own parameters and the validation of what it presents (the EHR's tokens,
-or a JWT authorization grant). ``token-exchange explain`` runs the same steps with
-a trace and ``dry_run`` (nothing searched, written or spent).
+Authlib ships no RFC 8693 grant. ``ExchangeGrant`` holds the steps every grant here
+runs, named and in the contract's order (parameters, target, trust, the presented
+tokens, upstream client, scopes, consent, patient), and the minting of the RFC 9068
+token. A grant adds its own parameters and the validation of what it presents (the
+EHR's tokens, or a JWT authorization grant).
+
+Collaborators are handed in (``Collaborators``, wired once in ``create_app``), as
+fosite's compose/ does: a grant never reaches back into the pipeline that runs it.
+Mapping and consent take plain values and return results; the grant records them in
+the decision's audit record. ``token-exchange explain`` runs the same steps with a
+trace and ``dry_run`` (nothing searched, written or spent).
 """
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 
-from . import policy, scopes, urns
-from .errors import InvalidRequest, InvalidScope, InvalidTargetError, TemporarilyUnavailable, UnauthorizedClient
+from .. import audit, policy, scopes, urns
+from ..errors import InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable, UnauthorizedClient
+from ..forms import reject_duplicates
+from ..matching import MatchingUnavailable
 
 MAX_TOKEN_LENGTH = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Collaborators:
+    """What a grant works with, wired once in ``create_app``."""
+    settings: object
+    config: Callable  # () -> config.Config, the current trust snapshot
+    validator: object  # subject.TokenValidator: the presented tokens (rules 1, 2, 4)
+    patients: object  # matching.PatientMapper: who the patient is at the target (rule 7)
+    consent: object | None  # consent.service.ConsentService, None without the consent flow
+    replay: object  # the store of spent assertion jtis (assertion_jti_spent, spend_assertion_jti)
 
 
 @dataclass
@@ -36,10 +55,12 @@ class StepOutcome:
 
 class ExchangeGrant(BaseGrant, TokenEndpointMixin):
     """Shared by every grant at /token; subclasses define GRANT_TYPE, GRANT_NAME,
-    SINGLE_VALUED, and the steps ``parameters``, ``presented`` and ``allowed``."""
+    PARAMETERS, and the steps ``parse_parameters``, ``validate_presented``,
+    ``check_allowed`` and ``check_upstream``."""
     GRANT_NAME = ""  # the audit's `grant`
-    TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
-    SINGLE_VALUED: tuple = ()
+    # The single-valued parameters this grant takes (RFC 6749 §3.2: at most once each; resource
+    # and audience may repeat, RFC 8693 §2.1). grant_type and client authentication's are the pipeline's.
+    PARAMETERS: tuple = ()
     ISSUED_TOKEN_TYPE: str | None = urns.ACCESS_TOKEN
 
     # (name, method): the contract's check order after client authentication and grant type.
@@ -49,14 +70,17 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
              ("upstream client (rule 3)", "check_upstream"), ("scopes (rule 6)", "check_scopes"),
              ("consent", "check_consent"), ("patient (rule 7)", "check_patient"))
 
-    def __init__(self, request, server, trace: list | None = None, dry_run: bool = False):
-        super().__init__(request, server)
-        self.cfg = server.store.config()
+    def __init__(self, request, deps: Collaborators, record: dict, trace: list | None = None, dry_run: bool = False):
+        super().__init__(request, None)
+        self.deps, self.settings = deps, deps.settings
+        self.cfg = deps.config()
+        self.client_id = request.client.client_id
         self.trace, self.dry_run = trace, dry_run
         self.presented = self.target = self.trust = self.granted = None
         self.target_patient = self.consent = None
-        self.audit = request.audit
-        self.audit["grant"] = self.GRANT_NAME
+        self.requested_scopes = None
+        self.audit = record
+        record["grant"] = self.GRANT_NAME
 
     # -- Authlib's two phases ----------------------------------------------------------
     def validate_token_request(self):
@@ -72,7 +96,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
                 self.trace.append(StepOutcome(name, True, detail or "held"))
 
     def create_token_response(self):
-        req, server, p = self.request, self.server, self.presented
+        p = self.presented
         now = int(time.time())
         life = self.lifetime(now)
         key = self.cfg.active_key
@@ -82,9 +106,9 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         scope = self.granted.format()
         jti = uuid.uuid4().hex
         # RFC 9068 §2.2; RFC 8693 §4.1 (act); idp: `sub` is unique only with its issuer.
-        claims = {"iss": server.settings.issuer, "aud": self.target.base_url, "sub": p.sub,
-                  "idp": p.issuer.url, "client_id": req.client.client_id, "scope": scope,
-                  "iat": now, "exp": now + life, "jti": jti, "act": {"sub": req.client.client_id}}
+        claims = {"iss": self.settings.issuer, "aud": self.target.base_url, "sub": p.sub,
+                  "idp": p.issuer.url, "client_id": self.client_id, "scope": scope,
+                  "iat": now, "exp": now + life, "jti": jti, "act": {"sub": self.client_id}}
         if p.fhir_user:
             claims["fhirUser"] = p.fhir_user
         if self.target_patient is not None:
@@ -92,7 +116,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         token = key.mint(claims)
         body = {"access_token": token, "token_type": "Bearer", "expires_in": life, "scope": scope}
         if self.ISSUED_TOKEN_TYPE:
-            body["issued_token_type"] = req.requested_token_type
+            body["issued_token_type"] = self.request.requested_token_type
         if self.target_patient is not None:
             body["patient"] = self.target_patient
         self.audit.update(outcome="granted", scope_granted=scope, jti=jti)  # with `consent`: revocable by it
@@ -103,25 +127,21 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
 
     def lifetime(self, now: int) -> int:
         consent_expires = self.consent.expires if self.consent is not None else None
-        return policy.lifetime(self.server.settings.token_ttl, self.trust, self.target,
-                               self.presented.expires, now, consent_expires)
+        return policy.lifetime(self.settings.token_ttl, self.trust, self.target, self.presented.expires, now,
+                               consent_expires)
 
     # -- the shared steps --------------------------------------------------------------------
     def check_parameters(self):
         form = self.request.form
-        for name in self.SINGLE_VALUED:
-            if len(form.getlist(name)) > 1:
-                raise InvalidRequest(f"The {name} parameter appears more than once.")
+        reject_duplicates(form, self.PARAMETERS)
         self.parse_parameters(form)
         scope = form.get("scope")
-        requested = None
         if scope is not None:
             try:  # bounded (scopes.MAX_SCOPES, MAX_SCOPE_TEXT), parsed once, never cached
-                requested = scopes.parse(scope)
+                self.requested_scopes = scopes.parse(scope)
             except scopes.ScopeError as e:
                 raise InvalidScope(str(e)) from None
-        self.request.scope_param, self.request.requested_scopes = scope, requested
-        self.audit["scope_requested"] = _clip(scope, 2000)
+        self.audit["scope_requested"] = audit.clip(scope, audit.SCOPE_TEXT_LENGTH)
         return "well formed"
 
     def parse_parameters(self, form):
@@ -134,22 +154,21 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         return self.target.base_url
 
     def check_any_trust(self):
-        trusts = self.cfg.trusts_by_client.get(self.request.client.client_id)
+        trusts = self.cfg.trusts_by_client.get(self.client_id)
         if not trusts:
             raise UnauthorizedClient("This client has no trust relationship; ask an administrator to add one.")
         return f"{len(trusts)} trust(s)"
 
     def check_presented(self):
         p = self.presented = self.validate_presented()
-        self.audit.update(issuer=p.issuer.url, subject=_clip(p.sub), source_patient=_clip(p.patient))
+        self.audit.update(issuer=p.issuer.url, subject=audit.clip(p.sub), source_patient=audit.clip(p.patient))
         return f"issuer {p.issuer.url}, sub {p.sub}" + (f", patient {p.patient} at {p.source}" if p.patient else "")
 
     def validate_presented(self):
         raise NotImplementedError
 
     def check_trust(self):  # rule 5
-        self.trust = policy.find_trust(self.cfg, self.request.client.client_id, self.presented.issuer.url,
-                                       self.target)
+        self.trust = policy.find_trust(self.cfg, self.client_id, self.presented.issuer.url, self.target)
         return f"{self.trust.client_id} may use {self.trust.issuer} tokens for {self.target.base_url}"
 
     def check_allowed(self):
@@ -159,16 +178,17 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         raise NotImplementedError
 
     def check_scopes(self):  # rule 6
-        self.granted = policy.decide_scopes(self.request.requested_scopes, self.presented, self.trust)
+        self.granted = policy.decide_scopes(self.requested_scopes, self.presented, self.trust)
         return self.granted.format()
 
     def check_consent(self):
-        consent = getattr(self.server, "consent", None)
+        consent = self.deps.consent
         if self.trust.consent != "required":
             return "not required by the trust"
         if consent is None:
             raise TemporarilyUnavailable("Consent is required by this trust but the consent flow is not available.")
-        self.consent = consent.covering(self, dry_run=self.dry_run)
+        self.consent = consent.covering(self.presented, self.client_id, self.target.id, self.granted,
+                                        dry_run=self.dry_run)
         self.audit["consent"] = self.consent.id
         return f"consent {self.consent.id} covers it until {self.consent.expires_iso}"
 
@@ -178,7 +198,11 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
             return "no patient/ scope at stake"
         mapped = None
         if p.patient:
-            mapped = self.server.patients.map(self, dry_run=self.dry_run)
+            try:
+                mapped = self.deps.patients.map(p, self.target, self.cfg, dry_run=self.dry_run)
+            except MatchingUnavailable:
+                self.audit["link"] = MatchingUnavailable.LINK
+                raise
         if mapped is None or mapped.target_patient is None:
             self.audit["link"] = mapped.origin if mapped is not None else None
             self.granted = policy.without_patient(self.granted)
@@ -198,7 +222,7 @@ def resolve_target(form, cfg):
     for r in resources:
         parts = _split(r)
         if parts is None or not parts.scheme or not parts.netloc or "#" in r:
-            raise InvalidTargetError("resource must be an absolute URI without a fragment (RFC 8707 section 2).")
+            raise InvalidTarget("resource must be an absolute URI without a fragment (RFC 8707 section 2).")
         t = cfg.targets_by_url.get(r)
         if t is None:
             hint = ""
@@ -206,70 +230,16 @@ def resolve_target(form, cfg):
                 hint = " (without the trailing slash it is; URLs match exactly as registered)"
             elif r + "/" in cfg.targets_by_url:
                 hint = " (with a trailing slash it is; URLs match exactly as registered)"
-            raise InvalidTargetError("The resource is not a registered target FHIR server" + hint + ".")
+            raise InvalidTarget("The resource is not a registered target FHIR server" + hint + ".")
         found.add(t.id)
     for a in audiences:
         t = cfg.targets_by_url.get(a) or cfg.targets_by_name.get(a)
         if t is None:
-            raise InvalidTargetError("The audience is not a registered target FHIR server.")
+            raise InvalidTarget("The audience is not a registered target FHIR server.")
         found.add(t.id)
     if len(found) != 1:
-        raise InvalidTargetError("Request exactly one target FHIR server per exchange.")
+        raise InvalidTarget("Request exactly one target FHIR server per exchange.")
     return cfg.targets_by_id[found.pop()]
-
-
-class TokenExchangeGrant(ExchangeGrant):
-    """RFC 8693 §2.1: the EHR's access token (with its ID token as actor_token), or
-    the ID token alone (the OpenID form)."""
-    GRANT_TYPE = urns.TOKEN_EXCHANGE
-    GRANT_NAME = "token-exchange"
-    # grant_type and the client-authentication parameters are checked by the server first.
-    SINGLE_VALUED = ("subject_token", "subject_token_type", "actor_token", "actor_token_type", "scope",
-                     "requested_token_type")
-
-    def parse_parameters(self, form):
-        req = self.request
-        subject_token = form.get("subject_token")
-        subject_type = form.get("subject_token_type")
-        if not subject_token:
-            raise InvalidRequest("The subject_token parameter is required.")
-        if not subject_type:
-            raise InvalidRequest("The subject_token_type parameter is required.")
-        if subject_type not in urns.SUBJECT_TOKEN_TYPES:
-            raise InvalidRequest("Unsupported subject_token_type; use " + ", ".join(urns.SUBJECT_TOKEN_TYPES) + ".")
-        if len(subject_token) > MAX_TOKEN_LENGTH:
-            raise InvalidRequest("The subject_token is too long.")
-        actor_token, actor_type = form.get("actor_token"), form.get("actor_token_type")
-        if (actor_token is None) != (actor_type is None) or actor_token == "":
-            raise InvalidRequest("actor_token and actor_token_type must be sent together.")
-        if actor_type is not None:
-            if actor_type not in urns.ACTOR_TOKEN_TYPES:
-                raise InvalidRequest(f"Unsupported actor_token_type; the actor token is the EHR's ID token "
-                                     f"({urns.ID_TOKEN}).")
-            if subject_type == urns.ID_TOKEN:
-                raise InvalidRequest("In the OpenID exchange the ID token is the subject_token; send no actor_token.")
-            if len(actor_token) > MAX_TOKEN_LENGTH:
-                raise InvalidRequest("The actor_token is too long.")
-        requested = form.get("requested_token_type") or urns.ACCESS_TOKEN
-        if requested not in urns.ISSUED_TOKEN_TYPES:
-            raise InvalidRequest("Unsupported requested_token_type; use " + " or ".join(urns.ISSUED_TOKEN_TYPES) + ".")
-        req.subject_token, req.subject_token_type = subject_token, subject_type
-        req.actor_token, req.actor_token_type = actor_token, actor_type
-        req.requested_token_type = requested
-
-    def validate_presented(self):  # rules 1, 2, 4
-        return self.server.validator.validate(self.request, self.cfg, self.request.client.client_id, self.target)
-
-    def check_allowed(self):
-        policy.allowed_form(self.presented, self.trust)
-        return "the OpenID exchange" if self.presented.subject_type == urns.ID_TOKEN else "the access-token exchange"
-
-    def check_upstream(self):  # rule 3
-        p = self.presented
-        if not p.sub:
-            raise InvalidRequest("The subject token names no subject (sub).")
-        policy.check_upstream(p, self.trust)
-        return f"issued to {self.trust.upstream_client_id}"
 
 
 def _split(url):
@@ -277,7 +247,3 @@ def _split(url):
         return urlsplit(url)
     except ValueError:
         return None
-
-
-def _clip(value, n=255):
-    return value[:n] if isinstance(value, str) else value

@@ -19,21 +19,16 @@ from __future__ import annotations
 import hashlib
 import time
 
-from authlib.oauth2.rfc6749.errors import InvalidGrantError
 from authlib.oauth2.rfc7523.jwt_bearer import JWT_BEARER_GRANT_TYPE
 
-from . import jose, scopes, urns
-from .errors import InvalidRequest, UnauthorizedClient, _Detailed
-from .grant import MAX_TOKEN_LENGTH, ExchangeGrant, _clip
-from .subject import Presented, _str
+from .. import audit, jose, scopes, urns
+from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
+from ..subject import Presented
+from .base import MAX_TOKEN_LENGTH, ExchangeGrant
 
 MAX_LIFETIME = 300  # exp - iat, no leeway
 # RFC 8693 parameters have no place in this grant.
 EXCHANGE_ONLY = ("subject_token", "subject_token_type", "actor_token", "actor_token_type", "requested_token_type")
-
-
-class InvalidGrant(_Detailed, InvalidGrantError):
-    """RFC 6749 §5.2 invalid_grant: the assertion is invalid, expired, replayed or for another client."""
 
 
 def replay_key(issuer_url: str) -> str:
@@ -44,7 +39,7 @@ def replay_key(issuer_url: str) -> str:
 class JWTAuthorizationGrant(ExchangeGrant):
     GRANT_TYPE = JWT_BEARER_GRANT_TYPE
     GRANT_NAME = "jwt-bearer"
-    SINGLE_VALUED = ("assertion", "scope")
+    PARAMETERS = ("assertion", "scope")
     ISSUED_TOKEN_TYPE = None  # RFC 7523 answers as RFC 6749 §5.1: no issued_token_type
     STEPS = tuple(("assertion (invalid_grant)", m) if m == "check_presented" else (n, m)
                   for n, m in ExchangeGrant.STEPS)
@@ -62,7 +57,7 @@ class JWTAuthorizationGrant(ExchangeGrant):
         self.request.assertion = assertion
 
     def validate_presented(self) -> Presented:
-        client_id = self.request.client.client_id
+        client_id = self.client_id
         try:
             parsed = jose.parse(self.request.assertion)
         except jose.MalformedToken:
@@ -72,13 +67,13 @@ class JWTAuthorizationGrant(ExchangeGrant):
         if not isinstance(typ, str) or typ.lower() not in urns.JAG_TYPES:
             raise InvalidGrant("The assertion's typ header must be oauth-id-jag+jwt (a JWT authorization grant).")
         try:  # signature by the registered issuer's key, algorithm, iss, exp, nbf, iat (rule 1)
-            issuer, claims = self.server.validator.verify_jwt(self.request.assertion, self.cfg, "assertion",
+            issuer, claims = self.deps.validator.verify_jwt(self.request.assertion, self.cfg, "assertion",
                                                               addressed_here=True)
         except InvalidRequest as e:
             raise InvalidGrant(e.description, detail=getattr(e, "detail", None)) from None
-        self.audit["assertion_jti"] = _clip(claims.get("jti") if isinstance(claims.get("jti"), str) else None)
+        self.audit["assertion_jti"] = audit.clip(claims.get("jti") if isinstance(claims.get("jti"), str) else None)
         self._check_claims(claims, client_id)
-        if self.server.store.assertion_jti_spent(replay_key(issuer.url), claims["jti"]):
+        if self.deps.replay.assertion_jti_spent(replay_key(issuer.url), claims["jti"]):
             raise InvalidGrant("The assertion was already used; ask the EHR for a new one.")
         raw_scope = claims.get("scope")
         try:  # within the claim budget, as a subject token's scope claim
@@ -88,13 +83,13 @@ class JWTAuthorizationGrant(ExchangeGrant):
                                f"{scopes.MAX_CLAIMED_SCOPES} scopes); ask the EHR for a grant with fewer "
                                "scopes.") from None
         presented = Presented(issuer, urns.JWT_BEARER, claims["sub"], claims, None, token_scopes, None, None,
-                              _str(claims.get("fhirUser")), None)  # the assertion's exp caps nothing
-        self.server.validator._locate_patient(presented)
+                              jose.string_or_none(claims.get("fhirUser")), None)  # the assertion's exp caps nothing
+        self.deps.validator.locate_patient(presented)
         return presented
 
     def _check_claims(self, claims: dict, client_id: str) -> None:
         """The claims a JWT authorization grant must carry, beyond rule 1."""
-        s = self.server.settings
+        s = self.settings
         aud = claims.get("aud")
         if isinstance(aud, list) and len(aud) == 1:
             aud = aud[0]
@@ -140,5 +135,5 @@ class JWTAuthorizationGrant(ExchangeGrant):
             return
         claims = self.presented.claims
         exp = int(claims["exp"]) if jose.is_number(claims["exp"]) else int(time.time()) + MAX_LIFETIME
-        if not self.server.store.spend_assertion_jti(replay_key(self.presented.issuer.url), claims["jti"], exp):
+        if not self.deps.replay.spend_assertion_jti(replay_key(self.presented.issuer.url), claims["jti"], exp):
             raise InvalidGrant("The assertion was already used; ask the EHR for a new one.")

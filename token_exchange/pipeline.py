@@ -1,0 +1,175 @@
+"""POST /token as a short pipeline of named steps, after node-oidc-provider's
+``lib/actions/token.js``: parse → reject duplicate client-authentication parameters →
+authenticate the client → rate limit → grant type → grant (its parameters, then its
+rule steps) → record and respond.
+
+Every refusal is counted and logged here, once per request; every decision for an
+authenticated client is audited (audit.py builds the record) and committed before
+the answer. Refusals leave as raised ``OAuth2Error``s: endpoints.py turns them (and
+anything unexpected) into HTTP in its one writer.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from authlib.oauth2.rfc6749.requests import OAuth2Payload, OAuth2Request
+from werkzeug.datastructures import MultiDict
+
+from . import audit, logs
+from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
+from .forms import read_form, reject_duplicates
+from .grants import GRANTS
+
+decision_log = logging.getLogger("token_exchange.decision")
+AUTH_PARAMS = ("client_id", "client_secret", "client_assertion", "client_assertion_type")
+
+
+class _FormPayload(OAuth2Payload):
+    def __init__(self, form: MultiDict):
+        self._form = form
+
+    @property
+    def data(self):
+        return self._form
+
+    @property
+    def datalist(self):
+        return {k: self._form.getlist(k) for k in self._form}
+
+
+class TokenRequest(OAuth2Request):
+    """An OAuth2Request over a form body parsed once. Transport security is the
+    deployment's (TLS at the proxy, see docs/OPERATIONS.md), so Authlib's
+    http-URL check is not applied to the internal URL."""
+
+    def __init__(self, method, uri, headers, form: MultiDict):  # super().__init__ skipped on purpose (above)
+        self.method, self.uri, self.headers = method, uri, headers
+        self._body = None
+        self._form = form
+        self.payload = _FormPayload(form)
+        self.client = self.auth_method = self.user = None
+        self.authorization_code = self.refresh_token = self.credential = None
+        self._scope = None
+
+    @property
+    def form(self):
+        return self._form
+
+    @property
+    def args(self):
+        return MultiDict()
+
+
+class TokenPipeline:
+    """The token endpoint's steps, with what they need handed in (create_app)."""
+
+    def __init__(self, settings, store, authenticator, deps, metrics):
+        self.settings, self.store, self.authenticator = settings, store, authenticator
+        self.deps, self.metrics = deps, metrics
+        self.grants = {g.GRANT_TYPE: g for g in GRANTS}
+        self._rate_lock = threading.Lock()
+        self._rate_window, self._rate_counts = None, {}
+
+    def __call__(self, environ, headers) -> tuple:
+        """-> (status, body dict, headers) for a granted request; a refusal raises its
+        OAuth2Error, counted and (from client authentication on) logged and audited.
+        The duration is observed for every request whose form was read and decided."""
+        started = time.perf_counter()
+        try:
+            form = read_form(environ, self.settings.max_body)  # a refusal here is counted, not logged
+        except OAuth2Error as e:
+            self.metrics.exchange("refused", e.error)
+            raise
+        try:
+            answer = self.decide(TokenRequest("POST", self.settings.token_endpoint, headers, form))
+        except OAuth2Error:
+            self.metrics.observe(time.perf_counter() - started)
+            raise
+        self.metrics.observe(time.perf_counter() - started)
+        return answer
+
+    def decide(self, request: TokenRequest) -> tuple:
+        form = request.form
+        record = audit.exchange(logs.current_request_id())
+        try:
+            reject_duplicates(form, AUTH_PARAMS)
+            request.client = self.authenticator(request)
+        except OAuth2Error as e:
+            self._refused(record, e)
+            raise
+        record["client_id"] = request.client.client_id
+        try:
+            self._rate_limit(request.client.client_id)
+            grant = self.grant_class(form)(request, self.deps, record)
+            grant.validate_token_request()
+            answer = grant.create_token_response()
+        except OAuth2Error as e:
+            audit.refused(record, e)
+            self.store.record_audit(record)  # committed before the answer
+            self._refused(record, e)
+            raise
+        self.store.record_audit(record)
+        self.metrics.exchange("granted", None)
+        log_decision(record, None)
+        return answer
+
+    def grant_class(self, form):
+        """RFC 6749 §5.2: the grant type, once, and one this server supports."""
+        reject_duplicates(form, ("grant_type",))
+        grant_type = form.get("grant_type")
+        if not grant_type:
+            raise InvalidRequest("The grant_type parameter is required.")
+        grant = self.grants.get(grant_type)
+        if grant is None:
+            raise UnsupportedGrantType("Supported grant types here: " + ", ".join(self.grants) + ".")
+        return grant
+
+    def dry_run(self, grant_cls, client, form, trace: list):
+        """The grant for a named, unauthenticated client, to run its steps with a trace
+        and nothing written, searched or spent (`token-exchange explain`)."""
+        request = TokenRequest("POST", self.settings.token_endpoint, {}, form)
+        request.client = client
+        return grant_cls(request, self.deps, audit.exchange(None), trace=trace, dry_run=True)
+
+    def _rate_limit(self, client_id):
+        """Per-client exchanges per minute (TOKEN_EXCHANGE_RATE_LIMIT; 0 = off), a fixed
+        one-minute window: counted in Redis across instances when configured, else
+        per worker process."""
+        limit = self.settings.rate_limit
+        if not limit:
+            return
+        now = time.time()
+        window = int(now // 60)
+        with self._rate_lock:  # always counted here too, so losing Redis loses no count
+            if self._rate_window != window:
+                self._rate_window, self._rate_counts = window, {}
+            n = self._rate_counts.get(client_id, 0) + 1
+            self._rate_counts[client_id] = n
+        accel = self.store.accel
+        shared = accel.incr_window(client_id) if accel is not None else None  # every instance's count
+        n = max(n, shared or 0)
+        if n > limit:
+            raise TemporarilyUnavailable("Too many exchanges for this client; retry after the indicated delay.",
+                                         status_code=429, retry_after=max(1, int(60 - now % 60)))
+
+    def _refused(self, record, error):
+        self.metrics.exchange("refused", error.error)
+        log_decision(record, error)
+
+
+def log_decision(record: dict, error) -> None:
+    """One structured line per decision: ids, issuer, target, the error code and the
+    internal reason; never a token or a secret (the audit record holds none)."""
+    if error is None:
+        logs.info_line(decision_log, "granted", {k: record.get(k) for k in _GRANTED_FIELDS})
+    else:
+        fields = {k: record.get(k) for k in _REFUSED_FIELDS}
+        fields["error"] = error.error
+        fields["reason"] = getattr(error, "detail", None) or error.description
+        logs.info_line(decision_log, "refused", fields)
+
+
+_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "consent", "jti")
+_REFUSED_FIELDS = ("client_id", "grant", "issuer", "target")
