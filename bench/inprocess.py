@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import run  # noqa: E402  (re-executes under the project's venv if needed)
+import run  # noqa: E402, F401  (re-executes under the project's venv if needed; puts the bench package on the path)
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
@@ -28,7 +28,11 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
+
+from bench.common import FLOOR_DIR  # noqa: E402
+from bench.load import busy_seconds, wait_quiet  # noqa: E402
+from bench.workload import fake_ehr, make_bodies  # noqa: E402
+from bench.world import World  # noqa: E402
 
 
 def main():
@@ -39,21 +43,20 @@ def main():
     p.add_argument("--dump", help="also save the raw cProfile stats here (e.g. bench/out/service.prof)")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="te-inproc-"))
-    ehr = run.FakeEHR()
-    args = types.SimpleNamespace(duration=1, warmup=1, threads=2, connections=16)
-    bench = run.Bench(args, tmp, ehr)
+    ehr = fake_ehr()
+    world = World(tmp, ehr)
     try:
-        bench.setup_world(a.links)
-        files = run.make_bodies(ehr, [(tag, n, a.links, "std") for tag, n in
-                                      (("warm", 200), ("meas", a.n), ("stage", a.n), ("prof", a.n))], tmp)
+        world.setup_world(a.links)
+        files = make_bodies(ehr, [(tag, n, a.links, "std") for tag, n in
+                                  (("warm", 200), ("meas", a.n), ("stage", a.n), ("prof", a.n))], tmp)
         bodies = {k: v.read_text().split("\n")[:-1] for k, v in files.items()}
-        headers = {"Authorization": bench.auth, "Content-Type": "application/x-www-form-urlencoded"}
+        headers = {"Authorization": world.auth, "Content-Type": "application/x-www-form-urlencoded"}
 
-        os.environ.update({k: v for k, v in bench.svc_env.items() if k.startswith("TOKEN_EXCHANGE_")})
+        os.environ.update({k: v for k, v in world.svc_env.items() if k.startswith("TOKEN_EXCHANGE_")})
         from token_exchange import create_app
         svc = create_app().test_client()
-        os.environ["FLOOR_EHR_PEM"] = bench.floor_env["FLOOR_EHR_PEM"]
-        sys.path.insert(0, str(run.FLOOR_DIR))
+        os.environ["FLOOR_EHR_PEM"] = world.floor_env["FLOOR_EHR_PEM"]
+        sys.path.insert(0, str(FLOOR_DIR))
         floor = importlib.import_module("floor_app").app.test_client()
 
         def drive(client, items):
@@ -64,8 +67,8 @@ def main():
                     raise SystemExit(f"HTTP {r.status_code}: {r.get_data(as_text=True)[:500]}")
             return (time.perf_counter() - t) / len(items)
 
-        run.wait_quiet(120)
-        b0, o0 = run.busy_seconds(), time.process_time()
+        wait_quiet(120)
+        b0, o0 = busy_seconds(), time.process_time()
         t0 = time.perf_counter()
         half = len(bodies["warm"]) // 2
         drive(svc, bodies["warm"][:half])
@@ -83,7 +86,7 @@ def main():
         print(f"  service {s_t * 1e6:8.0f} µs/exchange  ({1 / s_t:6.0f}/s on one core)")
         print(f"  service - floor = {(s_t - f_t) * 1e6:.0f} µs; service / floor time = {s_t / f_t:.2f}")
         wall = time.perf_counter() - t0
-        print(f"  (other processes used {max(0.0, run.busy_seconds() - b0 - (time.process_time() - o0)) / wall:.2f} "
+        print(f"  (other processes used {max(0.0, busy_seconds() - b0 - (time.process_time() - o0)) / wall:.2f} "
               "cores meanwhile)")
 
         # Stage timings: wrap a few of the service's own functions (in this process only).
