@@ -108,19 +108,20 @@ def main():
                 finally:
                     calls.append(time.perf_counter() - t)
             setattr(obj, name, timed)
-        wrap(ext.server, "create_token_response", "server.create_token_response (all of /token but HTTP)")
-        wrap(ext.server, "authenticator", "  client authentication")
-        wrap(ext.server.validator, "validate", "  validate subject + actor JWTs")
+        wrap(ext.pipeline, "decide", "pipeline.decide (all of /token but HTTP and the form)")
+        wrap(ext.pipeline, "authenticator", "  client authentication")
+        wrap(ext.pipeline.deps.validator, "validate", "  validate subject + actor JWTs")
         wrap(ext.store, "find_link", "  store.find_link (patient link SELECT)")
         wrap(keymod.ActiveKey, "mint", "  mint (RS256 sign)")
         wrap(ext.store, "record_audit", "  store.record_audit (INSERT + COMMIT)")
-        from token_exchange import endpoints, grant, server
-        for step, method in grant.TokenExchangeGrant.STEPS:
-            wrap(grant.TokenExchangeGrant, method, f"  grant step: {step}")
-        wrap(grant.TokenExchangeGrant, "create_token_response", "  grant.create_token_response (mint and body)")
-        wrap(server, "log_decision", "  the decision's log line")
-        wrap(endpoints, "read_form", "endpoints.read_form (size, type, parse)")
-        wrap(endpoints, "json_response", "endpoints.json_response")
+        from token_exchange import endpoints, pipeline
+        from token_exchange.grants import TokenExchangeGrant
+        for step, method in TokenExchangeGrant.STEPS:
+            wrap(TokenExchangeGrant, method, f"  grant step: {step}")
+        wrap(TokenExchangeGrant, "create_token_response", "  grant.create_token_response (mint and body)")
+        wrap(pipeline, "log_decision", "  the decision's log line")
+        wrap(pipeline, "read_form", "forms.read_form (size, type, parse)")
+        wrap(endpoints, "json_answer", "endpoints.json_answer")
         wrap(ext.metrics, "exchange", "metrics.exchange")
         wrap(ext.metrics, "observe", "metrics.observe")
         total = drive(svc, bodies["stage"])
