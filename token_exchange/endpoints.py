@@ -71,9 +71,14 @@ def database_unavailable(ext, exc) -> TemporarilyUnavailable:
 
 
 def respond(answer: tuple) -> Response:
-    """A Flask response from an answer (status, body bytes, headers)."""
+    """A Flask response from an answer (status, body bytes, headers). Each header is set
+    once, the last value winning, as the Flask routes always have (so /introspect and
+    /revoke send one WWW-Authenticate where /token sends Authlib's and ours)."""
     status, data, headers = answer
-    return Response(data, status=status, headers=headers)
+    resp = Response(data, status=status, headers=headers[:2])
+    for k, v in headers[2:]:
+        resp.headers[k] = v
+    return resp
 
 
 def register_error_handlers(app):
