@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text, update
 
 from conftest import AT, IDT, SERVICE, TE, VENDOR_SECRET, audit_rows, post_token
@@ -491,6 +493,28 @@ def test_a_429_passes_the_target_s_retry_after_on(swap, fhir):
     r = swap([f"{SSN}|1"])
     error_of(r, 503, "temporarily_unavailable")
     assert r.headers["Retry-After"] == "120"
+
+
+@pytest.mark.parametrize("header, seconds", [("\u00b2", "30"), ("\u0661\u0662", "30"), ("1\u00b2", "30"),
+                                             ("+5", "30"), ("1e3", "30"), ("0x10", "30"),
+                                             ("Mon, 99 Foo 9999 99:99:99 GMT", "30"),
+                                             ("Fri, 31 Dec 9999 23:59:59 GMT", "3600")])
+def test_a_429_with_a_retry_after_that_is_not_ascii_digits_or_a_date_is_a_503_with_its_audit_record(
+        swap, fhir, matching, header, seconds):
+    """RFC 9110 §10.2.3: delay-seconds is 1*DIGIT (ASCII) or an HTTP-date; anything else
+    is read as no Retry-After (30 s), never a 500, and the refusal keeps its audit record."""
+    fhir.fault, fhir.retry_after = 429, header
+    r = swap([f"{SSN}|1"])
+    error_of(r, 503, "temporarily_unavailable")
+    assert r.headers["Retry-After"] == seconds
+    assert last_audit(matching)["link"] == "unavailable"
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_retry_after_never_raises_and_stays_within_bounds(value):
+    seconds = fhir_client.retry_after(value)
+    assert isinstance(seconds, int) and 1 <= seconds <= 3600
 
 
 def test_retry_after_reads_seconds_or_an_http_date_within_bounds():

@@ -82,17 +82,20 @@ def _refused(party: str, reply) -> FHIRUnavailable:
     return FHIRUnavailable(party, reply.url, "unexpected answer", reply.status, retry)
 
 
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+
+
 def retry_after(value) -> int:
     """RFC 9110 §10.2.3: delay-seconds or an HTTP-date -> seconds in [1, 3600]; else 30."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip() or len(value) > 64:
         return DEFAULT_RETRY_AFTER
     value = value.strip()
-    if value.isdigit():
+    if _DELAY_SECONDS.fullmatch(value):  # 1*DIGIT, ASCII only (str.isdigit takes any script's digits)
         seconds = int(value[:7])
     else:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return DEFAULT_RETRY_AFTER
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
