@@ -167,3 +167,31 @@ def test_a_worker_killed_under_load_loses_no_audit_record_of_a_token_it_answered
     assert killed.is_set() and len(jtis) > 60 and errors == []
     recorded = {row["jti"] for row in audit_rows(world, "--outcome", "granted")}
     assert set(jtis) <= recorded, f"{len(set(jtis) - recorded)} answered tokens have no audit record"
+
+
+def test_every_line_serve_and_gunicorn_write_is_json_and_the_master_s_warnings_survive(env, world, tmp_path):
+    """gunicorn's own lines (a malformed request, the master seeing a worker killed) are JSON
+    lines like ours, never '--- Logging error ---' tracebacks."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    from test_scaleout import until
+    server = Instance(env, tmp_path)
+    try:
+        for _ in range(5):  # a header line without a colon, and a header name with a space
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\nnocolon\r\n\r\n")
+                s.recv(4096)
+        kids = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(kids[0]), signal.SIGKILL)
+        log = tmp_path / f"serve-{server.port}.log"
+        assert until(10, lambda: "SIGKILL" in log.read_text()), "the master's line about the killed worker is missing"
+        assert until(10, lambda: requests.get(server.base + "/healthz", timeout=2).status_code == 200)
+    finally:
+        server.stop()
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][:5]
+    records = [json.loads(x) for x in lines]
+    (killed,) = [r for r in records if "SIGKILL" in r["msg"]]
+    assert killed["logger"] == "gunicorn.error" and killed["level"] == "error"

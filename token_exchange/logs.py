@@ -70,10 +70,10 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure(level=logging.INFO):
-    # Our JSON lines carry none of the caller's file, line, process or thread: do not
-    # let every record look them up (the logging HOWTO's "Optimization" settings).
+    # Our JSON lines carry none of the caller's file and line: do not let every record look
+    # them up (the logging HOWTO's "Optimization"). Process and thread stay on the records:
+    # other formatters in the process (gunicorn's, a host application's) may use them.
     logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     global _handler
     root = logging.getLogger("token_exchange")
     if any(isinstance(h.formatter, JSONFormatter) for h in root.handlers):

@@ -31,7 +31,7 @@ import tempfile
 import time
 from functools import partial
 
-from gunicorn import util
+from gunicorn import glogging, util
 from gunicorn.app.base import BaseApplication
 from gunicorn.http.body import Body, LengthReader
 from gunicorn.http.errors import NoMoreData
@@ -169,6 +169,15 @@ class ThreadWorker(gthread.ThreadWorker):
         util.close(conn.sock)
 
 
+class JSONLogger(glogging.Logger):
+    """gunicorn's own lines (the master's warnings, a worker's errors) as JSON lines, in
+    the same format as the service's (logs.JSONFormatter)."""
+
+    def _set_handler(self, log, output, fmt, stream=None):
+        from .logs import JSONFormatter
+        super()._set_handler(log, output, JSONFormatter(), stream)
+
+
 class _App(BaseApplication):
     def __init__(self, options):
         self.options = options
@@ -214,7 +223,7 @@ def run(host: str, port: int, workers: int, settings=None) -> None:
     try:
         _App({"bind": f"{host}:{port}", "workers": workers, "worker_class": ThreadWorker,
               "threads": settings.worker_threads, "graceful_timeout": 20, "timeout": 30, "keepalive": 5,
-              "accesslog": None, "errorlog": "-", "loglevel": "warning",
+              "accesslog": None, "errorlog": "-", "loglevel": "warning", "logger_class": JSONLogger,
               "child_exit": _child_exit, "on_exit": on_exit}).run()
     finally:
         remove_metrics_dir()

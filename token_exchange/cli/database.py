@@ -65,21 +65,21 @@ def new_key(session, ctx, state, alg=keymod.DEFAULT_ALG):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--workers", default=None, type=click.IntRange(1, 64),
               help="Worker processes (default: the number of cores).")
-@pass_ctx
-def serve(ctx, host, port, workers):
+def serve(host, port, workers):
     """Run the service under gunicorn (graceful shutdown on SIGTERM).
 
     Creates or upgrades the schema and the first signing key when needed.
     """
+    from .. import logs
     from ..db import is_current, upgrade
+    logs.configure()  # every line serve writes is JSON, from the first (before the database is opened)
+    ctx = click.get_current_context().ensure_object(Ctx)
     try:
         if not is_current(ctx.engine):
             upgrade(ctx.engine)
         ensure_signing_key(ctx)
     except OperationalError:
         click.echo("warning: the database is unreachable; serving 503 until it returns", err=True)
-    from .. import logs
-    logs.configure()
     for warning in serve_warnings(ctx, host, port):
         log.warning(warning)
     from ..wsgi_server import run
