@@ -14,19 +14,17 @@ class Extension:
     jwks_cache: object
 
 
-def create_app(settings=None, env=None):
+def create_app(settings=None, env=None, *, group_commit=False):
     """Application factory: settings, database, authorization server, blueprint, CLI."""
     from flask import Flask
 
     from . import consent, endpoints, logs
     from .client_auth import ClientJWKS, PrivateKeyJWT
-    from .db import make_engine
     from .issuers import JWKSCache
     from .matching import PatientMapper, make_matcher
     from .metrics import Metrics
     from .server import TokenExchangeServer
     from .settings import Settings
-    from .shared import Accelerator
     from .store import Store
     from .subject import TokenValidator
     from .upstream import Upstream
@@ -34,9 +32,8 @@ def create_app(settings=None, env=None):
     app = Flask(__name__)
     settings = settings or Settings.from_env(env)
     logs.configure()
-    engine = make_engine(settings.database_url)
-    accelerator = Accelerator(settings.redis_url, settings.database_url, settings.redis_prefix)
-    store = Store(engine, settings, accelerator)
+    store = Store.open(settings, group_commit=group_commit)  # the engine, Redis and the store, wired once
+    engine = store.engine
     metrics = Metrics()
     upstream = Upstream(settings, metrics)  # every outbound call: deadline, size cap, no cookies
     jwks_cache = JWKSCache(settings, upstream, metrics)
