@@ -149,7 +149,7 @@ def test_a_failed_audit_write_releases_the_writer_lock(writer_lock, exchange, en
 
 def test_a_filesystem_that_refuses_flock_leaves_the_ordering_to_sqlite(writer_lock, exchange, monkeypatch, caplog):
     import errno
-    from token_exchange import store
+    from token_exchange.store import hotpath as store
     calls = []
 
     def refuse(f, op):
@@ -169,11 +169,9 @@ def test_group_commit_answers_each_audit_record_alone_when_a_shared_commit_fails
 
     from conftest import base_env
     from token_exchange import create_app
-    from token_exchange import store as store_mod
     if not db_url.startswith("sqlite"):
         pytest.skip("group commit is the SQLite writer's; PostgreSQL commits per thread")
-    monkeypatch.setitem(store_mod.GROUP_COMMIT, "threads", True)
-    app = create_app(env=base_env(db_url))
+    app = create_app(env=base_env(db_url), group_commit=True)
     store = app.extensions["token_exchange"].store
     assert store._hot.group is not None
     gate = threading.Barrier(6)

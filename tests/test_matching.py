@@ -849,7 +849,10 @@ def test_link_import_looks_stored_links_up_by_index_not_by_scanning_the_table():
     batch of an import would read the whole table."""
     from sqlalchemy import create_engine, event
 
-    from token_exchange.cli.links import _stored
+    from token_exchange.store.admin import LinkImport
+
+    def _stored(conn, batch):
+        return LinkImport(conn).stored(batch)
     from token_exchange.models import Base
     engine = create_engine("sqlite://")
     Base.metadata.create_all(engine)

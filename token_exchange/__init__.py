@@ -17,21 +17,19 @@ class Extension:
     jwks_cache: object
 
 
-def create_app(settings=None, env=None):
+def create_app(settings=None, env=None, *, group_commit=False):
     """Application factory: the one place that wires settings, stores, grants and their
     collaborators, the token pipeline, blueprints and error handling."""
     from flask import Flask
 
     from . import consent, endpoints, logs
     from .client_auth import Authenticator, ClientJWKS, PrivateKeyJWT, client_lookup
-    from .db import make_engine
     from .issuers import JWKSCache
     from .matching import PatientMapper, make_matcher
     from .grants import Collaborators
     from .metrics import Metrics
     from .pipeline import TokenPipeline
     from .settings import Settings
-    from .shared import Accelerator
     from .store import Store
     from .subject import TokenValidator
     from .upstream import Upstream
@@ -39,9 +37,8 @@ def create_app(settings=None, env=None):
     app = Flask(__name__)
     settings = settings or Settings.from_env(env)
     logs.configure()
-    engine = make_engine(settings.database_url)
-    accelerator = Accelerator(settings.redis_url, settings.database_url, settings.redis_prefix)
-    store = Store(engine, settings, accelerator)
+    store = Store.open(settings, group_commit=group_commit)  # the engine, Redis and the store, wired once
+    engine = store.engine
     metrics = Metrics()
     upstream = Upstream(settings, metrics)  # every outbound call: deadline, size cap, no cookies
     jwks_cache = JWKSCache(settings, upstream, metrics)
@@ -51,7 +48,7 @@ def create_app(settings=None, env=None):
     consents = consent.init_app(app, settings, store, upstream)
     patients = PatientMapper(store, make_matcher(settings, store, upstream, metrics))
     deps = Collaborators(settings=settings, config=store.config, validator=validator, patients=patients,
-                         consent=consents, replay=store)
+                         consent=consents, replay=store.replay)
     pipeline = TokenPipeline(settings, store, authenticator, deps, metrics)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["token_exchange"] = Extension(settings, engine, store, pipeline, authenticator, consents,

@@ -23,7 +23,7 @@ def _migrations() -> Path:
 
 MIGRATIONS = _migrations()
 SETTING = "TOKEN_EXCHANGE_DATABASE_URL"
-SQLITE_SIDECARS = ("-wal", "-shm", "-writer.lock")  # beside the database file (see store._HotPath)
+SQLITE_SIDECARS = ("-wal", "-shm", "-writer.lock")  # beside the database file (see store.hotpath.HotPath)
 log = logging.getLogger(__name__)
 
 

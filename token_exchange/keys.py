@@ -15,6 +15,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .clock import aware
+
 SIGNING_ALGS = ("RS256", "PS256", "ES256", "ES384")
 DEFAULT_ALG = "RS256"
 _CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
@@ -104,13 +106,9 @@ def published(rows, grace: int, now: datetime | None = None, twins: bool = True)
     out = []
     for row in rows:
         if row.state in ("staged", "active") or (row.state == "retired" and row.retired is not None
-                                                 and _aware(row.retired) + timedelta(seconds=grace) > now):
+                                                 and aware(row.retired) + timedelta(seconds=grace) > now):
             out.append(row.public_jwk)
             twin_kid = client_kid(row.kid, row.alg)
             if twins and twin_kid != row.kid:
                 out.append(dict(row.public_jwk, kid=twin_kid, alg="RS384"))
     return out
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)

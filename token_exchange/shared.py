@@ -1,4 +1,4 @@
-"""Optional Redis accelerator shared by instances (TOKEN_EXCHANGE_REDIS_URL).
+"""The optional Redis shared by instances (TOKEN_EXCHANGE_REDIS_URL), and its one client.
 
 Never the only copy of anything that must not be lost: the database stays the
 record of spent assertion jtis, configuration and revocations. Redis answers the
@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 CHANNEL = "generation"
 
 
-class Accelerator:
+class Redis:
+    """The shared Redis client: replay fast path, rate-limit counters, change
+    notifications; answers None (and backs off) whenever Redis is not there."""
+
     BACKOFF = 5.0
 
     def __init__(self, url: str | None, database_url: str, prefix: str | None = None):

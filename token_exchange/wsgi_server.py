@@ -104,11 +104,6 @@ class ThreadWorker(gthread.ThreadWorker):
     read_timeout = 10.0  # set by run() from the settings, before the workers fork
     max_body = 64 * 1024
 
-    def init_process(self):
-        from . import store
-        store.GROUP_COMMIT["threads"] = self.cfg.threads > 1  # before the app (and its store) is made
-        super().init_process()
-
     def accept(self, listener):
         """A new connection waits in the poller until it sends something (gthread
         would park a thread on it for up to 5 s)."""
@@ -188,8 +183,8 @@ class _App(BaseApplication):
             self.cfg.set(k, v)
 
     def load(self):
-        from . import create_app
-        return create_app()
+        from . import create_app  # in each worker, after the fork
+        return create_app(group_commit=self.options["threads"] > 1)
 
 
 def _child_exit(server, worker):

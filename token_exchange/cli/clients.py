@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 import click
-from sqlalchemy import select
 
 from .. import urns
-from ..models import Client, Issuer, Trust
+from ..clock import utcnow
+from ..models import Client
 from ..sealing import generate_secret, hash_secret
-from ..store import utcnow
-from .common import (Fail, check_id, cli, commit, emit, get_row, given_options, json_option,
+from .common import (Fail, check_id, cli, commit, emit, found, given_options, json_option,
                      options, pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg,
                      yes_option)
 from .issuers import _list
@@ -97,11 +96,11 @@ def _apply(ctx, row: Client, o: dict):
                              for u in _list(o["redirect_uris"])]
 
 
-def _check_client_id(ctx, s, client_id):
+def _check_client_id(ctx, change, client_id):
     check_id(client_id, "CLIENT_ID")
     if ctx.settings.names_service(client_id):
         raise Fail("CLIENT_ID must not be this service's issuer URL (the service uses it for its own searches)")
-    if s.execute(select(Issuer.id).where(Issuer.url == client_id)).first():
+    if change.has_issuer(client_id):
         raise Fail(f"{printable(client_id)} is a registered issuer URL; a client id must not be one")
 
 
@@ -111,15 +110,15 @@ def _check_client_id(ctx, s, client_id):
 @pass_ctx
 def client_add(ctx, client_id, **o):
     """Register CLIENT_ID with a secret (>= 32 characters) or public keys (private_key_jwt)."""
-    with ctx.store.session() as s:
-        _check_client_id(ctx, s, client_id)
+    with ctx.store.admin.change() as change:
+        _check_client_id(ctx, change, client_id)
         creds, shown = _credentials(ctx, o, required=True)
-        if s.execute(select(Client.id).where(Client.client_id == client_id)).first():
+        if change.has_client(client_id):
             raise Fail(f"client {printable(client_id)!r} already exists; change it with `client update`")
         row = Client(client_id=client_id, created=utcnow(), redirect_uris=[], **creds)
         _apply(ctx, row, o)
-        s.add(row)
-        commit(ctx, s, "client.add", client_id)
+        change.add(row)
+        commit(ctx, change, "client.add", client_id)
     click.echo(f"client {printable(client_id)} added ({creds['auth_method']})")
     if shown:
         click.echo(f"client_secret: {shown}")
@@ -135,13 +134,13 @@ def client_update(ctx, client_id, **o):
     given = given_options(o)
     if not given:
         raise Fail("nothing to change: give at least one option (see `client update --help`)")
-    with ctx.store.session() as s:
-        row = get_row(s, Client, Client.client_id, client_id, "client")
+    with ctx.store.admin.change() as change:
+        row = found(change.client(client_id), "client", client_id)
         creds, shown = _credentials(ctx, given, required=False)
         for k, v in creds.items():
             setattr(row, k, v)
         _apply(ctx, row, given)
-        commit(ctx, s, "client.update", f"{client_id}: {', '.join(sorted(given))}")
+        commit(ctx, change, "client.update", f"{client_id}: {', '.join(sorted(given))}")
     click.echo(f"client {printable(client_id)} updated")
     if shown:
         click.echo(f"client_secret: {shown}")
@@ -155,11 +154,11 @@ def client_update(ctx, client_id, **o):
 def client_rotate(ctx, client_id, **o):
     """Replace CLIENT_ID's secret; the old one stops working at once."""
     creds, shown = _credentials(ctx, o, required=True)
-    with ctx.store.session() as s:
-        c = get_row(s, Client, Client.client_id, client_id, "client")
+    with ctx.store.admin.change() as change:
+        c = found(change.client(client_id), "client", client_id)
         for k, v in creds.items():
             setattr(c, k, v)
-        commit(ctx, s, "client.rotate-secret", client_id)
+        commit(ctx, change, "client.rotate-secret", client_id)
     click.echo(f"client {printable(client_id)} secret replaced")
     if shown:
         click.echo(f"client_secret: {shown}")
@@ -179,8 +178,8 @@ def client_row(c: Client) -> dict:
 @pass_ctx
 def client_list(ctx, as_json):
     """List the clients (never their secrets)."""
-    with ctx.store.session() as s:
-        rows = [client_row(c) for c in s.scalars(select(Client).order_by(Client.client_id))]
+    with ctx.store.admin.change() as change:
+        rows = [client_row(c) for c in change.clients()]
     emit(rows, as_json, ["client_id", "name", "auth_methods", "jwks_uri"])
 
 
@@ -190,8 +189,8 @@ def client_list(ctx, as_json):
 @pass_ctx
 def client_show(ctx, client_id, as_json):
     """Show one client (never its secret)."""
-    with ctx.store.session() as s:
-        show(client_row(get_row(s, Client, Client.client_id, client_id, "client")), as_json)
+    with ctx.store.admin.change() as change:
+        show(client_row(found(change.client(client_id), "client", client_id)), as_json)
 
 
 @client.command("remove")
@@ -200,4 +199,4 @@ def client_show(ctx, client_id, as_json):
 @pass_ctx
 def client_remove(ctx, client_id, yes):
     """Remove a client (with --yes, also its trusts)."""
-    remove_with_trusts(ctx, Client, Client.client_id, client_id, "client", Trust.client_id, yes)
+    remove_with_trusts(ctx, client_id, "client", yes)

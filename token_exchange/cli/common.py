@@ -17,11 +17,10 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import click
-from sqlalchemy import delete, func, select
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from ..models import Trust
-from ..store import Store
+from ..clock import aware
+from ..store.admin import Conflict
 
 
 class Fail(click.ClickException):
@@ -32,19 +31,18 @@ class Fail(click.ClickException):
 
 
 class Ctx:
-    """Settings, database and actor of one command (made on first use, so --help needs none)."""
+    """Settings, store and actor of one command (made on first use, so --help needs none).
+    The store, its engine and Redis come from ``Store.open``, the wiring ``create_app`` uses."""
 
     def __init__(self):
-        from ..db import make_engine
         from ..settings import Settings, SettingsError
-        from ..shared import Accelerator
+        from ..store import Store
         try:
             self.settings = Settings.from_env()
-            self.engine = make_engine(self.settings.database_url)
+            self.store = Store.open(self.settings)
         except SettingsError as e:
             raise Fail(str(e)) from None
-        self.accel = Accelerator(self.settings.redis_url, self.settings.database_url, self.settings.redis_prefix)
-        self.store = Store(self.engine, self.settings, self.accel)
+        self.engine, self.accel = self.store.engine, self.store.accel
         self.actor = os.environ.get("TOKEN_EXCHANGE_ADMIN") or _whoami()
         click_ctx = click.get_current_context(silent=True)
         if click_ctx is not None:
@@ -231,7 +229,7 @@ def show(row, as_json):
 def iso(dt):
     if dt is None:
         return None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).isoformat()
+    return aware(dt).isoformat()
 
 
 def since_arg(value):
@@ -241,32 +239,29 @@ def since_arg(value):
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise Fail(f"--since must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z; not {printable(value)!r}") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    return aware(dt).astimezone(timezone.utc)
 
 
 # -- database -------------------------------------------------------------------------
-def commit(ctx: Ctx, session, action: str, detail: str):
+def commit(ctx: Ctx, change, action: str, detail: str):
     """Record the change (who, what, when), commit, and tell running workers."""
-    ctx.store.bump(session, ctx.actor, action, detail)
     try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
+        change.commit(ctx.actor, action, detail)
+    except Conflict:
         raise Fail(f"{action}: conflicts with an existing record ({printable(detail)})") from None
     ctx.announce()
 
 
-def get_row(session, model, column, value, what):
-    row = session.scalars(select(model).where(column == value)).first()
+def found(row, what, value):
+    """The row looked up, or a failure naming what was not found."""
     if row is None:
         raise Fail(f"no {what} {printable(value)!r}")
     return row
 
 
-def get_target(session, value):
+def get_target(change, value):
     """A target by its base URL or its registered name."""
-    from ..models import Target
-    row = session.scalars(select(Target).where((Target.base_url == value) | (Target.name == value))).first()
+    row = change.target(value)
     if row is None:
         raise Fail(f"no target {printable(value)!r} (give its base URL or its name; `target list` shows them)")
     return row
@@ -287,16 +282,15 @@ def confirm_cascade(what: str, counts: dict, yes: bool):
         raise Fail(f"removing {what} would also delete {listed}; run again with --yes to do it")
 
 
-def remove_with_trusts(ctx, model, key_column, key: str, noun: str, trust_column, yes: bool) -> None:
-    """`issuer remove` and `client remove`: the row named ``key`` and (with --yes) every
-    trust whose ``trust_column`` points at it, in one audited transaction."""
-    with ctx.store.session() as s:
-        row = get_row(s, model, key_column, key, noun)
-        n = s.execute(select(func.count()).select_from(Trust).where(trust_column == row.id)).scalar()
+def remove_with_trusts(ctx, key: str, noun: str, yes: bool) -> None:
+    """`issuer remove` and `client remove`: the issuer or client named ``key`` and (with
+    --yes) every trust that names it, in one audited transaction."""
+    with ctx.store.admin.change() as change:
+        row = found(getattr(change, noun)(key), noun, key)
+        n = change.trust_count(row)
         confirm_cascade(f"{noun} {printable(key)}", {"trust(s)": n}, yes)
-        s.execute(delete(Trust).where(trust_column == row.id))
-        s.delete(row)
-        commit(ctx, s, f"{noun}.remove", f"{key} (and {n} trusts)")
+        change.remove_with_trusts(row)
+        commit(ctx, change, f"{noun}.remove", f"{key} (and {n} trusts)")
     click.echo(f"{noun} {printable(key)} removed" + (f" with {n} trust(s)" if n else ""))
 
 

@@ -5,13 +5,12 @@ import logging
 import os
 
 import click
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from .. import keys as keymod
+from ..clock import utcnow
 from ..models import SigningKey
 from ..sealing import seal
-from ..store import utcnow
 from .common import Ctx, cli, commit, is_loopback, pass_ctx
 
 log = logging.getLogger("token_exchange.server")
@@ -45,18 +44,18 @@ def db_downgrade(ctx, revision):
 
 
 def ensure_signing_key(ctx: Ctx):
-    with ctx.store.session() as s:
-        if s.execute(select(SigningKey.id).where(SigningKey.state == "active")).first() is None:
-            new_key(s, ctx, "active")
-            commit(ctx, s, "keys.create", "first signing key")
+    with ctx.store.admin.change() as change:
+        if change.active_key_alg() is None:
+            new_key(change, ctx, "active")
+            commit(ctx, change, "keys.create", "first signing key")
 
 
-def new_key(session, ctx, state, alg=keymod.DEFAULT_ALG):
+def new_key(change, ctx, state, alg=keymod.DEFAULT_ALG):
     kid, pem, jwk = keymod.generate(alg)
     now = utcnow()
     row = SigningKey(kid=kid, alg=alg, state=state, private_key=seal(pem, ctx.settings.key_secret),
                      public_jwk=jwk, created=now, activated=now if state == "active" else None)
-    session.add(row)
+    change.add(row)
     return row
 
 
@@ -106,9 +105,8 @@ def serve_warnings(ctx, host: str, port: int) -> list[str]:
                    "unencrypted in the database; anyone who can read it can mint tokens")
     else:
         try:
-            with ctx.store.session() as session:
-                unsealed = [k for k in session.scalars(select(SigningKey).where(SigningKey.state != "retired"))
-                            if not k.private_key.startswith(SEALED_PREFIX)]
+            with ctx.store.admin.change() as change:
+                unsealed = [k for k in change.keys_in_use() if not k.private_key.startswith(SEALED_PREFIX)]
         except OperationalError:
             unsealed = []
         if unsealed:

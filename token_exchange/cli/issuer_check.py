@@ -13,10 +13,8 @@ import sys
 import time
 
 import click
-from sqlalchemy import select
 
 from .. import jose, scopes, urns
-from ..models import Issuer
 from .common import Ctx, printable
 from .issuers import issuer
 
@@ -60,8 +58,8 @@ def issuer_check(issuer_url, id_token, access_token, as_json):
     id_text = _read(id_token) if id_token else None
     at_text = _read(access_token) if access_token else None
     ctx = Ctx()
-    with ctx.store.session() as s:
-        row = s.scalars(select(Issuer).where(Issuer.url == issuer_url)).first()
+    with ctx.store.admin.change() as change:
+        row = change.issuer(issuer_url)
         registered = None if row is None else {
             "jwks_uri": row.jwks_uri, "algs": list(row.algs), "sources": list(row.sources),
             "audiences": list(row.audiences or ()), "patient_claim": row.patient_claim,

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy import select
 
 from .. import urns
-from ..models import Client, Issuer, Trust
+from ..clock import utcnow
+from ..models import Issuer
 from ..sealing import seal
-from ..store import utcnow
-from .common import (Fail, cli, commit, emit, get_row, given_options, json_option, options,
+from .common import (Fail, cli, commit, emit, found, given_options, json_option, options,
                      pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg, yes_option)
 
 
@@ -70,7 +69,7 @@ def _list(values):
     return [] if list(values) == [""] else list(dict.fromkeys(values))
 
 
-def _apply(ctx, s, row: Issuer, o: dict, creating: bool):
+def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
     """Validate the given options and set them on row; then check the whole."""
     if o.get("discover") and o.get("jwks_uri"):
         raise Fail("give --jwks-uri URL or --discover, not both")
@@ -136,7 +135,7 @@ def _apply(ctx, s, row: Issuer, o: dict, creating: bool):
         raise Fail("introspection needs --introspection-endpoint, --introspection-client-id and "
                    "--introspection-secret-env together")
     if row.fhir_client_id:
-        _check_backend_services_key(ctx, s)
+        _check_backend_services_key(change)
 
 
 def _audience(ctx, value):
@@ -156,10 +155,9 @@ def _system(value):
     return value
 
 
-def _check_backend_services_key(ctx, s):
+def _check_backend_services_key(change):
     """SMART Backend Services assertions are RS384 or ES384: an RSA or P-384 active key."""
-    from ..models import SigningKey
-    alg = s.scalars(select(SigningKey.alg).where(SigningKey.state == "active")).first()
+    alg = change.active_key_alg()
     if alg is not None and alg not in ("RS256", "PS256", "ES384"):
         raise Fail(f"--fhir-client-id needs an active RSA or P-384 signing key (Backend Services sign RS384 or "
                    f"ES384); the active key is {alg}: run `token-exchange keys rotate --alg RS256`")
@@ -174,15 +172,15 @@ def issuer_add(ctx, issuer_url, **o):
     url_arg(issuer_url, "ISSUER_URL")
     if ctx.settings.names_service(issuer_url):
         raise Fail("ISSUER_URL is this service's own issuer URL")
-    with ctx.store.session() as s:
-        if s.execute(select(Issuer.id).where(Issuer.url == issuer_url)).first():
+    with ctx.store.admin.change() as change:
+        if change.has_issuer(issuer_url):
             raise Fail(f"issuer {printable(issuer_url)} already exists; change it with `issuer update`")
-        if s.execute(select(Client.id).where(Client.client_id == issuer_url)).first():
+        if change.has_client(issuer_url):
             raise Fail(f"{printable(issuer_url)} is a registered client id; an issuer URL must not be one")
         row = Issuer(url=issuer_url, sources=[], audiences=[], identifier_systems=[], created=utcnow())
-        _apply(ctx, s, row, o, creating=True)
-        s.add(row)
-        commit(ctx, s, "issuer.add", issuer_url)
+        _apply(ctx, change, row, o, creating=True)
+        change.add(row)
+        commit(ctx, change, "issuer.add", issuer_url)
     click.echo(f"issuer {printable(issuer_url)} added")
 
 
@@ -195,10 +193,10 @@ def issuer_update(ctx, issuer_url, **o):
     given = given_options(o)
     if not given:
         raise Fail("nothing to change: give at least one option (see `issuer update --help`)")
-    with ctx.store.session() as s:
-        row = get_row(s, Issuer, Issuer.url, issuer_url, "issuer")
-        _apply(ctx, s, row, given, creating=False)
-        commit(ctx, s, "issuer.update", f"{issuer_url}: {', '.join(sorted(given))}")
+    with ctx.store.admin.change() as change:
+        row = found(change.issuer(issuer_url), "issuer", issuer_url)
+        _apply(ctx, change, row, given, creating=False)
+        commit(ctx, change, "issuer.update", f"{issuer_url}: {', '.join(sorted(given))}")
     click.echo(f"issuer {printable(issuer_url)} updated")
 
 
@@ -219,8 +217,8 @@ def issuer_row(i: Issuer) -> dict:
 @pass_ctx
 def issuer_list(ctx, as_json):
     """List the trusted issuers."""
-    with ctx.store.session() as s:
-        rows = [issuer_row(i) for i in s.scalars(select(Issuer).order_by(Issuer.url))]
+    with ctx.store.admin.change() as change:
+        rows = [issuer_row(i) for i in change.issuers()]
     emit(rows, as_json, ["issuer", "jwks_uri", "sources", "algs"])
 
 
@@ -230,8 +228,8 @@ def issuer_list(ctx, as_json):
 @pass_ctx
 def issuer_show(ctx, issuer_url, as_json):
     """Show one issuer's settings (secrets only as 'set')."""
-    with ctx.store.session() as s:
-        show(issuer_row(get_row(s, Issuer, Issuer.url, issuer_url, "issuer")), as_json)
+    with ctx.store.admin.change() as change:
+        show(issuer_row(found(change.issuer(issuer_url), "issuer", issuer_url)), as_json)
 
 
 @issuer.command("remove")
@@ -240,4 +238,4 @@ def issuer_show(ctx, issuer_url, as_json):
 @pass_ctx
 def issuer_remove(ctx, issuer_url, yes):
     """Remove an issuer (with --yes, also every trust that names it)."""
-    remove_with_trusts(ctx, Issuer, Issuer.url, issuer_url, "issuer", Trust.issuer_id, yes)
+    remove_with_trusts(ctx, issuer_url, "issuer", yes)

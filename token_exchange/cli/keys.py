@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import time
-from datetime import timezone
 
 import click
-from sqlalchemy import select
 
 from .. import keys as keymod
-from ..models import SigningKey
-from ..store import utcnow
+from ..clock import aware, utcnow
 from .common import Fail, cli, commit, emit, iso, json_option, pass_ctx
 from .database import new_key
 
@@ -23,9 +20,8 @@ alg_option = click.option("--alg", type=click.Choice(keymod.SIGNING_ALGS), defau
                           help="Signing algorithm of the new key (default: the active key's).")
 
 
-def _active_alg(s):
-    return s.scalars(select(SigningKey.alg).where(SigningKey.state == "active")
-                     .order_by(SigningKey.id.desc())).first() or keymod.DEFAULT_ALG
+def _active_alg(change):
+    return change.active_key_alg() or keymod.DEFAULT_ALG
 
 
 @keys.command("stage")
@@ -33,12 +29,12 @@ def _active_alg(s):
 @pass_ctx
 def keys_stage(ctx, alg):
     """Publish the next key in /jwks without signing with it yet."""
-    with ctx.store.session() as s:
-        alg = alg or _active_alg(s)
-        if s.scalars(select(SigningKey.kid).where(SigningKey.state == "staged")).first():
+    with ctx.store.admin.change() as change:
+        alg = alg or _active_alg(change)
+        if change.staged_key() is not None:
             raise Fail("a key is already staged; `keys rotate` activates it")
-        row = new_key(s, ctx, "staged", alg)
-        commit(ctx, s, "keys.stage", f"{row.kid} ({alg})")
+        row = new_key(change, ctx, "staged", alg)
+        commit(ctx, change, "keys.stage", f"{row.kid} ({alg})")
     click.echo(f"staged key {row.kid} ({alg}); run `keys rotate` to make it active")
 
 
@@ -51,24 +47,24 @@ def keys_rotate(ctx, alg):
     Without a staged key, one is staged first and activated once every worker
     publishes it, so a target never meets a kid it cannot find.
     """
-    with ctx.store.session() as s:
-        staged = s.scalars(select(SigningKey).where(SigningKey.state == "staged").order_by(SigningKey.id)).first()
+    with ctx.store.admin.change() as change:
+        staged = change.staged_key()
         if staged is not None and alg and staged.alg != alg:
             raise Fail(f"the staged key {staged.kid} is {staged.alg}, not {alg}: rotate without --alg, "
                        f"or prune it after a rotation and stage a {alg} key")
         if staged is None:
-            alg = alg or _active_alg(s)
-            staged = new_key(s, ctx, "staged", alg)
-            commit(ctx, s, "keys.stage", f"{staged.kid} ({alg})")
+            alg = alg or _active_alg(change)
+            staged = new_key(change, ctx, "staged", alg)
+            commit(ctx, change, "keys.stage", f"{staged.kid} ({alg})")
             # Every worker reloads within the reload interval (at once with Redis): wait
             # until the key is published everywhere before anyone signs with it.
             time.sleep(2 * ctx.settings.reload_interval + (0.5 if ctx.settings.reload_interval else 0))
         now = utcnow()
-        for old in s.scalars(select(SigningKey).where(SigningKey.state == "active")):
+        for old in change.keys("active"):
             old.state, old.retired = "retired", now
         staged.state, staged.activated = "active", now
-        s.flush()
-        commit(ctx, s, "keys.rotate", f"{staged.kid} ({staged.alg})")
+        change.flush()
+        commit(ctx, change, "keys.rotate", f"{staged.kid} ({staged.alg})")
     click.echo(f"active key is now {staged.kid} ({staged.alg})")
 
 
@@ -77,10 +73,10 @@ def keys_rotate(ctx, alg):
 @pass_ctx
 def keys_list(ctx, as_json):
     """List the keys (public facts only: kid, algorithm, state, times)."""
-    with ctx.store.session() as s:
+    with ctx.store.admin.change() as change:
         rows = [{"kid": k.kid, "alg": k.alg, "state": k.state, "created": iso(k.created),
                  "activated": iso(k.activated), "retired": iso(k.retired)}
-                for k in s.scalars(select(SigningKey).order_by(SigningKey.id))]
+                for k in change.keys()]
     emit(rows, as_json, ["kid", "alg", "state", "created", "retired"])
 
 
@@ -90,12 +86,11 @@ def keys_prune(ctx):
     """Delete retired keys past their grace period (TOKEN_EXCHANGE_KEY_GRACE)."""
     now = utcnow()
     removed = []
-    with ctx.store.session() as s:
-        for k in s.scalars(select(SigningKey).where(SigningKey.state == "retired")):
-            retired = k.retired if k.retired.tzinfo else k.retired.replace(tzinfo=timezone.utc)
-            if (now - retired).total_seconds() > ctx.settings.key_grace:
+    with ctx.store.admin.change() as change:
+        for k in change.keys("retired"):
+            if (now - aware(k.retired)).total_seconds() > ctx.settings.key_grace:
                 removed.append(k.kid)
-                s.delete(k)
+                change.remove(k)
         if removed:
-            commit(ctx, s, "keys.prune", ",".join(removed))
+            commit(ctx, change, "keys.prune", ",".join(removed))
     click.echo(f"pruned {len(removed)} key(s)")

@@ -8,11 +8,9 @@ import os
 import sys
 
 import click
-from sqlalchemy import delete, insert, select
-from sqlalchemy.exc import IntegrityError
 
-from ..models import PatientLink, Target
-from ..store import Store
+from ..models import PatientLink
+from ..store.admin import DuplicateLink
 from .common import (Fail, check_id, cli, commit, emit, get_target, iso, json_option, options, pass_ctx,
                      printable, show, url_arg)
 
@@ -38,11 +36,6 @@ _WHICH = [
 _which = options(_WHICH)
 
 
-def _existing(s, source, patient, target_id):
-    return s.scalars(select(PatientLink).where(PatientLink.source == source, PatientLink.patient == patient,
-                                               PatientLink.target_id == target_id)).first()
-
-
 @link.command("add")
 @_which
 @click.option("--target-patient", required=True, metavar="ID", help="The patient id at the target.")
@@ -52,19 +45,19 @@ def link_add(ctx, source, patient, target_ref, target_patient):
     url_arg(source, "--source")
     check_id(patient, "--patient")
     check_id(target_patient, "--target-patient")
-    with ctx.store.session() as s:
-        t = get_target(s, target_ref)
-        old = _existing(s, source, patient, t.id)
+    with ctx.store.admin.change() as change:
+        t = get_target(change, target_ref)
+        old = change.link(source, patient, t.id)
         if old is not None and old.origin != "matched":
             what = "a block" if old.origin == "blocked" else "a link"
             raise Fail(f"{what} for patient {printable(patient)} at {printable(source)} to {printable(t.base_url)} "
                        f"already exists; `link remove` it first")
         if old is not None:
-            s.delete(old)
-            s.flush()
-        s.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=target_patient,
-                          origin="table"))
-        commit(ctx, s, "link.add", f"{source} {patient} -> {t.base_url} {target_patient}"
+            change.remove(old)
+            change.flush()
+        change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=target_patient,
+                               origin="table"))
+        commit(ctx, change, "link.add", f"{source} {patient} -> {t.base_url} {target_patient}"
                + (" (replaced a matched link)" if old is not None else ""))
     click.echo("link added" + (" (it replaced a matched link)" if old is not None else ""))
 
@@ -76,17 +69,18 @@ def link_block(ctx, source, patient, target_ref):
     """Never match this patient at this target (replaces a matched link)."""
     url_arg(source, "--source")
     check_id(patient, "--patient")
-    with ctx.store.session() as s:
-        t = get_target(s, target_ref)
-        old = _existing(s, source, patient, t.id)
+    with ctx.store.admin.change() as change:
+        t = get_target(change, target_ref)
+        old = change.link(source, patient, t.id)
         if old is not None and old.origin != "matched":
             raise Fail(f"patient {printable(patient)} at {printable(source)} already has "
                        f"{'a block' if old.origin == 'blocked' else 'a table link'} to {printable(t.base_url)}")
         if old is not None:
-            s.delete(old)
-            s.flush()
-        s.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=None, origin="blocked"))
-        commit(ctx, s, "link.block", f"{source} {patient} -> {t.base_url}")
+            change.remove(old)
+            change.flush()
+        change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=None,
+                               origin="blocked"))
+        commit(ctx, change, "link.block", f"{source} {patient} -> {t.base_url}")
     click.echo("patient blocked from matching at this target")
 
 
@@ -95,13 +89,13 @@ def link_block(ctx, source, patient, target_ref):
 @pass_ctx
 def link_remove(ctx, source, patient, target_ref):
     """Remove a link of any origin, or a block."""
-    with ctx.store.session() as s:
-        t = get_target(s, target_ref)
-        old = _existing(s, source, patient, t.id)
+    with ctx.store.admin.change() as change:
+        t = get_target(change, target_ref)
+        old = change.link(source, patient, t.id)
         if old is None:
             raise Fail("no such link")
-        s.delete(old)
-        commit(ctx, s, "link.remove", f"{source} {patient} -> {t.base_url} ({old.origin})")
+        change.remove(old)
+        commit(ctx, change, "link.remove", f"{source} {patient} -> {t.base_url} ({old.origin})")
     click.echo(f"{'block' if old.origin == 'blocked' else 'link'} removed")
 
 
@@ -113,9 +107,9 @@ def link_import(ctx, file):
     """Import links from a CSV file (or - for standard input) with the header
     source,patient,target,target_patient: all or nothing. Matched links are replaced;
     a link or block already stored refuses the file, naming the line."""
-    with ctx.store.session() as s:
+    with ctx.store.admin.change() as change:
         targets = {}
-        for t in s.scalars(select(Target)):
+        for t in change.targets():
             targets[t.base_url] = t.id
             if t.name:
                 targets.setdefault(t.name, t.id)
@@ -159,8 +153,8 @@ def _unneutralise(cell: str) -> str:
 def _import_links(ctx, stream, name, targets):
     seen = {}  # (source, target id) -> the patients in the file so far: one string per row, not a tuple
     batch, total, replaced = [], 0, 0
-    with ctx.engine.begin() as conn:
-        has_other = conn.execute(select(PatientLink.id).limit(1)).first() is not None
+    with ctx.store.admin.link_import() as links:
+        has_other = links.has_links()
         reader = csv.reader(stream)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != LINK_HEADER:
@@ -188,48 +182,25 @@ def _import_links(ctx, stream, name, targets):
             batch.append((n, {"source": source, "patient": patient, "target_id": tid,
                               "target_patient": target_patient}))
             if len(batch) >= 20000:
-                total, replaced = _flush(conn, batch, name, has_other, total, replaced)
+                total, replaced = _flush(links, batch, name, has_other, total, replaced)
                 batch = []
-        total, replaced = _flush(conn, batch, name, has_other, total, replaced)
-        Store.bump_conn(conn, ctx.actor, "link.import", f"{total} links from {os.path.basename(name)}"
-                        + (f", {replaced} matched links replaced" if replaced else ""))
+        total, replaced = _flush(links, batch, name, has_other, total, replaced)
+        links.finish(ctx.actor, "link.import", f"{total} links from {os.path.basename(name)}"
+                     + (f", {replaced} matched links replaced" if replaced else ""))
     return total, replaced
 
 
-def _flush(conn, batch, name, has_other, total, replaced):
+def _flush(links, batch, name, has_other, total, replaced):
     if not batch:
         return total, replaced
     if has_other:  # links already stored: matched ones give way; any other refuses the file
-        replaced += _clear_matched(conn, batch, name)
-    _insert_links(conn, batch, name)
+        replaced += _clear_matched(links, batch, name)
+    _insert_links(links, batch, name)
     return total + len(batch), replaced
 
 
-def _by_source_target(keys):
-    """(source, patient, target_id) keys -> {(source, target_id): [patients]}: the
-    queries below name source and target_id and list patients, which the unique
-    index answers (a row-value IN list is a full scan on SQLite)."""
-    groups: dict = {}
-    for source, patient, target_id in keys:
-        groups.setdefault((source, target_id), []).append(patient)
-    return groups
-
-
-def _stored(conn, batch):
-    """The stored links among the batch's keys -> {(source, patient, target_id): origin}."""
-    found = {}
-    keys = ((r["source"], r["patient"], r["target_id"]) for _, r in batch)
-    for (source, target_id), patients in _by_source_target(keys).items():
-        for i in range(0, len(patients), 500):
-            for row in conn.execute(select(PatientLink.patient, PatientLink.origin).where(
-                    PatientLink.source == source, PatientLink.target_id == target_id,
-                    PatientLink.patient.in_(patients[i:i + 500]))):
-                found[(source, row[0], target_id)] = row[1]
-    return found
-
-
-def _clear_matched(conn, batch, name):
-    stored = _stored(conn, batch)
+def _clear_matched(links, batch, name):
+    stored = links.stored(batch)
     matched = []
     for n, r in batch:
         origin = stored.get((r["source"], r["patient"], r["target_id"]))
@@ -239,50 +210,23 @@ def _clear_matched(conn, batch, name):
                        f"{printable(r['source'])} is already stored; nothing was imported")
         if origin == "matched":
             matched.append((r["source"], r["patient"], r["target_id"]))
-    for (source, target_id), patients in _by_source_target(matched).items():
-        for i in range(0, len(patients), 500):
-            conn.execute(delete(PatientLink).where(PatientLink.source == source, PatientLink.target_id == target_id,
-                                                   PatientLink.patient.in_(patients[i:i + 500])))
+    links.remove(matched)
     return len(matched)
 
 
-def _insert_links(conn, batch, name):
-    """One batch inside the import's transaction: COPY on PostgreSQL (a million rows
-    in seconds), executemany elsewhere. A link stored meanwhile refuses the file, naming its line."""
-    rows = [r for _, r in batch]
+def _insert_links(links, batch, name):
+    """One batch inside the import's transaction. A link stored meanwhile refuses the
+    file, naming its line."""
     try:
-        with conn.begin_nested():
-            if conn.dialect.name == "postgresql":
-                raw = conn.connection.driver_connection
-                with raw.cursor() as cur, cur.copy(
-                        "COPY patient_link (source, patient, target_id, target_patient) FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row((row["source"], row["patient"], row["target_id"], row["target_patient"]))
-            else:
-                conn.execute(insert(PatientLink), rows)
-    except Exception as e:  # IntegrityError, or the driver's own from COPY
-        if isinstance(e, IntegrityError) or type(e).__name__ in ("UniqueViolation", "IntegrityError"):
-            stored = _stored(conn, batch)
-            line = next((n for n, r in batch if (r["source"], r["patient"], r["target_id"]) in stored), None)
-            where = f"{printable(name)}:{line}" if line else printable(name)
-            raise Fail(f"{where}: a link in the file is already stored; nothing was imported") from None
-        raise
+        links.insert(batch)
+    except DuplicateLink:
+        stored = links.stored(batch)
+        line = next((n for n, r in batch if (r["source"], r["patient"], r["target_id"]) in stored), None)
+        where = f"{printable(name)}:{line}" if line else printable(name)
+        raise Fail(f"{where}: a link in the file is already stored; nothing was imported") from None
 
 
 # -- export and list --------------------------------------------------------------
-def _link_query(source=None, target_id=None, origins=None):
-    q = (select(PatientLink.source, PatientLink.patient, Target.base_url, PatientLink.target_patient,
-                PatientLink.origin, PatientLink.system, PatientLink.matched_at)
-         .join(Target, PatientLink.target_id == Target.id).order_by(PatientLink.id))
-    if source:
-        q = q.where(PatientLink.source == source)
-    if target_id is not None:
-        q = q.where(PatientLink.target_id == target_id)
-    if origins:
-        q = q.where(PatientLink.origin.in_(origins))
-    return q
-
-
 def _neutralise(cell):
     """OWASP CSV injection: a cell that a spreadsheet would run as a formula gets a leading '."""
     return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_START) else cell
@@ -291,8 +235,8 @@ def _neutralise(cell):
 def _target_id(ctx, target_ref):
     if not target_ref:
         return None
-    with ctx.store.session() as s:
-        return get_target(s, target_ref).id
+    with ctx.store.admin.change() as change:
+        return get_target(change, target_ref).id
 
 
 origin_option = click.option("--origin", type=click.Choice(ORIGINS), default=None,
@@ -315,9 +259,8 @@ def link_export(ctx, file, origin):
     try:
         w = csv.writer(out)
         w.writerow(LINK_HEADER)
-        with ctx.engine.connect() as conn:
-            q = _link_query(origins=[origin or "table"])
-            for row in conn.execution_options(stream_results=True, yield_per=10000).execute(q):
+        with ctx.store.admin.links(origins=[origin or "table"], stream=True) as stored:
+            for row in stored:
                 w.writerow([_neutralise(c) for c in row[:4]])
     finally:
         if not to_stdout:
@@ -333,9 +276,9 @@ def link_export(ctx, file, origin):
 def link_list(ctx, source, target_ref, origin, as_json):
     """List patient links (every origin unless --origin)."""
     tid = _target_id(ctx, target_ref)
-    with ctx.engine.connect() as conn:
+    with ctx.store.admin.links(source, tid, [origin] if origin else None) as stored:
         rows = []
-        for r in conn.execute(_link_query(source, tid, [origin] if origin else None)):
+        for r in stored:
             d = dict(zip(LIST_FIELDS, r))
             d["matched_at"] = iso(d["matched_at"])
             rows.append(d)
@@ -363,9 +306,9 @@ def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
     url_arg(source, "--source")
     check_id(patient, "--patient")
     cfg = ctx.store.config()
-    with ctx.store.session() as s:
-        t = get_target(s, target_ref)
-        row = _existing(s, source, patient, t.id)
+    with ctx.store.admin.change() as change:
+        t = get_target(change, target_ref)
+        row = change.link(source, patient, t.id)
         origin, stored_patient = (row.origin, row.target_patient) if row is not None else (None, None)
     target = cfg.targets_by_id[t.id]
     issuers = [i for i in cfg.issuers.values() if source in i.sources]

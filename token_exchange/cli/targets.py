@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy import delete, func, select
 
 from .. import urns
-from ..models import Consent, PatientLink, Target, Trust
+from ..clock import utcnow
+from ..models import Target
 from ..sealing import hash_secret
-from ..store import utcnow
 from .common import (Fail, cli, commit, confirm_cascade, emit, get_target, given_options, json_option,
                      options, pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
 from .issuers import _list, _system
@@ -40,14 +39,12 @@ def _options(update: bool):
     return options(opts)
 
 
-def _apply(ctx, s, row: Target, o: dict):
+def _apply(ctx, change, row: Target, o: dict):
     if o.get("name") is not None:
         name = o["name"]
         if not name or len(name) > 255 or not name.isprintable() or " " in name or ":" in name or "/" in name:
             raise Fail("--name must be 1-255 printable characters without spaces, ':' or '/'")
-        clash = s.execute(select(Target.id).where(Target.name == name, Target.id != row.id)).first() \
-            if row.id else s.execute(select(Target.id).where(Target.name == name)).first()
-        if clash:
+        if change.target_name_taken(name, other_than=row.id):
             raise Fail(f"a target named {printable(name)!r} already exists")
         row.name = name
     if o.get("max_ttl") is not None:
@@ -75,13 +72,13 @@ def _apply(ctx, s, row: Target, o: dict):
 def target_add(ctx, base_url, **o):
     """Register BASE_URL (the aud of tokens minted for it)."""
     url_arg(base_url, "BASE_URL")
-    with ctx.store.session() as s:
-        if s.execute(select(Target.id).where(Target.base_url == base_url)).first():
+    with ctx.store.admin.change() as change:
+        if change.has_target(base_url):
             raise Fail(f"target {printable(base_url)} already exists; change it with `target update`")
         row = Target(base_url=base_url, match_identifiers=[], created=utcnow())
-        _apply(ctx, s, row, o)
-        s.add(row)
-        commit(ctx, s, "target.add", base_url)
+        _apply(ctx, change, row, o)
+        change.add(row)
+        commit(ctx, change, "target.add", base_url)
     click.echo(f"target {printable(base_url)} added")
 
 
@@ -94,10 +91,10 @@ def target_update(ctx, target, **o):
     given = given_options(o)
     if not given:
         raise Fail("nothing to change: give at least one option (see `target update --help`)")
-    with ctx.store.session() as s:
-        row = get_target(s, target)
-        _apply(ctx, s, row, given)
-        commit(ctx, s, "target.update", f"{row.base_url}: {', '.join(sorted(given))}")
+    with ctx.store.admin.change() as change:
+        row = get_target(change, target)
+        _apply(ctx, change, row, given)
+        commit(ctx, change, "target.update", f"{row.base_url}: {', '.join(sorted(given))}")
     click.echo(f"target {printable(row.base_url)} updated")
 
 
@@ -112,8 +109,8 @@ def target_row(t: Target) -> dict:
 @pass_ctx
 def target_list(ctx, as_json):
     """List the targets."""
-    with ctx.store.session() as s:
-        rows = [target_row(t) for t in s.scalars(select(Target).order_by(Target.base_url))]
+    with ctx.store.admin.change() as change:
+        rows = [target_row(t) for t in change.targets()]
     emit(rows, as_json, ["base_url", "name", "max_ttl"])
 
 
@@ -123,8 +120,8 @@ def target_list(ctx, as_json):
 @pass_ctx
 def target_show(ctx, target, as_json):
     """Show one target (by base URL or name)."""
-    with ctx.store.session() as s:
-        show(target_row(get_target(s, target)), as_json)
+    with ctx.store.admin.change() as change:
+        show(target_row(get_target(change, target)), as_json)
 
 
 @target.command("remove")
@@ -133,15 +130,12 @@ def target_show(ctx, target, as_json):
 @pass_ctx
 def target_remove(ctx, target, yes):
     """Remove a target (with --yes, also its trusts, patient links and consents)."""
-    with ctx.store.session() as s:
-        t = get_target(s, target)
-        counts = {label: s.execute(select(func.count()).select_from(model).where(model.target_id == t.id)).scalar()
-                  for label, model in (("trust(s)", Trust), ("patient link(s)", PatientLink),
-                                       ("consent(s)", Consent))}
+    with ctx.store.admin.change() as change:
+        t = get_target(change, target)
+        deps = change.target_dependents(t)
+        counts = {"trust(s)": deps["trusts"], "patient link(s)": deps["links"], "consent(s)": deps["consents"]}
         confirm_cascade(f"target {printable(t.base_url)}", counts, yes)
-        for model in (Trust, PatientLink, Consent):
-            s.execute(delete(model).where(model.target_id == t.id))
-        s.delete(t)
+        change.remove_target(t)
         detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-        commit(ctx, s, "target.remove", t.base_url + (f" (and {detail})" if detail else ""))
+        commit(ctx, change, "target.remove", t.base_url + (f" (and {detail})" if detail else ""))
     click.echo(f"target {printable(t.base_url)} removed" + (f" with {detail}" if detail else ""))

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy import delete, select
 
 from .. import scopes
-from ..models import Client, Issuer, Target, Trust
-from ..store import utcnow
-from .common import (Fail, cli, commit, emit, get_row, get_target, given_options, json_option, options,
+from ..clock import utcnow
+from ..models import Trust
+from .common import (Fail, cli, commit, emit, found, get_target, given_options, json_option, options,
                      pass_ctx, printable)
 
 
@@ -78,10 +77,10 @@ def _apply(row: Trust, o: dict):
             setattr(row, name, o[name])
 
 
-def _find(s, client_id, issuer_url, target_ref):
-    c = get_row(s, Client, Client.client_id, client_id, "client")
-    i = get_row(s, Issuer, Issuer.url, issuer_url, "issuer")
-    t = get_target(s, target_ref)
+def _find(change, client_id, issuer_url, target_ref):
+    c = found(change.client(client_id), "client", client_id)
+    i = found(change.issuer(issuer_url), "issuer", issuer_url)
+    t = get_target(change, target_ref)
     return c, i, t
 
 
@@ -90,15 +89,14 @@ def _find(s, client_id, issuer_url, target_ref):
 @pass_ctx
 def trust_add(ctx, client_id, issuer_url, target_ref, **o):
     """Let a client exchange an issuer's tokens for a target, up to some scopes."""
-    with ctx.store.session() as s:
-        c, i, t = _find(s, client_id, issuer_url, target_ref)
-        if s.execute(select(Trust.id).where(Trust.client_id == c.id, Trust.issuer_id == i.id,
-                                            Trust.target_id == t.id)).first():
+    with ctx.store.admin.change() as change:
+        c, i, t = _find(change, client_id, issuer_url, target_ref)
+        if change.has_trust(c, i, t):
             raise Fail("that trust already exists; change it with `trust update`")
         row = Trust(client_id=c.id, issuer_id=i.id, target_id=t.id, created=utcnow())
         _apply(row, o)
-        s.add(row)
-        commit(ctx, s, "trust.add", f"{client_id} {issuer_url} -> {t.base_url}: {row.scopes}")
+        change.add(row)
+        commit(ctx, change, "trust.add", f"{client_id} {issuer_url} -> {t.base_url}: {row.scopes}")
     click.echo(f"trust added: {printable(client_id)} may exchange {printable(issuer_url)} tokens for "
                f"{printable(t.base_url)}")
 
@@ -111,14 +109,13 @@ def trust_update(ctx, client_id, issuer_url, target_ref, **o):
     given = given_options(o)
     if not given:
         raise Fail("nothing to change: give at least one option (see `trust update --help`)")
-    with ctx.store.session() as s:
-        c, i, t = _find(s, client_id, issuer_url, target_ref)
-        row = s.scalars(select(Trust).where(Trust.client_id == c.id, Trust.issuer_id == i.id,
-                                            Trust.target_id == t.id)).first()
+    with ctx.store.admin.change() as change:
+        c, i, t = _find(change, client_id, issuer_url, target_ref)
+        row = change.trust(c, i, t)
         if row is None:
             raise Fail("no such trust; add it with `trust add`")
         _apply(row, given)
-        commit(ctx, s, "trust.update", f"{client_id} {issuer_url} -> {t.base_url}: {', '.join(sorted(given))}")
+        commit(ctx, change, "trust.update", f"{client_id} {issuer_url} -> {t.base_url}: {', '.join(sorted(given))}")
     click.echo("trust updated")
 
 
@@ -128,17 +125,12 @@ def trust_update(ctx, client_id, issuer_url, target_ref, **o):
 @pass_ctx
 def trust_list(ctx, client_id, as_json):
     """List the trusts."""
-    with ctx.store.session() as s:
-        q = (select(Client.client_id, Issuer.url, Target.base_url, Trust)
-             .join(Client, Trust.client_id == Client.id).join(Issuer, Trust.issuer_id == Issuer.id)
-             .join(Target, Trust.target_id == Target.id).order_by(Client.client_id, Issuer.url, Target.base_url))
-        if client_id:
-            q = q.where(Client.client_id == client_id)
+    with ctx.store.admin.change() as change:
         rows = [{"client": c, "issuer": i, "target": t, "scopes": tr.scopes,
                  "upstream_client_id": tr.upstream_client_id, "max_ttl": tr.max_ttl,
                  "allow_id_token": bool(tr.allow_id_token), "allow_jwt_grant": bool(tr.allow_jwt_grant),
                  "consent": tr.consent, "consent_max_days": tr.consent_max_days,
-                 "consent_signer": tr.consent_signer} for c, i, t, tr in s.execute(q)]
+                 "consent_signer": tr.consent_signer} for c, i, t, tr in change.trusts(client_id)]
     emit(rows, as_json, ["client", "issuer", "target", "scopes", "upstream_client_id"])
 
 
@@ -147,11 +139,9 @@ def trust_list(ctx, client_id, as_json):
 @pass_ctx
 def trust_remove(ctx, client_id, issuer_url, target_ref):
     """Remove one trust."""
-    with ctx.store.session() as s:
-        c, i, t = _find(s, client_id, issuer_url, target_ref)
-        n = s.execute(delete(Trust).where(Trust.client_id == c.id, Trust.issuer_id == i.id,
-                                          Trust.target_id == t.id)).rowcount
-        if not n:
+    with ctx.store.admin.change() as change:
+        c, i, t = _find(change, client_id, issuer_url, target_ref)
+        if not change.remove_trust(c, i, t):
             raise Fail("no such trust")
-        commit(ctx, s, "trust.remove", f"{client_id} {issuer_url} -> {t.base_url}")
+        commit(ctx, change, "trust.remove", f"{client_id} {issuer_url} -> {t.base_url}")
     click.echo("trust removed")

@@ -40,7 +40,7 @@ class Collaborators:
     validator: object  # subject.TokenValidator: the presented tokens (rules 1, 2, 4)
     patients: object  # matching.PatientMapper: who the patient is at the target (rule 7)
     consent: object | None  # consent.service.ConsentService, None without the consent flow
-    replay: object  # the store of spent assertion jtis (assertion_jti_spent, spend_assertion_jti)
+    replay: object  # store.requests.Replay: spent assertion jtis, shared by every instance
 
 
 @dataclass

@@ -73,7 +73,7 @@ class JWTAuthorizationGrant(ExchangeGrant):
             raise InvalidGrant(e.description, detail=getattr(e, "detail", None)) from None
         self.audit["assertion_jti"] = audit.clip(claims.get("jti") if isinstance(claims.get("jti"), str) else None)
         self._check_claims(claims, client_id)
-        if self.deps.replay.assertion_jti_spent(replay_key(issuer.url), claims["jti"]):
+        if self.deps.replay.spent(replay_key(issuer.url), claims["jti"]):
             raise InvalidGrant("The assertion was already used; ask the EHR for a new one.")
         raw_scope = claims.get("scope")
         try:  # within the claim budget, as a subject token's scope claim
@@ -135,5 +135,5 @@ class JWTAuthorizationGrant(ExchangeGrant):
             return
         claims = self.presented.claims
         exp = int(claims["exp"]) if jose.is_number(claims["exp"]) else int(time.time()) + MAX_LIFETIME
-        if not self.deps.replay.spend_assertion_jti(replay_key(self.presented.issuer.url), claims["jti"], exp):
+        if not self.deps.replay.spend(replay_key(self.presented.issuer.url), claims["jti"], exp):
             raise InvalidGrant("The assertion was already used; ask the EHR for a new one.")

@@ -1,0 +1,241 @@
+"""The precompiled hot path: the statements every exchange runs (link lookup,
+consent lookup, audit insert), compiled once for the engine's dialect and run on
+a kept DBAPI connection, with SQLite's writers ordered by flock(2) and, in
+threaded workers, their audit commits grouped (``group_commit``, handed in by
+whoever builds the store: never a module global)."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's busy handler alone
+    fcntl = None
+
+from sqlalchemy import bindparam, insert, select
+
+from ..models import AuditEvent, Consent, PatientLink
+
+log = logging.getLogger("token_exchange.store")
+
+# Hot-path statements, built once (Core on the tables: no ORM work per request).
+_LINKS = PatientLink.__table__
+_FIND_LINK = select(_LINKS.c.target_patient, _LINKS.c.origin, _LINKS.c.matched_at).where(
+    _LINKS.c.source == bindparam("source"), _LINKS.c.patient == bindparam("patient"),
+    _LINKS.c.target_id == bindparam("target_id"))
+AUDIT_COLUMNS = [c.name for c in AuditEvent.__table__.c if c.name != "id"]
+_CONSENT = Consent.__table__
+# The active consent for one key: the ix_consent_key index (at most one row is active
+# per key; the newest first should a race have left two).
+_FIND_CONSENT = select(_CONSENT.c.id, _CONSENT.c.scopes, _CONSENT.c.expires).where(
+    _CONSENT.c.issuer == bindparam("issuer"), _CONSENT.c.sub == bindparam("sub"),
+    _CONSENT.c.client_id == bindparam("client_id"), _CONSENT.c.target_id == bindparam("target_id"),
+    _CONSENT.c.source == bindparam("source"), _CONSENT.c.patient == bindparam("patient"),
+    _CONSENT.c.withdrawn.is_(None)).order_by(_CONSENT.c.granted.desc())
+
+
+class HotPath:
+    """The two statements every exchange runs (link lookup, audit insert), compiled
+    once for the engine's dialect and run on a pooled DBAPI connection: the
+    database does the same work, without SQLAlchemy's per-execute overhead.
+    Driver errors surface as SQLAlchemy's DBAPIError (503 at the endpoint)."""
+
+    def __init__(self, engine, group_commit: bool = False):
+        from sqlalchemy import exc
+        self.engine, self._exc = engine, exc
+        dialect = engine.dialect
+        self.find_link = self._compile(_FIND_LINK, dialect)
+        self.find_consent = self._compile(_FIND_CONSENT, dialect)
+        # what the ORM would make of a DateTime column read raw (SQLite returns text)
+        self.time_result = (_CONSENT.c.expires.type.dialect_impl(dialect).result_processor(dialect, None)
+                            or (lambda v: v))
+        self.insert_audit = self._compile(
+            insert(AuditEvent.__table__).values({c: bindparam(c) for c in AUDIT_COLUMNS}), dialect)
+        time_type = AuditEvent.__table__.c.time.type.dialect_impl(dialect)  # e.g. SQLite's DATETIME, as the ORM writes it
+        self.time_bind = time_type.bind_processor(dialect) or (lambda v: v)
+        # a link's matched_at read raw (SQLite's DBAPI gives the stored text)
+        self.matched_at_result = (_LINKS.c.matched_at.type.dialect_impl(dialect).result_processor(dialect, None)
+                                  or (lambda v: v))
+        # PostgreSQL: one connection per thread, so threads overlap their round trips.
+        # SQLite: one connection per process, used by one thread at a time (a mutex):
+        # its statements take microseconds, and every further connection in the
+        # process would only add page-cache invalidations and lock traffic.
+        self._local = threading.local() if dialect.name != "sqlite" else _ProcessLocal()
+        self._mutex = threading.Lock() if dialect.name == "sqlite" else None
+        # Threaded workers on SQLite: the audit writes of requests that arrive together
+        # are committed together (one transaction, one writer-lock turn), each request
+        # still waiting for its own record's commit before it answers.
+        self.group = GroupCommit(self) if dialect.name == "sqlite" and group_commit else None
+        path = engine.url.database if dialect.name == "sqlite" else None
+        self._writer_lock_path = f"{path}-writer.lock" if fcntl and path and path != ":memory:" else None
+
+    @staticmethod
+    def _compile(stmt, dialect):
+        compiled = stmt.compile(dialect=dialect)
+        names = list(compiled.positiontup) if dialect.positional else None
+        return compiled.string, names
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+        lock = getattr(self._local, "writer_lock", None)
+        self._local.writer_lock = None
+        if lock is not None:
+            lock.close()
+
+    def _take_writer_lock(self):
+        """SQLite has one write lock per database, and a writer that finds it taken
+        sleeps in SQLite's busy handler for 1 ms or more, then retries: with two
+        workers writing an audit record per exchange that idles a core often. The
+        writers here queue on flock(2) of a sidecar file instead, which hands the
+        turn over the moment it is free. (Writers outside the hot path, e.g. the
+        CLI, still meet SQLite's own lock and busy timeout, as before.) The lock
+        only orders writers, so where it cannot be had (the file cannot be opened,
+        the filesystem refuses flock) SQLite's busy handler orders them alone.
+        Returns the locked file, or None."""
+        lock = getattr(self._local, "writer_lock", None)
+        try:
+            if lock is None:  # private to the service's user, like the database (db.make_engine)
+                fd = os.open(self._writer_lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                lock = self._local.writer_lock = os.fdopen(fd, "ab")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return lock
+        except OSError as e:
+            log.warning("no writer lock; SQLite's busy handler alone orders writers",
+                        extra={"path": self._writer_lock_path, "reason": e.strerror})
+            self._writer_lock_path = None
+            self._local.writer_lock = None
+            if lock is not None:
+                lock.close()
+            return None
+
+    def run(self, statement, params, fetch=False, commit=False):
+        """Each thread keeps one DBAPI connection for these statements (no pool
+        checkout per request). A failure drops it; one retry on a fresh connection
+        covers a database that restarted since."""
+        sql, names = statement
+        args = tuple(params[n] for n in names) if names is not None else params
+        return self._locked(((sql, args),), fetch, commit)
+
+    def write(self, statements):
+        """(statement, params)... committed as one before this returns: with group
+        commit, in a transaction shared with other threads' writes."""
+        work = [(sql, tuple(params[n] for n in names) if names is not None else params)
+                for (sql, names), params in statements]
+        if self.group is not None:
+            return self.group.submit(work)
+        return self._locked(work, False, True)
+
+    def run_all(self, statements, fetch=False, commit=False):
+        """Several (statement, params) in one transaction; the last one's row if fetch."""
+        return self._locked([(sql, tuple(params[n] for n in names) if names is not None else params)
+                             for (sql, names), params in statements], fetch, commit)
+
+    def _locked(self, work, fetch, commit):
+        if self._mutex is None:
+            return self._flocked(work, fetch, commit)
+        with self._mutex:
+            return self._flocked(work, fetch, commit)
+
+    def _flocked(self, work, fetch, commit):
+        lock = self._take_writer_lock() if commit and self._writer_lock_path else None
+        try:
+            return self._run(work, fetch, commit)
+        finally:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _run(self, work, fetch, commit):
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        for attempt in (1, 2):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self.engine.raw_connection()
+            try:
+                cur = conn.cursor()
+                for sql, args in work:
+                    cur.execute(sql, args)
+                row = cur.fetchone() if fetch else None
+                cur.close()
+                if commit:
+                    conn.commit()
+                return row
+            except dbapi_error as e:
+                sql, args = work[-1]
+                if isinstance(e, self.engine.dialect.loaded_dbapi.IntegrityError):
+                    # The statement, not the connection: undo this transaction (it may hold
+                    # the write lock) and keep the connection.
+                    try:
+                        conn.rollback()
+                    except dbapi_error:
+                        self._drop(conn)
+                    raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
+                self._drop(conn)
+                if attempt == 2:
+                    raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
+
+    def _drop(self, conn):
+        """Forget a broken connection, closing it so it holds no lock."""
+        self._local.conn = None
+        try:
+            conn.invalidate()
+        except Exception:  # noqa: BLE001 - the connection is already gone
+            pass
+
+
+
+class GroupCommit:
+    """One writer thread per process that commits the audit records of every request
+    waiting at that moment in one transaction. A request returns only once its own
+    record is committed (or with the error that kept it from being), so the contract's
+    "committed before the response" holds; under load a commit and a writer-lock turn
+    serve several requests. When a shared transaction fails, each record is tried on
+    its own, so one bad record never costs the others theirs."""
+
+    def __init__(self, hot):
+        self.hot = hot
+        self.cv = threading.Condition()
+        self.queue: list = []
+        self.thread = None
+
+    def submit(self, work) -> None:
+        item = [work, threading.Event(), None]
+        with self.cv:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, daemon=True, name="token-exchange-audit")
+                self.thread.start()
+            self.queue.append(item)
+            self.cv.notify()
+        item[1].wait()
+        if item[2] is not None:
+            raise item[2]
+
+    def _loop(self):
+        while True:
+            with self.cv:
+                while not self.queue:
+                    self.cv.wait()
+                batch, self.queue = self.queue, []
+            try:
+                self.hot._locked([w for item in batch for w in item[0]], False, True)
+            except Exception as e:  # noqa: BLE001 - handed to the waiting requests
+                if len(batch) == 1:
+                    batch[0][2] = e
+                else:
+                    for item in batch:
+                        try:
+                            self.hot._locked(item[0], False, True)
+                        except Exception as one:  # noqa: BLE001
+                            item[2] = one
+            for item in batch:
+                item[1].set()
+
+
+class _ProcessLocal:
+    """threading.local's interface, one value for the whole process (SQLite's shared
+    hot-path connection and writer-lock file; guarded by HotPath's mutex)."""
+
