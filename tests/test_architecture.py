@@ -89,7 +89,9 @@ def test_no_module_is_over_500_lines(folder):
 def test_no_sql_is_built_outside_store():
     offenders = []
     for name, path in _modules():
-        if name.startswith("token_exchange.store") or name == "token_exchange.models":
+        # store/ runs the service's SQL; models declares the tables; db is the engine and
+        # Alembic's migrations (their advisory lock).
+        if name.startswith("token_exchange.store") or name in ("token_exchange.models", "token_exchange.db"):
             continue
         for target, names in _all_imports(name, path):
             if target.startswith("sqlalchemy") and SQL_BUILDERS & set(names):

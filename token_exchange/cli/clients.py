@@ -9,10 +9,9 @@ from .. import urns
 from ..clock import utcnow
 from ..models import Client
 from ..sealing import generate_secret, hash_secret
-from .common import (Fail, check_id, cli, commit, emit, found, given_options, json_option,
+from .common import (Fail, check_id, cli, option_values, commit, emit, found, given_options, json_option,
                      options, pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg,
                      yes_option)
-from .issuers import _list
 
 
 @cli.group()
@@ -93,7 +92,7 @@ def _apply(ctx, row: Client, o: dict):
         row.name = name or None
     if o.get("redirect_uris"):
         row.redirect_uris = [url_arg(u, "--redirect-uri", https_only_beyond_loopback=True)
-                             for u in _list(o["redirect_uris"])]
+                             for u in option_values(o["redirect_uris"])]
 
 
 def _check_client_id(ctx, change, client_id):

@@ -306,3 +306,16 @@ def options(opts):
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 yes_option = click.option("--yes", is_flag=True, help="Also delete the records that depend on it.")
+
+
+def option_values(values):
+    """A repeatable option's values, without duplicates; a lone '' clears the list."""
+    return [] if list(values) == [""] else list(dict.fromkeys(values))
+
+
+def identifier_system(value):
+    """An identifier system as --identifier-system and --match-identifier take it."""
+    if not value or len(value) > 2048 or not value.isprintable() or any(c.isspace() for c in value) \
+            or "|" in value:
+        raise Fail(f"--identifier-system must be a URI without spaces or '|': {printable(value)!r}")
+    return value

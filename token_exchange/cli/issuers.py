@@ -7,7 +7,7 @@ from .. import urns
 from ..clock import utcnow
 from ..models import Issuer
 from ..sealing import seal
-from .common import (Fail, cli, commit, emit, found, given_options, json_option, options,
+from .common import (Fail, cli, identifier_system, option_values, commit, emit, found, given_options, json_option, options,
                      pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg, yes_option)
 
 
@@ -64,11 +64,6 @@ def _options(update: bool):
     return options(opts)
 
 
-def _list(values):
-    """A repeatable option's values, without duplicates; a lone '' clears the list."""
-    return [] if list(values) == [""] else list(dict.fromkeys(values))
-
-
 def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
     """Validate the given options and set them on row; then check the whole."""
     if o.get("discover") and o.get("jwks_uri"):
@@ -90,9 +85,9 @@ def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
     if o.get("jwks_uri") is not None:
         row.jwks_uri = url_arg(o["jwks_uri"], "--jwks-uri")
     if o.get("sources"):
-        row.sources = [url_arg(v, "--source") for v in _list(o["sources"])]
+        row.sources = [url_arg(v, "--source") for v in option_values(o["sources"])]
     if o.get("audiences"):
-        row.audiences = [_audience(ctx, v) for v in _list(o["audiences"])]
+        row.audiences = [_audience(ctx, v) for v in option_values(o["audiences"])]
     if o.get("algs") is not None:
         algs = [a.strip() for a in o["algs"].split(",") if a.strip()]
         bad = [a for a in algs if a not in urns.ASYMMETRIC_ALGS]
@@ -126,7 +121,7 @@ def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
         row.login_secret = seal(secret_from_env(o["login_secret_env"], "login client secret",
                                                 "--login-secret-env"), ctx.settings.key_secret)
     if o.get("identifier_systems"):
-        row.identifier_systems = [_system(v) for v in _list(o["identifier_systems"])]
+        row.identifier_systems = [identifier_system(v) for v in option_values(o["identifier_systems"])]
     # The whole, as it will be stored.
     if not row.sources:
         raise Fail("give at least one --source FHIR_BASE the issuer may vouch for")
@@ -145,13 +140,6 @@ def _audience(ctx, value):
         raise Fail("--audience must be 1-2048 printable characters")
     if ctx.settings.names_service(value):
         raise Fail(f"--audience {printable(value)!r} names this service; only FHIR servers' audiences belong here")
-    return value
-
-
-def _system(value):
-    if not value or len(value) > 2048 or not value.isprintable() or any(c.isspace() for c in value) \
-            or "|" in value:
-        raise Fail(f"--identifier-system must be a URI without spaces or '|': {printable(value)!r}")
     return value
 
 

@@ -7,9 +7,8 @@ from .. import urns
 from ..clock import utcnow
 from ..models import Target
 from ..sealing import hash_secret
-from .common import (Fail, cli, commit, confirm_cascade, emit, get_target, given_options, json_option,
+from .common import (Fail, cli, identifier_system, option_values, commit, confirm_cascade, emit, get_target, given_options, json_option,
                      options, pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
-from .issuers import _list, _system
 
 
 @cli.group()
@@ -58,7 +57,7 @@ def _apply(ctx, change, row: Target, o: dict):
             secret_from_env(o["introspection_secret_env"], "target secret", "--introspection-secret-env",
                             urns.MIN_SECRET_LENGTH), ctx.settings.key_secret)
     if o.get("match_identifiers"):
-        row.match_identifiers = [_system(v) for v in _list(o["match_identifiers"])]
+        row.match_identifiers = [identifier_system(v) for v in option_values(o["match_identifiers"])]
     if o.get("match_ttl") is not None:
         row.match_ttl_days = o["match_ttl"]
     if row.secret_hash and not row.name:
