@@ -22,6 +22,8 @@ from .sealing import check_secret
 
 log = logging.getLogger(__name__)
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+CLIENT_ASSERTION_ALGS = ("RS256", "RS384", "PS256", "ES256", "ES384")  # private_key_jwt, as discovery says
+ASSERTION_MAX_AHEAD = 300  # SMART Backend Services: exp at most 5 minutes ahead
 
 
 class AuthClient:
@@ -163,7 +165,7 @@ class PrivateKeyJWT(JWTBearerClientAssertion):
     CLIENT_AUTH_METHOD = "private_key_jwt"
 
     def __init__(self, settings, store, jwks: ClientJWKS):
-        super().__init__(validate_jti=True, leeway=urns.CLOCK_LEEWAY)
+        super().__init__(validate_jti=True, leeway=jose.CLOCK_LEEWAY)
         self.settings, self.store, self.jwks = settings, store, jwks
 
     def get_audiences(self):
@@ -179,7 +181,7 @@ class PrivateKeyJWT(JWTBearerClientAssertion):
             raise InvalidClientError(description="The client assertion is not a well-formed JWT.") from None
         header, claims = parsed.header, parsed.claims
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in urns.CLIENT_ASSERTION_ALGS:
+        if not isinstance(alg, str) or alg not in CLIENT_ASSERTION_ALGS:
             raise InvalidClientError(description="Unsupported client assertion algorithm.")
         sub = claims.get("sub")
         if not isinstance(sub, str) or claims.get("iss") != sub:
@@ -212,14 +214,14 @@ class PrivateKeyJWT(JWTBearerClientAssertion):
         if not any(a in accepted for a in jose.audiences(claims)):
             raise InvalidClientError(description="The assertion's aud must be this service's token endpoint.")
         exp, now = claims.get("exp"), time.time()
-        if not jose.is_number(exp) or exp <= now - urns.CLOCK_LEEWAY:
+        if not jose.is_number(exp) or exp <= now - jose.CLOCK_LEEWAY:
             raise InvalidClientError(description="The assertion lacks exp or has expired.")
-        if exp > now + urns.ASSERTION_MAX_AHEAD + urns.CLOCK_LEEWAY:
+        if exp > now + ASSERTION_MAX_AHEAD + jose.CLOCK_LEEWAY:
             raise InvalidClientError(description="The assertion's exp is more than five minutes ahead.")
 
     def validate_jti(self, claims, jti):
         exp = claims.get("exp")
-        if not jose.is_number(exp) or exp > time.time() + urns.ASSERTION_MAX_AHEAD + urns.CLOCK_LEEWAY:
+        if not jose.is_number(exp) or exp > time.time() + ASSERTION_MAX_AHEAD + jose.CLOCK_LEEWAY:
             raise InvalidClientError(description="The assertion's exp is more than five minutes ahead.")
         if not isinstance(jti, str) or not jti or len(jti) > 255:
             return False

@@ -16,6 +16,7 @@ from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import keys, lifecycle, logs, urns
+from .client_auth import CLIENT_ASSERTION_ALGS
 from .errors import OAuth2Error, RequestTooLarge, TemporarilyUnavailable
 from .forms import read_form
 from .metrics import CONTENT_TYPE
@@ -186,10 +187,10 @@ def _metadata():
         "revocation_endpoint": base + "/revoke",
         "grant_types_supported": _grant_types(),
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
-        "token_endpoint_auth_signing_alg_values_supported": list(urns.CLIENT_ASSERTION_ALGS),
+        "token_endpoint_auth_signing_alg_values_supported": list(CLIENT_ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
-        "revocation_endpoint_auth_signing_alg_values_supported": list(urns.CLIENT_ASSERTION_ALGS),
+        "revocation_endpoint_auth_signing_alg_values_supported": list(CLIENT_ASSERTION_ALGS),
         "response_types_supported": [],
         "scopes_supported": [],
     }

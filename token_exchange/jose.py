@@ -18,6 +18,11 @@ import re
 import jwt
 from jwt.exceptions import InvalidKeyError
 
+# Algorithms accepted from upstream issuers: asymmetric only (never none, never HMAC).
+ASYMMETRIC_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+DEFAULT_ISSUER_ALGS = ("RS256", "RS384", "ES256", "ES384")
+CLOCK_LEEWAY = 60  # seconds, on exp / nbf / iat
+
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*\Z")
 _ALGORITHMS = jwt.algorithms.get_default_algorithms()
 

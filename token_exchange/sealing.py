@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+MIN_SECRET_LENGTH = 32  # characters of a client or target secret given to the CLI
+
 SEALED_PREFIX = "sealed:v1:"
 
 

@@ -80,7 +80,7 @@ class TokenValidator:
             # the still unverified iss, so no key is fetched for an untrusted issuer.
             policy.check_issuer_named(trusts, iss, what)
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in issuer.algs or alg not in urns.ASYMMETRIC_ALGS:
+        if not isinstance(alg, str) or alg not in issuer.algs or alg not in jose.ASYMMETRIC_ALGS:
             raise InvalidRequest(f"The {what} is signed with an algorithm this issuer is not allowed to use.")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
@@ -93,7 +93,7 @@ class TokenValidator:
             raise InvalidRequest(f"The {what}'s issuer keys could not be fetched; try again later.") from None
         if not jose.verify_signature(parsed, alg, key.key):
             raise InvalidRequest(f"The {what}'s signature does not verify.")
-        failed = jose.check_times(claims, time.time(), urns.CLOCK_LEEWAY)
+        failed = jose.check_times(claims, time.time(), jose.CLOCK_LEEWAY)
         if failed == "exp":
             raise InvalidRequest(f"The {what} lacks a valid exp claim.")
         if failed == "expired":
@@ -190,7 +190,7 @@ class TokenValidator:
                                  "names another token_type); send the EHR access token.")
         now = time.time()
         exp = body.get("exp")
-        if exp is not None and (not jose.is_number(exp) or exp + urns.CLOCK_LEEWAY < now):
+        if exp is not None and (not jose.is_number(exp) or exp + jose.CLOCK_LEEWAY < now):
             raise InvalidRequest("The subject_token has expired.")
         if "iss" in body and body["iss"] != issuer.url:
             raise InvalidRequest("The subject_token's introspection names another issuer.")

@@ -13,11 +13,3 @@ JTI_URN_PREFIX = "urn:ietf:params:oauth:jti:"
 SUBJECT_TOKEN_TYPES = (ACCESS_TOKEN, JWT, ID_TOKEN)
 ACTOR_TOKEN_TYPES = (ID_TOKEN,)
 ISSUED_TOKEN_TYPES = (ACCESS_TOKEN, JWT)
-
-# Algorithms accepted from upstream issuers: asymmetric only (never none, never HMAC).
-ASYMMETRIC_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
-DEFAULT_ISSUER_ALGS = ("RS256", "RS384", "ES256", "ES384")
-CLIENT_ASSERTION_ALGS = ("RS256", "RS384", "PS256", "ES256", "ES384")
-CLOCK_LEEWAY = 60  # seconds, on exp / nbf / iat
-ASSERTION_MAX_AHEAD = 300  # SMART Backend Services: exp at most 5 minutes ahead
-MIN_SECRET_LENGTH = 32

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .. import urns
+from ..sealing import MIN_SECRET_LENGTH
 from ..clock import utcnow
 from ..models import Client
 from ..sealing import generate_secret, hash_secret
@@ -56,7 +56,7 @@ def _credentials(ctx, o, required: bool):
     shown = None
     if o.get("secret_env") or o.get("generate"):
         secret = generate_secret() if o.get("generate") else secret_from_env(
-            o["secret_env"], "client secret", "--secret-env", urns.MIN_SECRET_LENGTH)
+            o["secret_env"], "client secret", "--secret-env", MIN_SECRET_LENGTH)
         out["secret_salt"], out["secret_hash"] = hash_secret(secret, ctx.settings.key_secret)
         shown = secret if o.get("generate") else None
     elif o.get("jwks_file"):

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from .. import jose, scopes, urns
+from .. import jose, scopes
 from .common import Ctx, printable
 from .issuers import issuer
 
@@ -84,7 +84,7 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
     r = Report()
     if registered is None:
         r.note("registration", "not registered yet: checking against the defaults of `issuer add`")
-    cfg = registered or {"jwks_uri": None, "algs": list(urns.DEFAULT_ISSUER_ALGS), "sources": [], "audiences": [],
+    cfg = registered or {"jwks_uri": None, "algs": list(jose.DEFAULT_ISSUER_ALGS), "sources": [], "audiences": [],
                          "patient_claim": "patient", "source_claim": "source",
                          "identifier_claim": "patient_identifier", "identifier_systems": []}
     doc = None
@@ -158,7 +158,7 @@ def _check_token(r: Report, text, what, issuer_url, keys, cfg, doc):
     h, c = parsed.header, parsed.claims
     alg, kid = h.get("alg"), h.get("kid")
     key = keys.get(kid) if kid is not None else (next(iter(keys.values())) if len(keys) == 1 else None)
-    if alg not in cfg["algs"] or alg not in urns.ASYMMETRIC_ALGS:
+    if alg not in cfg["algs"] or alg not in jose.ASYMMETRIC_ALGS:
         r.fail(f"{what} alg", f"signed {alg}, not one of the allowed {', '.join(cfg['algs'])}")
     elif key is None:
         r.fail(f"{what} signature", f"its kid {kid!r} is not in the JWKS" if kid else "no kid, and the JWKS "
@@ -170,7 +170,7 @@ def _check_token(r: Report, text, what, issuer_url, keys, cfg, doc):
     if c.get("iss") != issuer_url:
         r.fail(f"{what} iss", f"is {c.get('iss')!r}; it must equal {issuer_url} exactly (no trailing slash "
                               "difference)")
-    failed = jose.check_times(c, time.time(), urns.CLOCK_LEEWAY)
+    failed = jose.check_times(c, time.time(), jose.CLOCK_LEEWAY)
     if failed == "exp":
         r.fail(f"{what} exp", "missing or not a number: every token needs exp")
     elif failed == "expired":

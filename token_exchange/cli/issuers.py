@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import urns
+from .. import jose
 from ..clock import utcnow
 from ..models import Issuer
 from ..sealing import seal
@@ -29,7 +29,7 @@ def _options(update: bool):
                      help="A FHIR base URL whose patients this issuer may vouch for (repeatable)." + listed),
         click.option("--audience", "audiences", multiple=True, metavar="AUD",
                      help="Another accepted aud of its access tokens besides the sources (repeatable)." + listed),
-        click.option("--algs", default=d(",".join(urns.DEFAULT_ISSUER_ALGS)), show_default=not update,
+        click.option("--algs", default=d(",".join(jose.DEFAULT_ISSUER_ALGS)), show_default=not update,
                      help="Comma-separated signing algorithms accepted from it (asymmetric only)."),
         click.option("--patient-claim", default=d("patient"), show_default=not update, metavar="NAME",
                      help="The claim that carries the launch patient."),
@@ -90,9 +90,9 @@ def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
         row.audiences = [_audience(ctx, v) for v in option_values(o["audiences"])]
     if o.get("algs") is not None:
         algs = [a.strip() for a in o["algs"].split(",") if a.strip()]
-        bad = [a for a in algs if a not in urns.ASYMMETRIC_ALGS]
+        bad = [a for a in algs if a not in jose.ASYMMETRIC_ALGS]
         if not algs or bad:
-            raise Fail(f"--algs must list asymmetric algorithms from {','.join(urns.ASYMMETRIC_ALGS)}; "
+            raise Fail(f"--algs must list asymmetric algorithms from {','.join(jose.ASYMMETRIC_ALGS)}; "
                        f"not {printable(','.join(bad)) or 'empty'}")
         row.algs = algs
     for opt, attr in (("patient_claim", "patient_claim"), ("source_claim", "source_claim"),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import urns
+from ..sealing import MIN_SECRET_LENGTH
 from ..clock import utcnow
 from ..models import Target
 from ..sealing import hash_secret
@@ -55,7 +55,7 @@ def _apply(ctx, change, row: Target, o: dict):
     if o.get("introspection_secret_env"):
         row.secret_salt, row.secret_hash = hash_secret(
             secret_from_env(o["introspection_secret_env"], "target secret", "--introspection-secret-env",
-                            urns.MIN_SECRET_LENGTH), ctx.settings.key_secret)
+                            MIN_SECRET_LENGTH), ctx.settings.key_secret)
     if o.get("match_identifiers"):
         row.match_identifiers = [identifier_system(v) for v in option_values(o["match_identifiers"])]
     if o.get("match_ttl") is not None:

@@ -110,7 +110,7 @@ class JWTAuthorizationGrant(ExchangeGrant):
         if claims["exp"] - claims["iat"] > MAX_LIFETIME:
             raise InvalidGrant("The assertion lives longer than 5 minutes (exp - iat); ask the EHR for a "
                                "short-lived grant.")
-        if claims["iat"] > time.time() + urns.CLOCK_LEEWAY:
+        if claims["iat"] > time.time() + jose.CLOCK_LEEWAY:
             raise InvalidGrant("The assertion's iat is in the future.")
         if claims.get("client_id") != client_id:
             raise InvalidGrant("The assertion was issued for another client (its client_id is not this client's).")
