@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import click
 
+from .. import audit
 from ..consent.fhir import bundle, status
 from .common import Fail, cli, emit, get_target, iso, json_option, pass_ctx, printable, show
 
@@ -62,9 +63,8 @@ def consent_withdraw(ctx, consent_id):
     """Withdraw a consent: the app's next exchange asks the user again, and the tokens
     minted under it introspect as inactive from now on."""
     _get(ctx, consent_id)
-    now = datetime.now(timezone.utc)
-    audit = {"time": now, "event": "consent-withdrawn", "grant": None, "reason": f"withdrawn by admin {ctx.actor}"}
-    row = ctx.store.consents.withdraw(consent_id, audit, admin=(ctx.actor, "consent.withdraw", consent_id))
+    record = audit.withdrawal(f"withdrawn by admin {ctx.actor}")
+    row = ctx.store.consents.withdraw(consent_id, record, admin=(ctx.actor, "consent.withdraw", consent_id))
     if row is None:
         raise Fail(f"consent {printable(consent_id)!r} is not active (already withdrawn, expired or a denial)")
     click.echo(f"consent {printable(consent_id)} withdrawn")
