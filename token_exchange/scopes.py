@@ -175,22 +175,17 @@ class ScopeSet:
         """Rule 6 semantics: every scope of ``other`` lies within one of self's
         (``Scope.within``), so whatever ``other`` permits, self permits. The empty
         set is covered by any set."""
-        mine, theirs = self.scopes, other.scopes
-        if len(mine) * len(theirs) <= _SMALL:  # a handful of pairs: ask each
-            for g in theirs:
-                for c in mine:
-                    if g.within(c):
-                        break
-                else:
-                    return False
-            return True
-        index = self.index()  # else only the (at most four) scopes g may lie within
-        for g in theirs:
-            ci = index.get(g.context)
-            if ci is None:
-                return False
-            for pos in ci.holders(g):
-                if g.within(mine[pos]):
+        mine, index = self.scopes, None
+        if len(mine) * len(other.scopes) > _SMALL:  # many pairs: ask only the (at most
+            index = self.index()  # four) scopes of self that g may lie within
+        for g in other.scopes:
+            if index is None:
+                held = mine
+            else:
+                ci = index.get(g.context)
+                held = () if ci is None else [mine[pos] for pos in ci.holders(g)]
+            for c in held:
+                if g.within(c):
                     break
             else:
                 return False
@@ -324,9 +319,6 @@ def _intersect(a: tuple, other: ScopeSet) -> tuple:
 
 
 # -- the grammar --------------------------------------------------------------------------
-_MALFORMED = "malformed SMART scope; use context/Resource.perms, e.g. patient/Observation.rs"
-
-
 def _read(tok: str) -> tuple | None:
     """The SMART scope grammar, read in this one place: a token of RFC 6749
     characters -> (Scope, spelled in v1); None when it is not a resource scope
@@ -343,7 +335,7 @@ def _read(tok: str) -> tuple | None:
     if len(tok) > MAX_SCOPE_LENGTH:
         raise ScopeBudgetError(f"a scope is longer than {MAX_SCOPE_LENGTH} characters")
     if m is None or not m["perms"]:
-        raise ScopeError(_MALFORMED)
+        raise ScopeError("malformed SMART scope; use context/Resource.perms, e.g. patient/Observation.rs")
     raise ScopeError("malformed SMART scope parameters; use ?name=value")
 
 
