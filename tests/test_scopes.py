@@ -610,3 +610,128 @@ def test_v1_answer_only_when_v1_expresses_the_whole_grant(a, b):
     else:
         assert not any(is_v1(t) for t in toks)
     assert ops(parse(ss.format())) == model_ops(a) & model_ops(b)
+
+
+# --------------------------------------------------------------------------
+# ScopeSet.covers and ScopeSet.union (the consent check's rules)
+# --------------------------------------------------------------------------
+#
+# covers is rule 6's semantics, as the consent check uses it: every scope of
+# the other set lies within ONE scope of this set (Scope.within). That is
+# narrower than inclusion of operation sets: "patient/*.r patient/Observation.s"
+# permits every operation of "patient/Observation.rs", but no single scope of
+# it holds that scope, so it does not cover it (a row below pins this).
+
+TYPES_20 = " ".join(f"patient/{t}.rs" for t in (
+    "Observation", "Condition", "Patient", "Encounter", "Procedure", "Immunization", "AllergyIntolerance",
+    "MedicationRequest", "DiagnosticReport", "CarePlan", "Goal", "Device", "Location", "Practitioner",
+    "Organization", "Coverage", "Claim", "Specimen", "Media", "Flag"))
+TYPES_10 = " ".join(TYPES_20.split()[:10])
+
+COVERS = [
+    # rule, self (the consent), other (the grant), expected
+    ("a set covers itself", "patient/Observation.rs user/*.r", "patient/Observation.rs user/*.r", True),
+    ("any set covers the empty set", "patient/Observation.r", "", True),
+    ("the empty set covers the empty set", "", "", True),
+    ("the empty set covers nothing else", "", "patient/Observation.r", False),
+    ("a * scope covers each type", "patient/*.rs", "patient/Observation.r patient/Condition.s", True),
+    ("a type does not cover *", "patient/Observation.rs", "patient/*.r", False),
+    ("fewer letters do not cover more", "patient/Observation.r", "patient/Observation.rs", False),
+    ("more letters cover fewer", "patient/Observation.cruds", "patient/Observation.rs", True),
+    ("contexts never cross", "user/*.cruds", "patient/Observation.r", False),
+    ("no params cover any params", "patient/Observation.rs", f"patient/Observation.r?{LAB}", True),
+    ("params do not cover no params", f"patient/Observation.rs?{LAB}", "patient/Observation.r", False),
+    ("params cover the same params", "patient/Observation.rs?category=a", "patient/Observation.r?category=a", True),
+    ("params do not cover other params", "patient/Observation.rs?category=a", "patient/Observation.r?category=b",
+     False),
+    ("* without params covers a type with params", "patient/*.r", f"patient/Observation.r?{LAB}", True),
+    ("each scope lies within ONE scope, not across two", "patient/*.r patient/Observation.s",
+     "patient/Observation.rs", False),
+    ("every scope of other must be covered", "patient/Observation.rs",
+     "patient/Observation.r patient/Condition.r", False),
+    ("the spelling (v1 or v2) does not matter", "patient/*.read", "patient/Observation.rs", True),
+    ("many pairs (the index): twenty types cover ten", TYPES_20, TYPES_10, True),
+    ("many pairs (the index): ten types do not cover twenty", TYPES_10, TYPES_20, False),
+    ("many pairs (the index): a * scope among them", TYPES_10 + " user/*.rs",
+     " ".join(t.replace("patient/", "user/") for t in TYPES_20.split()), True),
+]
+
+
+@pytest.mark.parametrize("rule, mine, other, expected", [pytest.param(*row, id=row[0]) for row in COVERS])
+def test_covers_table(rule, mine, other, expected):
+    assert parse(mine).covers(parse(other)) is expected
+
+
+UNION = [
+    # rule, self, other, expected union (v2), expected union as formatted by default
+    ("other types are added after self's", "patient/Observation.r", "patient/Condition.r",
+     "patient/Observation.r patient/Condition.r", "patient/Observation.r patient/Condition.r"),
+    ("the same type joins its letters", "patient/Observation.r", "patient/Observation.s",
+     "patient/Observation.rs", "patient/Observation.rs"),
+    ("a scope within another is dropped", "patient/Observation.r", "patient/*.rs", "patient/*.rs", "patient/*.rs"),
+    ("self's order comes first", "patient/Condition.r patient/Observation.r", "patient/Observation.r",
+     "patient/Condition.r patient/Observation.r", "patient/Condition.r patient/Observation.r"),
+    ("the empty set is the identity", "", "user/*.rs", "user/*.rs", "user/*.rs"),
+    ("the empty set is the identity, on either side", "user/*.rs", "", "user/*.rs", "user/*.rs"),
+    ("different params are both kept", "patient/Observation.r?category=a", "patient/Observation.r?category=b",
+     "patient/Observation.r?category=a patient/Observation.r?category=b",
+     "patient/Observation.r?category=a patient/Observation.r?category=b"),
+    ("contexts stay apart", "patient/*.rs", "user/*.rs", "patient/*.rs user/*.rs", "patient/*.rs user/*.rs"),
+    ("v1 on both sides stays v1", "patient/Observation.read", "patient/Condition.read",
+     "patient/Observation.rs patient/Condition.rs", "patient/Observation.read patient/Condition.read"),
+    ("v1 on one side only is v2", "patient/Observation.read", "patient/Condition.rs",
+     "patient/Observation.rs patient/Condition.rs", "patient/Observation.rs patient/Condition.rs"),
+]
+
+
+@pytest.mark.parametrize("rule, a, b, v2, formatted", [pytest.param(*row, id=row[0]) for row in UNION])
+def test_union_table(rule, a, b, v2, formatted):
+    u = parse(a).union(parse(b))
+    assert u.format(v1=False) == v2
+    assert u.format() == formatted
+
+
+def _covers_by_definition(a: ScopeSet, b: ScopeSet) -> bool:
+    return all(any(g.within(c) for c in a.scopes) for g in b.scopes)
+
+
+# Longer lists too, so that covers takes its indexed path (more than 64 pairs).
+_long_scope_lists = st.lists(st.one_of(st.sampled_from(V2_TOKENS), st.sampled_from(V1_TOKENS)),
+                             min_size=9, max_size=24).map(" ".join)
+_any_scope_lists = st.one_of(scope_lists, _long_scope_lists)
+
+
+@PROPS
+@given(_any_scope_lists, _any_scope_lists)
+def test_union_covers_both_sides_and_denotes_their_union(a, b):
+    u = parse(a).union(parse(b))
+    assert u.covers(parse(a)) and u.covers(parse(b))
+    assert ops(u) == model_ops(a) | model_ops(b)
+    assert parse(u.format()).scopes == u.scopes  # simplified: a fixed point
+
+
+@PROPS
+@given(_any_scope_lists, _any_scope_lists)
+def test_covers_is_its_definition_and_sound(a, b):
+    sa, sb = parse(a), parse(b)
+    assert sa.covers(sb) == _covers_by_definition(sa, sb)
+    if sa.covers(sb):
+        assert ops(sb) <= ops(sa)
+    assert sa.covers(sa)
+
+
+@PROPS
+@given(_any_scope_lists, _any_scope_lists)
+def test_intersection_is_within_both_sides_and_is_the_covered_side(a, b):
+    # The intersection permits nothing either side does not; where one side covers
+    # the other, it permits exactly what the covered side does. (Not a property:
+    # "each side covers the intersection". Simplifying joins the letters of pieces
+    # that came from different scopes: "patient/Observation.c?category=a
+    # patient/Observation.r" ∩ "patient/Observation.c patient/Observation.r
+    # patient/Observation.ru?category=a" holds patient/Observation.cr?category=a,
+    # within no single scope of the left side; see the "ONE scope" row of COVERS.)
+    sa, sb = parse(a), parse(b)
+    both = sa.intersect(sb)
+    assert ops(both) <= ops(sa) and ops(both) <= ops(sb)
+    if sa.covers(sb):
+        assert ops(both) == ops(sb)

@@ -1,4 +1,4 @@
-"""SMART on FHIR scope algebra: parse, intersect, format. Pure functions.
+"""SMART on FHIR scope algebra: parse, intersect, cover, unite, format. Pure functions.
 
 SMART App Launch 2.2 §"Scopes for requesting clinical data":
 ``<context>/<resource>.<permissions>[?param=value&...]`` where context is
@@ -8,7 +8,11 @@ permissions the v2 letters ``c r u d s`` in that order, or the v1 words
 
 A scope denotes a set of permitted operations. Intersecting two scope lists
 intersects those sets pairwise, so the result is never wider than either
-side. Anything that is not a resource scope (``openid``, ``fhirUser``,
+side; one list covers another when each of the other's scopes lies within one
+of its own. Each rule is written once: the grammar in ``_read`` (and its
+spelling in ``_spell``), intersection in ``Scope.intersect``, inclusion in
+``Scope.within``; the fast paths and indexes only choose which scopes to ask.
+Anything that is not a resource scope (``openid``, ``fhirUser``,
 ``launch/patient``, ``offline_access`` ...) is never passed on.
 
 Bounded work (docs/SECURITY.md, "Resource model"): every scope string is
@@ -18,8 +22,9 @@ would produce more than ``MAX_WORK`` scopes, and a grant lists at most
 Intersection and simplification index the scopes by (context, resource type),
 so they cost O(inputs + output), not O(|A| x |B|). Nothing here is cached by
 request text: the memos are a ``ScopeSet``'s own index (the trust's long-lived
-sets build theirs once) and ``parse_claim``'s, keyed by short issuer-signed
-scope claims.
+sets build theirs once), ``parse_claim``'s, keyed by short issuer-signed scope
+claims (and consents' stored scopes), and ``downscope``'s, keyed by small parsed
+requests and their bounds.
 """
 from __future__ import annotations
 
@@ -76,34 +81,32 @@ class Scope(NamedTuple):
         return self.context == "patient"
 
     def v2(self) -> str:
-        return self._spell(_V2_SPELLING.get(self.perms) or "".join(c for c in V2_ORDER if c in self.perms))
+        return _spell(self.context, self.resource, _letters(self.perms), self.params)
 
     def v1(self) -> str | None:
         word = V2_TO_V1.get(self.perms)
-        return None if word is None else self._spell(word)
+        return None if word is None else _spell(self.context, self.resource, word, self.params)
 
-    def _spell(self, perms: str) -> str:
-        text = f"{self.context}/{self.resource}.{perms}"
-        return f"{text}?{self.params}" if self.params else text
-
+    # The two rules of the algebra. Every intersection, coverage and simplification
+    # below calls these; the indexes only choose which pairs to ask.
     def intersect(self, other: Scope) -> Scope | None:
         """The operations both scopes permit, or None."""
-        if self.context != other.context:
+        context, resource, perms, params = self
+        o_context, o_resource, o_perms, o_params = other
+        if context != o_context:
             return None  # contexts never cross
-        if self.resource == "*":
-            resource = other.resource
-        elif other.resource in ("*", self.resource):
-            resource = self.resource
-        else:
+        if resource == "*":
+            resource = o_resource
+        elif o_resource != "*" and o_resource != resource:
             return None
         # A ?param scope survives only against the same resource scope with
         # no parameters or with identical ones.
-        if self.params and other.params and self.params != other.params:
+        if params and o_params and params != o_params:
             return None
-        perms = self.perms & other.perms
+        perms = perms & o_perms
         if not perms:
             return None
-        return _new(Scope, (self.context, resource, perms, self.params or other.params))
+        return _new(Scope, (context, resource, perms, params or o_params))
 
     def within(self, other: Scope) -> bool:
         """True when every operation this scope permits, ``other`` permits."""
@@ -113,14 +116,30 @@ class Scope(NamedTuple):
                 and (not other.params or other.params == self.params))
 
 
+def _spell(context: str, resource: str, perms: str, params: str) -> str:
+    """A scope's text: the grammar written out (parsing reads it in ``_read``)."""
+    text = f"{context}/{resource}.{perms}"
+    return f"{text}?{params}" if params else text
+
+
+def _letters(perms: frozenset) -> str:
+    """The v2 letters of a permission set, in cruds order."""
+    return _V2_SPELLING.get(perms) or "".join(c for c in V2_ORDER if c in perms)
+
+
+def _joined(a: Scope, b: Scope) -> Scope:
+    """Two scopes of the same (context, resource, params) as one: the permissions of both."""
+    return a if b.perms <= a.perms else _new(Scope, (a.context, a.resource, a.perms | b.perms, a.params))
+
+
 class ScopeSet:
     """A simplified tuple of resource scopes (no scope within another)."""
-    __slots__ = ("scopes", "v1", "_index")
+    __slots__ = ("scopes", "v1", "_index", "_text")
 
     def __init__(self, scopes: tuple = (), v1: bool = False):
         self.scopes = scopes
         self.v1 = v1  # every resource scope was spelled in SMART v1
-        self._index = None
+        self._index = self._text = None
 
     def __eq__(self, other):
         return isinstance(other, ScopeSet) and self.scopes == other.scopes and self.v1 == other.v1
@@ -152,14 +171,47 @@ class ScopeSet:
         when it would produce more than MAX_WORK distinct scopes."""
         return ScopeSet(_intersect(self.scopes, other), self.v1)
 
-    def format(self) -> str:
-        """v2 spelling; v1 when the set was asked for in v1 and v1 says it exactly."""
-        if self.v1:
+    def covers(self, other: ScopeSet) -> bool:
+        """Rule 6 semantics: every scope of ``other`` lies within one of self's
+        (``Scope.within``), so whatever ``other`` permits, self permits. The empty
+        set is covered by any set."""
+        mine, index = self.scopes, None
+        if len(mine) * len(other.scopes) > _SMALL:  # many pairs: ask only the (at most
+            index = self.index()  # four) scopes of self that g may lie within
+        for g in other.scopes:
+            if index is None:
+                held = mine
+            else:
+                ci = index.get(g.context)
+                held = () if ci is None else [mine[pos] for pos in ci.holders(g)]
+            for c in held:
+                if g.within(c):
+                    break
+            else:
+                return False
+        return True
+
+    def union(self, other: ScopeSet) -> ScopeSet:
+        """self ∪ other, simplified, in self's order, then other's: what either permits.
+        In v1 only when both sides were."""
+        return ScopeSet(_simplify(self.scopes + other.scopes), self.v1 and other.v1)
+
+    def format(self, v1: bool | None = None) -> str:
+        """v2 spelling; v1 when the set was asked for in v1 (or ``v1=True``) and v1
+        says it exactly. ``v1=False``: always v2. The text as asked for is kept with
+        the set (a memoised grant is spelled once)."""
+        if v1 is None:
+            if self._text is None:
+                self._text = self._spelled(self.v1)
+            return self._text
+        return self._spelled(v1)
+
+    def _spelled(self, v1: bool) -> str:
+        if v1:
             words = [s.v1() for s in self.scopes]
             if all(words):
                 return " ".join(words)
-        return " ".join([f"{c}/{r}.{_V2_SPELLING[p]}?{q}" if q else f"{c}/{r}.{_V2_SPELLING[p]}"
-                         for c, r, p, q in self.scopes])
+        return " ".join([_spell(c, r, _letters(p), q) for c, r, p, q in self.scopes])
 
     def index(self) -> dict:
         """context -> _ContextIndex, built on first use and kept with the set."""
@@ -176,7 +228,7 @@ class ScopeSet:
 
 _EMPTY = ScopeSet(())
 _new = tuple.__new__  # Scope(...) without the generated __new__'s call overhead
-_SMALL = 64  # pairs below which intersecting pair by pair beats building an index
+_SMALL = 64  # pairs below which asking pair by pair beats building an index
 
 
 class _ContextIndex:
@@ -226,58 +278,74 @@ class _ContextIndex:
         found += self.by_params.get(x.params, ())
         return found
 
+    def holders(self, x: Scope) -> list:
+        """Positions of the scopes x may lie within: (x's resource or *, no params or x's)."""
+        keyed = self.keyed
+        keys = {(x.resource, x.params), (x.resource, ""), ("*", ""), ("*", x.params)}
+        return [keyed[k] for k in keys if k in keyed]
+
 
 def _intersect(a: tuple, other: ScopeSet) -> tuple:
-    """a ∩ other, simplified."""
-    b = other.scopes
-    if len(a) * len(b) <= _SMALL:  # a handful of pairs: the plain loop is fastest
-        out = _pairwise(a, b)
+    """a ∩ other, simplified: Scope.intersect over the pairs that may meet, listed in
+    a's order, then other's. A handful of pairs are all asked; more meet only through
+    other's index, O(|a| + |b| + output) for simplified inputs (a "*" scope meeting
+    each typed scope once), stopping past MAX_WORK scopes."""
+    b, meet, out = other.scopes, Scope.intersect, []
+    if len(a) * len(b) <= _SMALL:
+        for x in a:
+            context = x[0]
+            for y in b:
+                if y[0] == context:  # the pairs of one context (as the index groups them)
+                    c = meet(x, y)
+                    if c is not None:
+                        out.append(c)
     else:
-        out = _indexed_intersection(a, other)
+        index, keys = other.index(), set()
+        for x in a:
+            ci = index.get(x.context)
+            if ci is None:
+                continue
+            found = ci.candidates(x)
+            found.sort()  # other's order
+            for pos in found:
+                c = meet(x, b[pos])
+                if c is not None:
+                    out.append(c)
+                    keys.add((c.resource, c.context, c.params))
+            if len(keys) > MAX_WORK:
+                raise ScopeBudgetError(f"The scopes asked for would grant more than {MAX_SCOPES} scopes; "
+                                       "ask for fewer scopes (fewer ?param scopes or resource types).")
     return _simplify(out) if len(out) > 1 else tuple(out)
 
 
-def _pairwise(a: tuple, b: tuple) -> list:
-    """Scope.intersect over every pair, inlined (few pairs: see ScopeSet.intersect)."""
-    out = []
-    for xc, xr, xp, xq in a:
-        for yc, yr, yp, yq in b:
-            if xc != yc:
-                continue  # contexts never cross
-            if xr == "*":
-                r = yr
-            elif yr == "*" or yr == xr:
-                r = xr
-            else:
-                continue
-            if xq and yq and xq != yq:
-                continue  # a ?param scope meets only no params or identical ones
-            p = xp & yp
-            if p:
-                out.append(_new(Scope, (xc, r, p, xq or yq)))
-    return out
+# -- the grammar --------------------------------------------------------------------------
+def _read(tok: str) -> tuple | None:
+    """The SMART scope grammar, read in this one place: a token of RFC 6749
+    characters -> (Scope, spelled in v1); None when it is not a resource scope
+    (``openid``, ``fhirUser``, ``launch/patient``, ...), of any length. Raises
+    ScopeError for a token that claims a SMART context but is malformed, and
+    ScopeBudgetError for one longer than MAX_SCOPE_LENGTH."""
+    m = _RESOURCE_SCOPE.fullmatch(tok) if len(tok) <= MAX_SCOPE_LENGTH else None
+    if m is not None:
+        context, resource, perms, params = m.groups()
+        if perms and (params is None or all(_PARAM.fullmatch(p) for p in params.split("&"))):
+            return _new(Scope, (context, resource, _PERMS[perms], params or "")), perms in V1_TO_V2
+    if tok.partition("/")[0] not in CONTEXTS:
+        return None
+    if len(tok) > MAX_SCOPE_LENGTH:
+        raise ScopeBudgetError(f"a scope is longer than {MAX_SCOPE_LENGTH} characters")
+    if m is None or not m["perms"]:
+        raise ScopeError("malformed SMART scope; use context/Resource.perms, e.g. patient/Observation.rs")
+    raise ScopeError("malformed SMART scope parameters; use ?name=value")
 
 
-def _indexed_intersection(a: tuple, other: ScopeSet) -> list:
-    """Pairs meet only through other's index: O(|a| + |b| + output) for simplified
-    inputs, a "*" scope meeting each typed scope once. Stops past MAX_WORK scopes."""
-    b, index = other.scopes, other.index()
-    out, keys = [], set()
-    for x in a:
-        ci = index.get(x.context)
-        if ci is None:
-            continue
-        found = ci.candidates(x)
-        found.sort()  # other's order, as the pairwise loop lists them
-        for pos in found:
-            c = x.intersect(b[pos])
-            if c is not None:
-                out.append(c)
-                keys.add((c.resource, c.context, c.params))
-        if len(keys) > MAX_WORK:
-            raise ScopeBudgetError(f"The scopes asked for would grant more than {MAX_SCOPES} scopes; "
-                                   "ask for fewer scopes (fewer ?param scopes or resource types).")
-    return out
+def _token(text: str) -> tuple | None:
+    """_read for a token of any characters: bounded, then checked, then read."""
+    if len(text) > MAX_SCOPE_LENGTH:
+        raise ScopeBudgetError(f"a scope is longer than {MAX_SCOPE_LENGTH} characters")
+    if not _SCOPE_TOKEN.fullmatch(text):
+        raise ScopeError("a scope contains characters RFC 6749 does not allow")
+    return _read(text)
 
 
 def parse_scope(text: str) -> Scope | None:
@@ -285,26 +353,8 @@ def parse_scope(text: str) -> Scope | None:
 
     Raises ScopeError for a token that claims a SMART context but is malformed.
     """
-    if len(text) > MAX_SCOPE_LENGTH:
-        raise ScopeBudgetError(f"a scope is longer than {MAX_SCOPE_LENGTH} characters")
-    if not _SCOPE_TOKEN.fullmatch(text):
-        raise ScopeError("a scope contains characters RFC 6749 does not allow")
-    return _resource_scope(text)
-
-
-def _resource_scope(text: str) -> Scope | None:
-    """parse_scope for a token already known to be of allowed characters."""
-    if text.partition("/")[0] not in CONTEXTS:
-        return None  # openid, fhirUser, launch/patient, offline_access, ...
-    m = _RESOURCE_SCOPE.fullmatch(text)
-    if m is None:
-        raise ScopeError("malformed SMART scope; use context/Resource.perms, e.g. patient/Observation.rs")
-    context, resource, perms, params = m.groups()
-    if not perms:
-        raise ScopeError("malformed SMART scope; use context/Resource.perms, e.g. patient/Observation.rs")
-    if params and not all(_PARAM.fullmatch(p) for p in params.split("&")):
-        raise ScopeError("malformed SMART scope parameters; use ?name=value")
-    return _new(Scope, (context, resource, _PERMS[perms], params or ""))
+    found = _token(text)
+    return None if found is None else found[0]
 
 
 def is_v1(text: str) -> bool:
@@ -322,13 +372,13 @@ def parse(text: str | None, strict: bool = True, limit: int | None = None) -> Sc
     """
     if not text:
         return _EMPTY
-    if " " not in text and len(text) <= MAX_SCOPE_LENGTH:  # one scope: the usual request
-        m = _RESOURCE_SCOPE.fullmatch(text)
-        if m is not None and _SCOPE_TOKEN.fullmatch(text):
-            context, resource, perms, params = m.groups()
-            if perms and (params is None or all(_PARAM.fullmatch(p) for p in params.split("&"))):
-                return ScopeSet((_new(Scope, (context, resource, _PERMS[perms], params or "")),),
-                                perms in V1_TO_V2)
+    if " " not in text and len(text) <= MAX_SCOPE_LENGTH and _SCOPE_TOKEN.fullmatch(text):
+        try:  # one scope: the usual request
+            found = _read(text)
+        except ScopeError:
+            found = None  # raised (or skipped) below, in its place
+        if found is not None:
+            return ScopeSet((found[0],), found[1])
     if len(text) > MAX_SCOPE_TEXT:
         raise ScopeBudgetError(f"the scope string is longer than {MAX_SCOPE_TEXT} characters")
     tokens = text.split(" ")
@@ -338,27 +388,19 @@ def parse(text: str | None, strict: bool = True, limit: int | None = None) -> Sc
         limit = MAX_SCOPES if strict else MAX_CLAIMED_SCOPES
     if len(tokens) > limit:
         raise ScopeBudgetError(f"too many scopes; at most {limit}")
-    clean = _SCOPE_TEXT.fullmatch(text) is not None  # then no token needs its own character check
-    match, scopes, all_v1 = _RESOURCE_SCOPE.fullmatch, [], True
+    # A whole string of well-formed characters: no token needs its own character check.
+    read = _read if _SCOPE_TEXT.fullmatch(text) is not None else _token
+    scopes, all_v1 = [], True
     for tok in tokens:
-        m = match(tok) if clean and len(tok) <= MAX_SCOPE_LENGTH else None
-        if m is not None:  # the common case, inline
-            context, resource, perms, params = m.groups()
-            if perms and (params is None or all(_PARAM.fullmatch(p) for p in params.split("&"))):
-                scopes.append(_new(Scope, (context, resource, _PERMS[perms], params or "")))
-                all_v1 = all_v1 and perms in V1_TO_V2
-                continue
-        if clean and tok.partition("/")[0] not in CONTEXTS:
-            continue  # openid, fhirUser, launch/patient, offline_access, ...
         try:
-            s = parse_scope(tok)  # not a resource scope (None), or says what is wrong
+            found = read(tok)
         except ScopeError:
             if strict:
                 raise
             continue
-        if s is not None:
-            scopes.append(s)
-            all_v1 = all_v1 and is_v1(tok)
+        if found is not None:
+            scopes.append(found[0])
+            all_v1 = all_v1 and found[1]
     if not scopes:
         return _EMPTY
     return ScopeSet(_simplify(scopes) if len(scopes) > 1 else tuple(scopes), all_v1)
@@ -366,10 +408,11 @@ def parse(text: str | None, strict: bool = True, limit: int | None = None) -> Sc
 
 def parse_claim(text: str | None) -> ScopeSet:
     """The scopes of a verified upstream token (its signed scope claim, or its
-    issuer's introspection answer): lenient, within MAX_CLAIMED_SCOPES. An app's
-    tokens carry the same few claim strings exchange after exchange, so short ones
-    (at most _CLAIM_MEMO_TEXT characters) are memoised, at most _CLAIM_MEMO
-    entries. The key is trusted and bounded: issuer-signed text, never request text."""
+    issuer's introspection answer), or of a consent the service stored: lenient,
+    within MAX_CLAIMED_SCOPES. An app's tokens carry the same few claim strings
+    exchange after exchange, so short ones (at most _CLAIM_MEMO_TEXT characters)
+    are memoised, at most _CLAIM_MEMO entries. The key is trusted and bounded:
+    issuer-signed or self-written text, never request text."""
     if text is not None and len(text) <= _CLAIM_MEMO_TEXT:
         return _parse_claim_memo(text)
     return parse(text, strict=False)
@@ -386,16 +429,14 @@ def _parse_claim_memo(text: str) -> ScopeSet:
 
 def _simplify(scopes) -> tuple:
     """Merge permissions of equal (context, resource, params), drop scopes
-    another scope already covers; keep first-seen order. O(n): once equal keys
-    are merged, only (R|*, ""|params) of the same context can cover a scope."""
+    within another (Scope.within); keep first-seen order. O(n): once equal keys
+    are merged, only (R|*, ""|params) of the same context can hold a scope."""
     if len(scopes) < 2:
         return tuple(scopes)
     if len(scopes) == 2:  # the usual size: decide the pair directly
         a, b = scopes
-        if a.context != b.context:
-            return (a, b)
-        if a.resource == b.resource and a.params == b.params:
-            return (a if b.perms <= a.perms else _new(Scope, (a.context, a.resource, a.perms | b.perms, a.params)),)
+        if a.context == b.context and a.resource == b.resource and a.params == b.params:
+            return (_joined(a, b),)
         if b.within(a):
             return (a,)
         return (b,) if a.within(b) else (a, b)
@@ -403,21 +444,14 @@ def _simplify(scopes) -> tuple:
     for s in scopes:
         key = (s.context, s.resource, s.params)
         prev = merged.get(key)
-        if prev is None:
-            merged[key] = s
-        elif not s.perms <= prev.perms:
-            merged[key] = Scope(s.context, s.resource, prev.perms | s.perms, s.params)
+        merged[key] = s if prev is None else _joined(prev, s)
     out = []
     for (context, resource, params), s in merged.items():
-        covered = False
         for key in ((context, resource, ""), (context, "*", ""), (context, "*", params)):
-            if key[1] == resource and key[2] == params:
-                continue  # s itself
             o = merged.get(key)
-            if o is not None and s.perms <= o.perms:
-                covered = True
+            if o is not None and o is not s and s.within(o):
                 break
-        if not covered:
+        else:
             out.append(s)
     return tuple(out)
 

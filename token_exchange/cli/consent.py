@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import click
 
-from .. import audit as audit_records
+from .. import audit
 from ..consent.fhir import bundle, status
 from .common import Fail, cli, emit, get_target, iso, json_option, pass_ctx, printable, show
 
@@ -33,8 +33,8 @@ def consent_list(ctx, client_id, target_ref, as_json):
     """List the consents (oldest first): active, withdrawn and expired."""
     target_id = None
     if target_ref:
-        with ctx.store.admin.change() as change:
-            target_id = get_target(change, target_ref).id
+        with ctx.store.session() as s:
+            target_id = get_target(s, target_ref).id
     now = datetime.now(timezone.utc)
     rows = [consent_row(r, now) for r in ctx.store.consents.listed(client_id, target_id)]
     emit(rows, as_json, ["id", "status", "client", "target", "sub", "patient", "expires"])
@@ -63,8 +63,8 @@ def consent_withdraw(ctx, consent_id):
     """Withdraw a consent: the app's next exchange asks the user again, and the tokens
     minted under it introspect as inactive from now on."""
     _get(ctx, consent_id)
-    audit = audit_records.withdrawal(f"withdrawn by admin {ctx.actor}")
-    row = ctx.store.consents.withdraw(consent_id, audit, admin=(ctx.actor, "consent.withdraw", consent_id))
+    record = audit.withdrawal(f"withdrawn by admin {ctx.actor}")
+    row = ctx.store.consents.withdraw(consent_id, record, admin=(ctx.actor, "consent.withdraw", consent_id))
     if row is None:
         raise Fail(f"consent {printable(consent_id)!r} is not active (already withdrawn, expired or a denial)")
     click.echo(f"consent {printable(consent_id)} withdrawn")

@@ -14,7 +14,7 @@ import hmac
 import logging
 import secrets
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from authlib.common.urls import add_params_to_uri
@@ -22,9 +22,10 @@ from flask import Blueprint, current_app, g, redirect, render_template, request,
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
+from .. import audit
 from ..logs import current_request_id
 from . import words
-from .service import TICKET_PATH, digest
+from .service import TICKET_PATH, WrongSigner, check_signer, digest
 from .signin import SignInError
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,12 @@ def _records():
     return _ext().store.consents
 
 
+def _service():
+    return _ext().consent
+
+
 def _signin():
-    return _ext().consent.signin
+    return _service().signin
 
 
 def _secure() -> bool:
@@ -224,13 +229,6 @@ def _app_name(client):
     return client.name or client.client_id
 
 
-def _audit(event, row, outcome, consent_id=None, reason=None, scopes=None):
-    return {"time": datetime.now(timezone.utc), "event": event, "grant": None, "client_id": row.client_id,
-            "issuer": row.issuer, "subject": row.sub, "target": None, "source_patient": row.patient or None,
-            "scope_granted": scopes if scopes is not None else row.scopes, "outcome": outcome,
-            "consent": consent_id, "reason": reason, "request_id": current_request_id()}
-
-
 # -- step 2: the consent_uri ------------------------------------------------------------
 @bp.get("/t/<ticket>")
 def start(ticket):
@@ -324,7 +322,10 @@ def callback():
     new_cookie = secrets.token_urlsafe(32)  # rotated at sign-in
     if data.get("purpose") == "grant":
         row = _ticket_row(data["ticket"], key)
-        _check_signer(row, user, cfg)
+        try:
+            check_signer(row, user, cfg)
+        except WrongSigner as e:
+            raise Page(403, *_WRONG_SIGNER[e.who], e.detail) from None
         new = {"purpose": "grant", "ticket": row.ticket_hash, "redirect_uri": data.get("redirect_uri"),
                "state": data.get("state"), "csrf": secrets.token_urlsafe(32), "user": user}
         if not _records().rotate_session(key, digest(new_cookie), new, row.expires, ticket_hash=row.ticket_hash):
@@ -339,27 +340,15 @@ def callback():
     return resp
 
 
-def _check_signer(row, user, cfg):
-    """The signer is the user the app's tokens name (`sub`) and, with --consent-signer
-    patient, the patient themself (fhirUser {source}/Patient/{patient})."""
-    if user["issuer"] != row.issuer or user["sub"] != row.sub:
-        raise Page(403, "Please sign in as the person using the app",
-                   "You signed in with another account than the one the app is used with, so nothing was "
-                   "approved. Sign out at your EHR, go back to the app and sign in as that person.",
-                   "signed-in sub differs from the ticket's")
-    trust = cfg.trusts.get((row.client_id, row.issuer, row.target_id))
-    if trust is None or trust.consent_signer != "patient":
-        return
-    fhir_user = user.get("fhirUser") or ""
-    if row.patient:
-        ok = fhir_user == f"{row.source}/Patient/{row.patient}"
-    else:  # no patient at stake (user/ scopes only): still a patient, on the source
-        sources = (row.source,) if row.source else cfg.issuers[row.issuer].sources
-        ok = any(fhir_user.startswith(f"{s}/Patient/") and "/" not in fhir_user[len(s) + 9:] for s in sources)
-    if not ok:
-        raise Page(403, "Only the patient can approve this",
-                   "This app's access must be approved by the patient whose record it is, signed in as "
-                   "themself. Nothing was approved.", "signer is not the patient")
+# Who must sign (service.check_signer), in the words of the page that says so.
+_WRONG_SIGNER = {
+    "user": ("Please sign in as the person using the app",
+             "You signed in with another account than the one the app is used with, so nothing was "
+             "approved. Sign out at your EHR, go back to the app and sign in as that person."),
+    "patient": ("Only the patient can approve this",
+                "This app's access must be approved by the patient whose record it is, signed in as "
+                "themself. Nothing was approved."),
+}
 
 
 # -- steps 4 and 5: approve or deny ------------------------------------------------------------
@@ -408,17 +397,10 @@ def decide():
         if days not in _durations(trust):
             raise Page(400, "Choose how long to allow it", "Go back and choose one of the durations shown.",
                        "bad duration")
-    now = datetime.now(timezone.utc)
-    consent_id = secrets.token_hex(16)
     granted = decision == "allow"
-    consent = {"id": consent_id, "issuer": row.issuer, "sub": row.sub, "signer": data["user"].get("fhirUser"),
-               "source": row.source, "patient": row.patient, "client_id": row.client_id, "target_id": row.target_id,
-               "scopes": row.scopes, "granted": now, "expires": now + timedelta(days=days) if granted else now,
-               "withdrawn": None if granted else now, "decision": "granted" if granted else "denied"}
-    audit = _audit("consent-granted" if granted else "consent-denied", row, "granted" if granted else "refused",
-                   consent_id, None if granted else "denied by the user")
-    audit["target"] = target.base_url
-    if _records().decide(row.ticket_hash, key, consent, audit) is None:
+    consent_id = _service().decide(row, key, data["user"].get("fhirUser"), granted, days, target.base_url,
+                                   current_request_id())
+    if consent_id is None:
         raise Page(410, *_GONE, "ticket spent meanwhile")
     _records().claim_session(key)
     log.info("consent " + ("granted" if granted else "denied"),
@@ -494,9 +476,9 @@ def _managing():
 def withdraw():
     key, data = _managing()
     user = data["user"]
-    audit = {"time": datetime.now(timezone.utc), "event": "consent-withdrawn", "grant": None,
-             "reason": "withdrawn by the user at /consent", "request_id": current_request_id()}
-    row = _records().withdraw(request.form.get("consent", ""), audit, issuer=user["issuer"], sub=user["sub"])
+    row = _records().withdraw(request.form.get("consent", ""),
+                              audit.withdrawal("withdrawn by the user at /consent", current_request_id()),
+                              issuer=user["issuer"], sub=user["sub"])
     if row is None:
         raise Page(404, "No such approval", "It may have been withdrawn already. Go back to your list.",
                    "no active consent of this user with this id")
