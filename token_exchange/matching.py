@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from .clock import aware, utcnow
 from .errors import TemporarilyUnavailable
 from .fhir_client import FHIR_ID, FHIRClient, FHIRUnavailable, search_token
 
@@ -67,9 +68,7 @@ class PatientMapper:
 def _expired(matched_at, ttl_days) -> bool:
     if matched_at is None:
         return True
-    if matched_at.tzinfo is None:
-        matched_at = matched_at.replace(tzinfo=timezone.utc)
-    return datetime.now(timezone.utc) - matched_at > timedelta(days=ttl_days or 30)
+    return utcnow() - aware(matched_at) > timedelta(days=ttl_days or 30)
 
 
 # -- usable identifiers (contract step 1) ------------------------------------------------

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import jose, policy, scopes, urns
+from .config import IssuerCfg
 from .errors import InvalidRequest
 from .issuers import ACCESS_TOKEN_TYPES, IssuerUnavailable, UnknownKey, introspect
 
@@ -20,7 +21,7 @@ _ID_TOKEN_ONLY = ("nonce", "at_hash", "c_hash", "s_hash")
 
 @dataclass
 class Presented:
-    issuer: object  # IssuerCfg
+    issuer: IssuerCfg
     subject_type: str
     sub: str | None
     claims: dict  # the subject token's claims (or introspection response)

@@ -33,8 +33,8 @@ def consent_list(ctx, client_id, target_ref, as_json):
     """List the consents (oldest first): active, withdrawn and expired."""
     target_id = None
     if target_ref:
-        with ctx.store.session() as s:
-            target_id = get_target(s, target_ref).id
+        with ctx.store.admin.change() as change:
+            target_id = get_target(change, target_ref).id
     now = datetime.now(timezone.utc)
     rows = [consent_row(r, now) for r in ctx.store.consents.listed(client_id, target_id)]
     emit(rows, as_json, ["id", "status", "client", "target", "sub", "patient", "expires"])
