@@ -604,6 +604,70 @@ def test_every_consent_page_forbids_framing_and_has_a_strict_csp(chttp, op):
     assert f"form-action 'self' http://{op.host}:{op.port}" in pages[0].headers["Content-Security-Policy"]
 
 
+class HostileDiscovery:
+    """Another EHR whose OpenID Connect discovery document names a hostile
+    authorization_endpoint (the outside world, served on loopback)."""
+
+    def __init__(self, authorization_endpoint):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from fakes import free_port
+        port = free_port()
+        self.issuer = f"http://127.0.0.1:{port}/evil-ehr"
+        doc = json.dumps({"issuer": self.issuer, "authorization_endpoint": authorization_endpoint,
+                          "token_endpoint": self.issuer + "/token", "jwks_uri": self.issuer + "/jwks"}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path.endswith("/openid-configuration") else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(doc)))
+                self.end_headers()
+                self.wfile.write(doc)
+
+            def log_message(self, *args):
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _form_actions(csp):
+    return [d.strip() for d in csp.split(";") if d.strip().startswith("form-action")]
+
+
+@pytest.mark.parametrize("authorization_endpoint", [
+    "http://[::1/authorize",
+    "http://127.0.0.1:{port};frame-ancestors *;script-src 'unsafe-inline' x/ehr/authorize",
+    "http://127.0.0.1:{port} 'unsafe-inline'/authorize",
+    "javascript:alert(1)",
+    "http://user:pw@127.0.0.1:{port}/authorize",
+    "http://127.0.0.1:99999/authorize",
+])
+def test_one_ehr_s_hostile_discovery_disables_its_own_sign_in_only_and_never_enters_the_csp(
+        chttp, op, cli, authorization_endpoint):
+    """Issue 'Hardening III' 4 and 5: a bad authorization_endpoint took /consent down for
+    every EHR (a 500), and a ';' in it injected CSP directives (the pages became frameable)."""
+    evil = HostileDiscovery(authorization_endpoint.format(port=op.port))
+    try:
+        cli("issuer", "add", evil.issuer, "--jwks-uri", evil.issuer + "/jwks", "--source", "https://evil.example/fhir",
+            "--login-client-id", LOGIN_CLIENT, "--login-secret-env", "LOGIN_SECRET")
+        r = chttp.get("/consent")
+        assert r.status_code == 200
+        csp = r.headers["Content-Security-Policy"]
+        assert _form_actions(csp) == [f"form-action 'self' http://{op.host}:{op.port}"], csp
+        assert csp.count("frame-ancestors") == 1 and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+        assert "script-src" not in csp
+        r = chttp.post("/consent/signin", data={"csrf": csrf_of(r), "issuer": evil.issuer})
+        assert r.status_code == 503 and "not available" in r.get_data(as_text=True)
+        assert _form_actions(r.headers["Content-Security-Policy"]) == ["form-action 'self'"]
+    finally:
+        evil.stop()
+
+
 def test_cookies_are_httponly_lax_and_secure_under_https(cworld, op, env):
     def cookies_of(app):
         http = app.test_client()

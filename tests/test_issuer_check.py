@@ -78,3 +78,14 @@ def test_the_text_report_ends_with_the_verdict(world, ehr, tmp_path):
     r = world("issuer", "check", ehr.issuer, "--access-token", str(tmp_path / "at"), check=False)
     assert r.exit_code == 0 and r.stdout.splitlines()[-1] == "the service can use this issuer"
     assert ehr.access_token()[:20] not in r.stdout
+
+
+@pytest.mark.parametrize("endpoint", ["http://[::1/authorize", "http://127.0.0.1:1;frame-ancestors */authorize"])
+def test_a_discovered_authorization_endpoint_that_is_not_a_valid_url_fails_and_says_sign_in_is_off(
+        world, ehr, tmp_path, endpoint):
+    from fakes import Scripted
+    ehr.replies[".well-known/openid-configuration"] = Scripted(
+        body=json.dumps(dict(ehr.discovery(), authorization_endpoint=endpoint)).encode())
+    code, report = check(world, ehr, tmp_path)
+    outcome, detail = outcomes(report)["authorization_endpoint"]
+    assert code == 1 and outcome == "fail" and "sign-in" in detail and "--authorization-endpoint" in detail

@@ -15,6 +15,7 @@ import time
 import click
 
 from .. import jose, scopes
+from ..consent.signin import web_origin
 from .common import Ctx, printable
 from .issuers import issuer
 
@@ -102,6 +103,10 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
             if not doc.get(endpoint):
                 r.note(endpoint, f"discovery names no {endpoint}: Backend Services reads and the consent sign-in "
                                  "need one (or register it with --" + endpoint.replace("_", "-") + ")")
+            elif web_origin(doc[endpoint]) is None:
+                r.fail(endpoint, f"discovery's {endpoint} is not an absolute http(s) URL with a valid host: the "
+                                 "consent sign-in at this EHR stays off until the EHR fixes it (or register a correct "
+                                 "one with --" + endpoint.replace("_", "-") + ")")
         advertised = doc.get("id_token_signing_alg_values_supported") or []
         usable = [a for a in advertised if a in cfg["algs"]]
         if advertised and not usable:

@@ -11,11 +11,13 @@ signed with the service's active key.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import secrets
 import threading
 import time
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from authlib.common.urls import url_decode
 from authlib.oauth2 import OAuth2Error as AuthlibOAuth2Error
@@ -32,6 +34,35 @@ log = logging.getLogger(__name__)
 SCOPE = "openid fhirUser"
 LEEWAY = 60  # as for every token the service validates (contract rule 1)
 DISCOVERY_TTL = 300
+
+
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
+
+
+def web_origin(url) -> str | None:
+    """The origin (RFC 6454: scheme, host, port) of an absolute http(s) URL, rebuilt from
+    validated parts, or None. Only such an origin may enter a header (the consent pages'
+    CSP form-action): a URL carrying ';', spaces, quotes or a broken authority never does."""
+    if not isinstance(url, str) or len(url) > 2048 or not url.isascii() or not url.isprintable() \
+            or any(c.isspace() or c in ";,'\"\\" for c in url):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not host or parts.username is not None or parts.password is not None:
+        return None
+    if ":" in host:
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return None
+    elif not _HOST_NAME.match(host):
+        return None
+    return f"{parts.scheme}://{host.lower()}" + (f":{port}" if port is not None else "")
 
 
 class SignInError(Exception):
@@ -114,6 +145,12 @@ class SignIn:
         if not (isinstance(auth, str) and isinstance(token, str)):
             raise SignInError(503, "Sign-in at this EHR is not set up; ask the service's administrator.",
                               f"issuer {issuer.url}: no authorization or token endpoint")
+        for name, url in (("authorization_endpoint", auth), ("token_endpoint", token)):
+            if web_origin(url) is None:  # one EHR's bad document disables its own sign-in only
+                log.warning("sign-in disabled for an issuer", extra={
+                    "issuer": issuer.url, "reason": f"its {name} is not an absolute http(s) URL with a valid host"})
+                raise SignInError(503, "Sign-in at this EHR is not available; ask the service's administrator.",
+                                  f"issuer {issuer.url}: {name} is not an absolute http(s) URL with a valid host")
         return auth, token
 
     def _discovery(self, issuer_url: str) -> dict:

@@ -15,7 +15,6 @@ import logging
 import secrets
 import time
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 from authlib.common.urls import add_params_to_uri
 from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
@@ -26,7 +25,7 @@ from .. import audit
 from ..logs import current_request_id
 from . import words
 from .service import TICKET_PATH, WrongSigner, check_signer, digest
-from .signin import SignInError
+from .signin import SignInError, web_origin
 
 log = logging.getLogger(__name__)
 bp = Blueprint("consent", __name__, url_prefix="/consent", template_folder="templates",
@@ -85,15 +84,12 @@ def _cookie(name):
     return value if value and len(value) <= 128 else None
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 def _allow_form_action(url: str | None):
-    """CSP form-action must also allow where a form's answer redirects the browser."""
-    if url:
-        g.setdefault("form_action", []).append(_origin(url))
+    """CSP form-action must also allow where a form's answer redirects the browser: its
+    validated origin, never the URL's own text."""
+    origin = web_origin(url)
+    if origin:
+        g.setdefault("form_action", []).append(origin)
 
 
 def _same(a, b) -> bool:
