@@ -10,7 +10,7 @@ import uuid
 import jwt
 import pytest
 
-from conftest import SERVICE, VENDOR_SECRET, audit_rows, post_token
+from conftest import AT, IDT, SERVICE, TE, VENDOR_SECRET, audit_rows, post_token
 from fakes import SOURCE, TARGET, TARGET2, UPSTREAM
 from test_token import claims_of, error_of
 
@@ -234,3 +234,23 @@ def test_explain_runs_the_jwt_grant_without_spending_its_jti(allowed, ehr, tmp_p
         assert report["decision"]["patient"] == "b-456"
         assert "assertion (invalid_grant)" in [s["step"] for s in report["steps"]]
     assert present(assertion).status_code == 200  # explain spent nothing
+
+
+@pytest.mark.parametrize("claim", [["patient/Observation.rs"], 5, {"patient/Observation.rs": True}, True,
+                                   ["patient/Observation.rs", 7]])
+def test_a_malformed_scope_claim_in_the_grant_is_invalid_grant_never_read_as_absent(present, ehr, claim):
+    """Rule 6: never wider than any side. A present scope claim that is not a string was
+    read as no claim, so patient/*.rs came back for a grant allowing patient/Observation.rs."""
+    r = present(make_grant(ehr, scope=claim), scope="patient/*.rs")
+    body = error_of(r, 400, "invalid_grant")
+    assert "scope" in body["error_description"]
+
+
+@pytest.mark.parametrize("claim", [5, {"patient/Observation.rs": True}, ["patient/Observation.rs", 7]])
+def test_a_malformed_scope_claim_in_the_subject_token_is_invalid_request_naming_it(http, ehr, claim):
+    """The exchange reads its subject token's scope claim through the same function as the
+    grant: a string, or an array of strings; anything else is named, not read as empty."""
+    data = {"grant_type": TE, "subject_token": ehr.access_token(scope=claim), "subject_token_type": AT,
+            "actor_token": ehr.id_token(), "actor_token_type": IDT, "resource": TARGET}
+    body = error_of(post_token(http, data), 400, "invalid_request")
+    assert "scope claim" in body["error_description"]

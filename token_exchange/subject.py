@@ -266,17 +266,40 @@ def _patient_of(claims, issuer) -> tuple:
 _PATIENT_ID = re.compile(r"[^/?#\s\x00-\x1f\x7f]{1,255}\Z")
 
 
+class MalformedScopeClaim(ValueError):
+    """A scope claim that is neither a string nor an array of strings."""
+
+
+def scope_claim(claims: dict, names=("scope", "scp"), arrays: bool = True) -> scopes.ScopeSet | None:
+    """The scopes a presented token or grant claims, for every grant alike: RFC 8693 §4.2
+    and RFC 9068 §2.2.3 make it a space-separated string (some EHRs send an array of
+    strings, as ``scp``: ``arrays``); None when the claim is absent. Within the claim budget
+    (scopes.ScopeBudgetError); anything else is MalformedScopeClaim, never read as absent,
+    so a grant can never come out wider than what it claims (rule 6)."""
+    raw = next((claims[n] for n in names if claims.get(n) is not None), None)
+    if raw is None:
+        return None
+    if isinstance(raw, list) and arrays:
+        if len(raw) > scopes.MAX_CLAIMED_SCOPES:
+            raise scopes.ScopeBudgetError("too many scopes")
+        if not all(isinstance(s, str) for s in raw):
+            raise MalformedScopeClaim("an array with a member that is not a string")
+        raw = " ".join(raw)
+    if not isinstance(raw, str):
+        raise MalformedScopeClaim(f"a JSON {type(raw).__name__}, not a string")
+    return scopes.parse_claim(raw)
+
+
 def _token_scopes(claims: dict) -> scopes.ScopeSet:
-    """An access token's (or introspection answer's) scopes, within the budget."""
-    raw = claims.get("scope", claims.get("scp"))
+    """An access token's (or introspection answer's) scopes: none claimed is none granted."""
     try:
-        if isinstance(raw, list):
-            if len(raw) > scopes.MAX_CLAIMED_SCOPES:
-                raise scopes.ScopeBudgetError("too many scopes")
-            raw = " ".join(s for s in raw if isinstance(s, str))
-        return scopes.parse_claim(raw if isinstance(raw, str) else "")
+        found = scope_claim(claims)
     except scopes.ScopeBudgetError:
         raise InvalidRequest(_TOO_MANY_SCOPES) from None
+    except MalformedScopeClaim as e:
+        raise InvalidRequest("The subject_token's scope claim is malformed: it must be a space-separated string "
+                             "(or an array of strings).", detail=str(e)) from None
+    return found if found is not None else scopes.parse_claim("")
 
 
 _TOO_MANY_SCOPES = (f"The subject_token's scope claim is over this service's budget (at most "

@@ -23,7 +23,7 @@ from authlib.oauth2.rfc7523.jwt_bearer import JWT_BEARER_GRANT_TYPE
 
 from .. import audit, jose, scopes, urns
 from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
-from ..subject import Presented
+from ..subject import MalformedScopeClaim, Presented, scope_claim
 from .base import MAX_TOKEN_LENGTH, ExchangeGrant
 
 MAX_LIFETIME = 300  # exp - iat, no leeway
@@ -75,13 +75,15 @@ class JWTAuthorizationGrant(ExchangeGrant):
         self._check_claims(claims, client_id)
         if self.deps.replay.spent(replay_key(issuer.url), claims["jti"]):
             raise InvalidGrant("The assertion was already used; ask the EHR for a new one.")
-        raw_scope = claims.get("scope")
-        try:  # within the claim budget, as a subject token's scope claim
-            token_scopes = scopes.parse_claim(raw_scope) if isinstance(raw_scope, str) else None
+        try:  # as a subject token's scope claim; absent: the assertion caps nothing
+            token_scopes = scope_claim(claims, names=("scope",), arrays=False)  # RFC 8693 §4.2: a string
         except scopes.ScopeBudgetError:
             raise InvalidGrant(f"The assertion's scope claim is over this service's budget (at most "
                                f"{scopes.MAX_CLAIMED_SCOPES} scopes); ask the EHR for a grant with fewer "
                                "scopes.") from None
+        except MalformedScopeClaim as e:
+            raise InvalidGrant("The assertion's scope claim is malformed: it must be a space-separated string.",
+                               detail=str(e)) from None
         presented = Presented(issuer, urns.JWT_BEARER, claims["sub"], claims, None, token_scopes, None, None,
                               jose.string_or_none(claims.get("fhirUser")), None)  # the assertion's exp caps nothing
         self.deps.validator.locate_patient(presented)
