@@ -869,3 +869,97 @@ def test_link_import_looks_stored_links_up_by_index_not_by_scanning_the_table():
     with engine.begin() as conn:
         assert _stored(conn, batch) == {}
     assert len(plans) == 3 and all("USING INDEX" in p and "SCAN patient_link" not in p for p in plans), plans
+
+
+def test_exchanges_beyond_the_search_slots_get_an_immediate_503_and_jwks_never_waits_behind_them(
+        matching, fhir, ehr, env, tmp_path):
+    """Issue 'Hardening III' 3: one worker with 4 threads, 8 concurrent first exchanges and a
+    target that fetches our /jwks to verify the search token before it answers. At most
+    TOKEN_EXCHANGE_MATCH_CONCURRENCY (default: threads - 2) exchanges may wait on the target;
+    the rest are refused at once (503, Retry-After), so threads stay free for /jwks."""
+    import os
+    import signal
+    import subprocess
+
+    import requests
+
+    from test_scaleout import BIN, until
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    for n in range(8):
+        fhir.add(f"t-{n}", (SSN, str(n)))
+    fetched = []
+
+    def verify_then_search(system, value):  # as a target verifying the search token would
+        try:
+            fetched.append(requests.get(base + "/jwks", timeout=8).status_code)
+        except requests.RequestException as e:
+            fetched.append(type(e).__name__)
+        hit = next(p for p in fhir.patients if p["identifier"][0]["value"] == value)
+        return {"resourceType": "Bundle", "type": "searchset", "total": 1,
+                "entry": [{"resource": hit, "search": {"mode": "match"}}]}
+    fhir.reply = verify_then_search
+    fhir.gate = threading.Event()
+    serve_env = {**os.environ, **env, "TOKEN_EXCHANGE_WORKER_THREADS": "4", "TOKEN_EXCHANGE_HTTP_TIMEOUT": "15"}
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "token-exchange"), "serve", "--port", str(port), "--workers", "1"],
+                                env=serve_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    answers, lock = [], threading.Lock()
+
+    def exchange(n):
+        try:
+            r = requests.post(base + "/token", auth=("vendor", VENDOR_SECRET), timeout=30, data={
+                "grant_type": TE, "subject_token": ehr.access_token(), "subject_token_type": AT,
+                "actor_token": ehr.id_token(patient=f"a-{n}", patient_identifier=[f"{SSN}|{n}"]),
+                "actor_token_type": IDT, "resource": fhir.base, "scope": "patient/Observation.rs"})
+            answer = (r.status_code, r.json(), r.headers.get("Retry-After"))
+        except requests.RequestException as e:
+            answer = (None, type(e).__name__, None)
+        with lock:
+            answers.append(answer)
+    try:
+        assert until(30, lambda: _ready(base)), "serve did not start"
+        threads = [threading.Thread(target=exchange, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        # every exchange either searches (held at the target) or has its answer already
+        settled = until(10, lambda: len(answers) + len(fhir.searches) == 8)
+        outside = requests.get(base + "/jwks", timeout=3)  # with searches held at the target
+        fhir.gate.set()
+        for t in threads:
+            t.join(40)
+        assert settled, f"{len(fhir.searches)} searching, {len(answers)} answered: the rest queued behind them"
+        assert outside.status_code == 200
+        assert fetched and all(code == 200 for code in fetched), fetched
+        granted = [a for a in answers if a[0] == 200]
+        busy = [a for a in answers if a[0] == 503]
+        assert len(granted) == len(fhir.searches) == 2 and len(busy) == 6, answers
+        assert all(a[1]["error"] == "temporarily_unavailable" and a[2] for a in busy)
+        assert all("busy" in a[1]["error_description"] for a in busy)
+    finally:
+        fhir.gate.set()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+
+
+def _ready(base):
+    import requests
+    try:
+        return requests.get(base + "/readyz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.mark.parametrize("env_over, expected", [
+    ({}, 6), ({"TOKEN_EXCHANGE_WORKER_THREADS": "4"}, 2), ({"TOKEN_EXCHANGE_WORKER_THREADS": "2"}, 1),
+    ({"TOKEN_EXCHANGE_WORKER_THREADS": "1"}, 1), ({"TOKEN_EXCHANGE_MATCH_CONCURRENCY": "3"}, 3)])
+def test_match_concurrency_defaults_to_threads_minus_two_and_at_least_one(env, env_over, expected):
+    from token_exchange.settings import Settings
+    assert Settings.from_env(dict(env, **env_over)).match_concurrency == expected
+
+
+@pytest.mark.parametrize("value", ["0", "9", "x"])
+def test_match_concurrency_outside_one_to_the_thread_count_refuses_to_start(env, value):
+    from token_exchange.settings import Settings, SettingsError
+    with pytest.raises(SettingsError, match="TOKEN_EXCHANGE_MATCH_CONCURRENCY"):
+        Settings.from_env(dict(env, TOKEN_EXCHANGE_MATCH_CONCURRENCY=value))

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from .clock import aware, utcnow
 from .errors import TemporarilyUnavailable
 from .fhir_client import FHIR_ID, FHIRClient, FHIRUnavailable, search_token
+from .upstream import Slots
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ MAX_IDENTIFIERS = 5  # searched per match
 MAX_VALUE = 128  # characters of an identifier value
 MAX_SCANNED = 100  # identifiers read from one claim or Patient; the rest are ignored
 MEMORY_SECONDS = 600  # how long "none" and "ambiguous" are remembered
+BUSY_RETRY_AFTER = 2  # seconds, when every matching slot is taken
 SERVICE_ACTOR = "token-exchange"  # the admin events' actor for what the service does itself
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
@@ -235,17 +237,29 @@ def memory_key(source: str, patient: str, target: str, identifiers) -> str:
 class Matcher:
     """Identifiers -> searches at the target -> exactly one -> a stored link."""
 
-    def __init__(self, settings, store, fhir: FHIRClient, metrics=None):
+    def __init__(self, settings, store, fhir: FHIRClient, metrics=None, slots: Slots | None = None):
         self.settings, self.store, self.fhir, self.metrics = settings, store, fhir, metrics
+        self.slots = slots
 
     def match(self, p, target, cfg, stale: bool, dry_run: bool) -> Mapped:
         """For an exchange: the identifiers of the token that supplied the patient;
-        the 10-minute memory honoured; ``dry_run`` (explain) searches and writes nothing."""
+        the 10-minute memory honoured; ``dry_run`` (explain) searches and writes nothing.
+        At most ``slots`` exchanges of this process match at once; one more is refused
+        at once (503) rather than queued behind them (docs/SECURITY.md, resource model)."""
+        if self.slots is not None and not self.slots.take():
+            if self.metrics is not None:
+                self.metrics.inc("match_busy")
+            raise MatchingUnavailable("Patient matching is busy with other exchanges; retry after the indicated "
+                                      "delay.", retry_after=BUSY_RETRY_AFTER,
+                                      detail="every matching slot of this worker is waiting on an upstream")
         try:
             decision = self.run(cfg, [p.issuer], target, p.source, p.patient,
                                 claims=p.patient_claims or {}, stale=stale, search=not dry_run, store=not dry_run)
         except FHIRUnavailable as e:
             raise self.unavailable(e, target) from None
+        finally:
+            if self.slots is not None:
+                self.slots.give_back()
         return decision.mapped()
 
     def unavailable(self, e: FHIRUnavailable, target) -> MatchingUnavailable:
@@ -370,4 +384,5 @@ def _systems(systems) -> str:
 
 
 def make_matcher(settings, store, upstream, metrics=None) -> Matcher:
-    return Matcher(settings, store, FHIRClient(upstream), metrics)
+    """The service's matcher: exchanges bounded by TOKEN_EXCHANGE_MATCH_CONCURRENCY."""
+    return Matcher(settings, store, FHIRClient(upstream), metrics, Slots(settings.match_concurrency))

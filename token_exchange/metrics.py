@@ -25,6 +25,7 @@ EVENTS = {
     "db_errors": "Requests answered 503 because the database could not be used.",
     "match_searches": "Patient searches at a target FHIR server.",
     "match_failures": "Patient matching that could not ask the target or the EHR (answered 503).",
+    "match_busy": "Exchanges refused at once (503) because every matching slot was waiting on an upstream.",
 }
 
 

@@ -116,6 +116,10 @@ class Settings:
     request_read_timeout: int = 10
     #: TOKEN_EXCHANGE_WORKER_THREADS: threads per `serve` worker process (gunicorn gthread).
     worker_threads: int = 8
+    #: TOKEN_EXCHANGE_MATCH_CONCURRENCY: exchanges per worker process that may wait on a target
+    #: or an EHR for patient matching at once; the rest answer 503 at once (default: worker
+    #: threads - 2, at least 1, so /jwks and discovery always find a free thread).
+    match_concurrency: int = 6
 
     @property
     def token_endpoint(self) -> str:
@@ -139,6 +143,7 @@ class Settings:
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
             raise SettingsError("TOKEN_EXCHANGE_ISSUER must be an http(s) URL without query or fragment")
         ttl = _int(env, "TOKEN_EXCHANGE_TOKEN_TTL", 300, minimum=1)
+        threads = _bounded(env, "TOKEN_EXCHANGE_WORKER_THREADS", 8, 1, MAX_WORKER_THREADS)
         instance_path = instance_path or default_instance_path()
         db = env.get("TOKEN_EXCHANGE_DATABASE_URL") or f"sqlite:///{os.path.abspath(instance_path)}/token_exchange.db"
         return cls(
@@ -157,5 +162,6 @@ class Settings:
             rate_limit=_int(env, "TOKEN_EXCHANGE_RATE_LIMIT", 0),
             metrics=_switch(env, "TOKEN_EXCHANGE_METRICS", True),
             request_read_timeout=_int(env, "TOKEN_EXCHANGE_REQUEST_READ_TIMEOUT", 10, minimum=1),
-            worker_threads=_bounded(env, "TOKEN_EXCHANGE_WORKER_THREADS", 8, 1, MAX_WORKER_THREADS),
+            worker_threads=threads,
+            match_concurrency=_bounded(env, "TOKEN_EXCHANGE_MATCH_CONCURRENCY", max(1, threads - 2), 1, threads),
         )

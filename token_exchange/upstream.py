@@ -48,6 +48,21 @@ _CHUNK = 16 * 1024
 _RECHECK = 0.05  # a watchdog that fires before the socket exists looks again this much later
 
 
+class Slots:
+    """At most ``n`` callers of this process wait on upstreams at once; one more is told
+    at once (``take`` returns False) rather than queued, so a slow upstream can hold
+    only ``n`` request threads. Release what was taken with ``give_back``."""
+
+    def __init__(self, n: int):
+        self._sem = threading.BoundedSemaphore(n)
+
+    def take(self) -> bool:
+        return self._sem.acquire(blocking=False)
+
+    def give_back(self) -> None:
+        self._sem.release()
+
+
 class UpstreamError(Exception):
     """An outbound call that did not give a usable answer. ``reason`` is short and
     safe to log (no URL credentials, no body); ``status`` the HTTP status, if any."""
