@@ -479,6 +479,7 @@ def test_the_sqlite_database_its_sidecars_and_folder_are_private(tmp_path, ehr):
     from conftest import CLI, base_env, build_world
     from token_exchange import create_app
     folder = tmp_path / "instance"
+    folder.mkdir(mode=0o700)  # a given URL's folder must exist (the default instance folder is made 0700)
     env = base_env(f"sqlite:///{folder}/te.db")
     cli = CLI(env)
     cli("db", "upgrade")

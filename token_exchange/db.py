@@ -70,11 +70,13 @@ def check_url(url) -> str:
     return u.render_as_string(hide_password=False)
 
 
-def _private_sqlite_files(path: str) -> None:
-    """Files created by the service are its user's alone: the folders it creates 0700,
-    the database and its sidecars 0600 (SQLite gives -wal and -shm the database
-    file's mode). An existing database of looser mode, owned by this user, is
-    tightened. SettingsError when the path cannot hold a database."""
+def _private_sqlite_files(path: str, create_folders: bool) -> None:
+    """Files created by the service are its user's alone: the folders it creates (only
+    the default instance folder's) 0700, the database and its sidecars 0600 (SQLite
+    gives -wal and -shm the database file's mode). An existing database of looser mode,
+    owned by this user, is tightened. SettingsError when the path cannot hold a
+    database, and when a given URL's folder does not exist: nothing is created for a
+    mistyped path (sqlite:///relative/x.db is relative to the working directory)."""
     db = Path(path)
     for ancestor in db.parents:
         if ancestor.exists():
@@ -82,6 +84,9 @@ def _private_sqlite_files(path: str) -> None:
                 raise SettingsError(f"{SETTING} puts the SQLite database under {ancestor}, "
                                     "which is not a directory")
             break
+    if not create_folders and not db.parent.is_dir():
+        raise SettingsError(f"{SETTING} names an SQLite database in {db.parent.absolute()}, which does not exist; "
+                            "create the folder, or give an absolute path (sqlite:////absolute/path.db)")
     try:
         os.makedirs(db.parent, mode=0o700, exist_ok=True)  # only the folders it creates get the mode
         if db.is_dir():
@@ -104,14 +109,14 @@ def _private_sqlite_files(path: str) -> None:
             continue  # absent (sidecars come and go), or not ours to change
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, create_folders: bool = False) -> Engine:
     """An engine for TOKEN_EXCHANGE_DATABASE_URL; SettingsError (one line) when the URL
-    cannot be used."""
+    cannot be used. ``create_folders``: the default instance folder may be made."""
     url = check_url(url)
     if url.startswith("sqlite"):
         path = make_url(url).database
         if path and path != ":memory:":
-            _private_sqlite_files(path)
+            _private_sqlite_files(path, create_folders)
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -82,6 +82,9 @@ def _redis_url(env):
 class Settings:
     #: TOKEN_EXCHANGE_DATABASE_URL: SQLAlchemy URL; default an SQLite file under instance/.
     database_url: str
+    #: True when TOKEN_EXCHANGE_DATABASE_URL is unset: the default SQLite file, whose
+    #: instance folder the service creates (a given URL's folder must exist).
+    database_is_default: bool = False
     #: TOKEN_EXCHANGE_ISSUER: this service's issuer URL (iss of minted tokens, RFC 8414 issuer).
     issuer: str = "http://127.0.0.1:8000"
     #: TOKEN_EXCHANGE_TOKEN_TTL: the longest lifetime of a minted token, seconds.
@@ -148,6 +151,7 @@ class Settings:
         db = env.get("TOKEN_EXCHANGE_DATABASE_URL") or f"sqlite:///{os.path.abspath(instance_path)}/token_exchange.db"
         return cls(
             database_url=db,
+            database_is_default=not env.get("TOKEN_EXCHANGE_DATABASE_URL"),
             issuer=issuer.rstrip("/") if parts.path not in ("", "/") else f"{parts.scheme}://{parts.netloc}",
             token_ttl=ttl,
             key_grace=_int(env, "TOKEN_EXCHANGE_KEY_GRACE", ttl + 60),

@@ -53,7 +53,7 @@ class Store:
         configured) and the store over them: the one place they are wired."""
         from ..db import make_engine
         from ..shared import Redis
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, create_folders=settings.database_is_default)
         redis = Redis(settings.redis_url, settings.database_url, settings.redis_prefix)
         return cls(engine, settings, redis, group_commit=group_commit)
 
