@@ -38,3 +38,50 @@ def test_the_default_instance_folder_is_created_private(tmp_path):
     make_engine(f"sqlite:///{folder}/token_exchange.db", create_folders=True).dispose()
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(folder / "token_exchange.db").st_mode) == 0o600
+
+
+def test_a_secret_given_to_secret_env_by_mistake_is_never_repeated(cli):
+    import secrets
+    for _ in range(20):  # token_urlsafe secrets without '-' look like variable names
+        secret = secrets.token_urlsafe(32).replace("-", "x")
+        r = cli("client", "add", "v2", "--secret-env", secret, check=False)
+        assert r.exit_code == 1 and secret not in r.output + r.stderr
+        assert "--secret-env" in r.stderr
+
+
+def test_a_secret_env_variable_that_is_unset_names_the_option_not_the_variable(cli):
+    r = cli("target", "add", "https://t.example/fhir", "--introspection-secret-env", "NOPE_NOT_SET", check=False)
+    assert r.exit_code == 1 and "NOPE_NOT_SET" not in r.stderr and "--introspection-secret-env" in r.stderr
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"token-exchange {version('token-exchange')}"
+
+
+def test_db_upgrade_current_history_and_downgrade_say_from_which_revision_to_which(tmp_path):
+    from token_exchange.db import MIGRATIONS
+    heads = sorted(p.name[:4] for p in (MIGRATIONS / "versions").glob("0*.py"))
+    head = heads[-1]
+    env = base_env(f"sqlite:///{tmp_path}/te.db")
+    assert run("db", "current", env=env).stdout.startswith("an empty database")
+    assert run("db", "upgrade", env=env).stdout.strip() == f"database upgraded from an empty database to {head} " \
+                                                          "(the current schema)"
+    assert run("db", "upgrade", env=env).stdout.strip() == f"database is at the current schema ({head}); nothing to do"
+    assert run("db", "current", env=env).stdout.strip() == f"{head} (the current schema)"
+    history = run("db", "history", env=env).stdout.splitlines()
+    assert [line.split()[0] for line in history] == heads and history[-1].endswith("(this database)")
+    assert run("db", "downgrade", heads[1], env=env).stdout.strip() == \
+        f"database downgraded from {head} to {heads[1]}"
+    assert run("db", "current", env=env).stdout.strip().startswith(f"{heads[1]} (the current schema is {head}")
+    assert run("db", "upgrade", env=env).stdout.strip() == f"database upgraded from {heads[1]} to {head} " \
+                                                          "(the current schema)"
+
+
+def test_db_downgrade_to_an_unknown_revision_is_one_error_line_naming_the_known_ones(tmp_path):
+    env = base_env(f"sqlite:///{tmp_path}/te.db")
+    run("db", "upgrade", env=env)
+    line = one_error_line(run("db", "downgrade", "9999", env=env))
+    assert "'9999'" in line and "base, 0001" in line
+    assert run("db", "current", env=env).stdout.strip().endswith("(the current schema)")  # nothing changed

@@ -162,6 +162,23 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(cfg, revision)
 
 
+def revisions(engine: Engine) -> list:
+    """The migrations, oldest first: (revision, one-line description)."""
+    from alembic.script import ScriptDirectory
+    script = ScriptDirectory.from_config(alembic_config(engine))
+    return [(s.revision, (s.doc or "").strip().splitlines()[0] if s.doc else "")
+            for s in reversed(list(script.walk_revisions()))]
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's schema revision; None for a database without one (empty)."""
+    from alembic.runtime.migration import MigrationContext
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 def is_current(engine: Engine) -> bool:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory

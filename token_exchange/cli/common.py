@@ -93,6 +93,7 @@ class OneLineErrors(click.Group):
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="token-exchange", prog_name="token-exchange", message="%(prog)s %(version)s")
 def cli():
     """Administer the token-exchange service (RFC 8693 for SMART on FHIR).
 
@@ -162,16 +163,19 @@ def is_loopback(host: str) -> bool:
 
 def secret_from_env(var: str, what: str, option: str, min_len: int = 0) -> str:
     """The secret in environment variable VAR. VAR must be a variable's name: a value
-    given by mistake is refused without being repeated."""
+    given by mistake is refused without being repeated, and no failure repeats VAR
+    (a secret given by mistake can look like a name): it names the option."""
     opt = option
     if not _ENV_NAME.match(var or ""):
         raise Fail(f"{opt} takes the NAME of an environment variable (letters, digits and _), "
                    f"not the secret itself; put the {what} in a variable and name it")
     value = os.environ.get(var)
     if not value:
-        raise Fail(f"environment variable {var} (the {what}) is not set or empty")
+        raise Fail(f"the environment variable that {opt} names is not set or empty; set it to the {what} "
+                   f"(and give {opt} the variable's NAME, not the secret)")
     if len(value) < min_len:
-        raise Fail(f"the {what} in {var} is shorter than {min_len} characters; use a high-entropy secret")
+        raise Fail(f"the {what} in the variable {opt} names is shorter than {min_len} characters; "
+                   "use a high-entropy secret")
     return value
 
 

@@ -11,7 +11,7 @@ from .. import keys as keymod
 from ..clock import utcnow
 from ..models import SigningKey
 from ..sealing import seal
-from .common import Ctx, cli, commit, is_loopback, pass_ctx
+from .common import Ctx, Fail, cli, commit, is_loopback, pass_ctx, printable
 
 log = logging.getLogger("token_exchange.server")
 
@@ -26,11 +26,22 @@ def db():
 @pass_ctx
 def db_upgrade(ctx, revision):
     """Create or upgrade the schema; make the first signing key if there is none."""
-    from ..db import upgrade
+    from ..db import current_revision, revisions, upgrade
+    known = _known(ctx, revisions)
+    if revision != "head" and revision not in known:
+        raise Fail(f"unknown revision {printable(revision)!r}; the known ones: {', '.join(known)}")
+    before = current_revision(ctx.engine)
     upgrade(ctx.engine, revision)
+    after = current_revision(ctx.engine)
     if revision == "head":
         ensure_signing_key(ctx)
-    click.echo("database is at the current schema")
+    head = known[-1]
+    if before == after:
+        click.echo(f"database is at {'the current schema' if after == head else 'revision'} ({after}); "
+                   "nothing to do")
+    else:
+        click.echo(f"database upgraded from {before or 'an empty database'} to {after}"
+                   + (" (the current schema)" if after == head else ""))
 
 
 @db.command("downgrade")
@@ -38,9 +49,42 @@ def db_upgrade(ctx, revision):
 @pass_ctx
 def db_downgrade(ctx, revision):
     """Downgrade the schema to REVISION (e.g. base: drops everything)."""
-    from ..db import downgrade
+    from ..db import current_revision, downgrade, revisions
+    known = ["base"] + _known(ctx, revisions)
+    if revision not in known:
+        raise Fail(f"unknown revision {printable(revision)!r}; the known ones: {', '.join(known)}")
+    before = current_revision(ctx.engine)
     downgrade(ctx.engine, revision)
-    click.echo(f"database downgraded to {revision}")
+    click.echo(f"database downgraded from {before or 'an empty database'} to {revision}")
+
+
+@db.command("current")
+@pass_ctx
+def db_current(ctx):
+    """The database's schema revision, and whether it is the current one."""
+    from ..db import current_revision, revisions
+    head = _known(ctx, revisions)[-1]
+    rev = current_revision(ctx.engine)
+    if rev is None:
+        click.echo("an empty database (no schema): run `token-exchange db upgrade`")
+    elif rev == head:
+        click.echo(f"{rev} (the current schema)")
+    else:
+        click.echo(f"{rev} (the current schema is {head}: run `token-exchange db upgrade`)")
+
+
+@db.command("history")
+@pass_ctx
+def db_history(ctx):
+    """The schema revisions, oldest first; the database's own is marked."""
+    from ..db import current_revision, revisions
+    rev = current_revision(ctx.engine)
+    for name, doc in revisions(ctx.engine):
+        click.echo(f"{name}  {doc}" + ("  (this database)" if name == rev else ""))
+
+
+def _known(ctx, revisions) -> list:
+    return [name for name, _ in revisions(ctx.engine)]
 
 
 def ensure_signing_key(ctx: Ctx):
