@@ -254,7 +254,7 @@ def test_key_sealed_under_another_key_secret_fails_cleanly_with_503(world, env, 
     from token_exchange import create_app
     env["TOKEN_EXCHANGE_KEY_SECRET"] = "first-key-secret-0123456789abcdef"
     world("keys", "rotate")  # the active key is sealed under the first secret
-    env["TOKEN_EXCHANGE_KEY_SECRET"] = "another-secret-0123456789abcdef"
+    env["TOKEN_EXCHANGE_KEY_SECRET"] = "another-key-secret-0123456789abcdef"
     world("client", "rotate-secret", "vendor", "--secret-env", "VENDOR_SECRET")  # peppered anew
     error_of(exchange_factory(create_app(env=env).test_client()), 503, "temporarily_unavailable")
     world("keys", "rotate")  # the documented remedy: a key sealed under the new secret

@@ -85,3 +85,49 @@ def test_db_downgrade_to_an_unknown_revision_is_one_error_line_naming_the_known_
     line = one_error_line(run("db", "downgrade", "9999", env=env))
     assert "'9999'" in line and "base, 0001" in line
     assert run("db", "current", env=env).stdout.strip().endswith("(the current schema)")  # nothing changed
+
+
+def _non_json(r):
+    return [line for line in r.stderr.splitlines() if not line.startswith("{")]
+
+
+def test_serve_on_a_busy_port_is_one_error_line(env, world):
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = run("serve", "--port", str(port), "--workers", "1", env=env)
+    assert r.returncode == 1 and _non_json(r) == [f"error: cannot listen on 127.0.0.1:{port}: address already in use"]
+
+
+def test_serve_refuses_a_key_secret_that_cannot_unseal_the_stored_keys_in_one_line(env, world):
+    sealed = dict(env, TOKEN_EXCHANGE_KEY_SECRET="first-key-secret-0123456789abcdef")
+    from conftest import CLI
+    CLI(sealed)("keys", "rotate")  # the active key is sealed under the first secret
+    from fakes import free_port
+    r = run("serve", "--port", str(free_port()), "--workers", "1",
+            env=dict(env, TOKEN_EXCHANGE_KEY_SECRET="another-key-secret-0123456789abcdef"))
+    (line,) = _non_json(r)
+    assert r.returncode == 1 and line.startswith("error: TOKEN_EXCHANGE_KEY_SECRET cannot unseal 1 stored key")
+    assert "first-key-secret" not in r.stderr + r.stdout
+
+
+def test_readyz_is_503_while_stored_keys_cannot_be_unsealed(env, world):
+    from conftest import CLI
+    from token_exchange import create_app
+    CLI(dict(env, TOKEN_EXCHANGE_KEY_SECRET="first-key-secret-0123456789abcdef"))("keys", "rotate")
+    app = create_app(env=dict(env, TOKEN_EXCHANGE_KEY_SECRET="another-key-secret-0123456789abcdef"))
+    try:
+        r = app.test_client().get("/readyz")
+        assert r.status_code == 503 and "unsealed" in r.get_json()["reason"] and r.headers["Retry-After"]
+        ok = create_app(env=dict(env, TOKEN_EXCHANGE_KEY_SECRET="first-key-secret-0123456789abcdef"))
+        assert ok.test_client().get("/readyz").status_code == 200
+    finally:
+        app.extensions["token_exchange"].store.close()
+
+
+def test_a_key_secret_shorter_than_32_characters_refuses_to_start_in_one_line(env, world):
+    from fakes import free_port
+    r = run("serve", "--port", str(free_port()), env=dict(env, TOKEN_EXCHANGE_KEY_SECRET="abc"))
+    (line,) = _non_json(r)
+    assert r.returncode == 1 and "TOKEN_EXCHANGE_KEY_SECRET must be at least 32 characters" in line
+    assert "abc" not in line

@@ -100,6 +100,9 @@ class Config:
     trusts_by_client: dict[str, list[TrustCfg]]  # client_id -> [TrustCfg]
     active_key: keymod.ActiveKey | None
     key_rows: list[PublicKey]  # for /jwks
+    # What TOKEN_EXCHANGE_KEY_SECRET could not unseal (e.g. "signing key K"): `serve` refuses
+    # to start and /readyz answers 503 while it is not empty.
+    unsealable: tuple = ()
 
     @property
     def any_id_token_trust(self) -> bool:

@@ -227,6 +227,9 @@ def readyz():
     except SQLAlchemyError:
         return respond(json_answer(503, {"status": "unavailable", "reason": "database unreachable"},
                                    [("Retry-After", "5")]))
+    if _ext().store.config().unsealable:
+        return respond(json_answer(503, {"status": "unavailable", "reason": "stored keys or secrets cannot be "
+                                         "unsealed with TOKEN_EXCHANGE_KEY_SECRET"}, [("Retry-After", "5")]))
     return respond(json_answer(200, {"status": "ready"}))
 
 

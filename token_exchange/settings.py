@@ -40,6 +40,17 @@ def _bounded(env, name, default, minimum, maximum):
     return value
 
 
+MIN_KEY_SECRET = 32  # characters
+
+
+def _key_secret(env) -> str | None:
+    value = env.get("TOKEN_EXCHANGE_KEY_SECRET") or None
+    if value is not None and len(value) < MIN_KEY_SECRET:
+        raise SettingsError(f"TOKEN_EXCHANGE_KEY_SECRET must be at least {MIN_KEY_SECRET} characters; make one with "
+                            "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+    return value
+
+
 def default_instance_path() -> str:
     """Where the default SQLite database lives, one place for the CLI and the server:
     ``<checkout>/instance`` when running from a source checkout (an editable install),
@@ -157,7 +168,7 @@ class Settings:
             key_grace=_int(env, "TOKEN_EXCHANGE_KEY_GRACE", ttl + 60),
             redis_url=_redis_url(env),
             redis_prefix=env.get("TOKEN_EXCHANGE_REDIS_PREFIX") or None,
-            key_secret=env.get("TOKEN_EXCHANGE_KEY_SECRET") or None,
+            key_secret=_key_secret(env),
             jwks_cache_ttl=_int(env, "TOKEN_EXCHANGE_JWKS_CACHE_TTL", 300),
             jwks_stale_max=_int(env, "TOKEN_EXCHANGE_JWKS_STALE_MAX", 86400),
             jwks_min_refetch=_int(env, "TOKEN_EXCHANGE_JWKS_MIN_REFETCH", 10),

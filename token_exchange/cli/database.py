@@ -121,12 +121,28 @@ def serve(host, port, workers):
         if not is_current(ctx.engine):
             upgrade(ctx.engine)
         ensure_signing_key(ctx)
+        unsealable = ctx.store.config().unsealable
     except OperationalError:
         click.echo("warning: the database is unreachable; serving 503 until it returns", err=True)
+        unsealable = ()
+    if unsealable:
+        raise Fail(f"TOKEN_EXCHANGE_KEY_SECRET cannot unseal {len(unsealable)} stored key(s) or secret(s) "
+                   f"({', '.join(unsealable[:3])}): start with the key secret they were sealed under")
+    _check_port_free(host, port)
     for warning in serve_warnings(ctx, host, port):
         log.warning(warning)
     from ..wsgi_server import run
     run(host, port, workers or os.cpu_count() or 2, ctx.settings)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line, before gunicorn starts, when the address cannot be listened on."""
+    import socket
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else type(e).__name__
+        raise Fail(f"cannot listen on {host}:{port}: {reason[:1].lower() + reason[1:]}") from None
 
 
 def serve_warnings(ctx, host: str, port: int) -> list[str]:

@@ -20,15 +20,17 @@ from ..sealing import SealError, unseal
 log = logging.getLogger("token_exchange.store")
 
 
-def _unseal_or_none(value, key_secret, what):
-    """A secret sealed under another TOKEN_EXCHANGE_KEY_SECRET: log it and go without
-    (the dependent request fails cleanly) rather than fail every request."""
+def _unseal_or_none(value, key_secret, what, failed: list):
+    """A secret sealed under another TOKEN_EXCHANGE_KEY_SECRET: log it, note it in
+    ``failed`` and go without (the dependent request fails cleanly) rather than fail
+    every request."""
     if not value:
         return None
     try:
         return unseal(value, key_secret)
     except SealError as e:
         log.error("cannot unseal a stored secret", extra={"what": what, "reason": str(e)})
+        failed.append(what)
         return None
 
 
@@ -68,15 +70,16 @@ class ConfigSnapshot:
 
     def _load(self, conn, gen) -> Config:
         secret = self.settings.key_secret
+        failed = []
         issuers, issuer_by_id = {}, {}
         for r in conn.execute(select(Issuer)).all():
             cfg = IssuerCfg(r.url, r.jwks_uri, tuple(r.algs), tuple(r.sources), tuple(r.audiences or ()),
                             r.patient_claim, r.source_claim, r.introspection_endpoint,
                             r.introspection_client_id,
-                            _unseal_or_none(r.introspection_secret, secret, f"issuer {r.url}"),
+                            _unseal_or_none(r.introspection_secret, secret, f"issuer {r.url}", failed),
                             tuple(r.identifier_systems or ()), r.identifier_claim, r.fhir_client_id,
                             r.fhir_scope, r.token_endpoint, r.authorization_endpoint, r.login_client_id,
-                            _unseal_or_none(r.login_secret, secret, f"issuer {r.url} login"))
+                            _unseal_or_none(r.login_secret, secret, f"issuer {r.url} login", failed))
             issuers[r.url] = cfg
             issuer_by_id[r.id] = cfg
         targets = [TargetCfg(r.id, r.base_url, r.name, r.max_ttl, r.secret_salt, r.secret_hash,
@@ -104,9 +107,9 @@ class ConfigSnapshot:
         actives = [k for k in key_rows if k.state == "active"]
         if actives:
             newest = max(actives, key=lambda k: (k.activated or k.retired or utcnow()))
-            pem = _unseal_or_none(newest.private_key, secret, f"signing key {newest.kid}")
+            pem = _unseal_or_none(newest.private_key, secret, f"signing key {newest.kid}", failed)
             active = keymod.ActiveKey(newest.kid, newest.alg, pem) if pem else None
         return Config(gen, issuers, {t.base_url: t for t in targets},
                       {t.name: t for t in targets if t.name}, {t.id: t for t in targets},
                       clients, trusts, by_client, active,
-                      [PublicKey(k.kid, k.alg, k.state, k.public_jwk, k.retired) for k in key_rows])
+                      [PublicKey(k.kid, k.alg, k.state, k.public_jwk, k.retired) for k in key_rows], tuple(failed))
