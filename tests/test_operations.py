@@ -131,3 +131,17 @@ def test_a_key_secret_shorter_than_32_characters_refuses_to_start_in_one_line(en
     (line,) = _non_json(r)
     assert r.returncode == 1 and "TOKEN_EXCHANGE_KEY_SECRET must be at least 32 characters" in line
     assert "abc" not in line
+
+
+def test_trust_show_prints_one_trust_with_every_option_as_text_or_json(world, ehr):
+    import json as _json
+
+    from fakes import TARGET
+    key = ["--client", "vendor", "--issuer", ehr.issuer, "--target", TARGET]
+    shown = _json.loads(world("trust", "show", *key, "--json").output)
+    listed = [t for t in _json.loads(world("trust", "list", "--json").output)
+              if t["client"] == "vendor" and t["issuer"] == ehr.issuer and t["target"] == TARGET]
+    assert listed == [shown] and shown["consent"] == "none"
+    assert f"issuer: {ehr.issuer}" in world("trust", "show", *key).output
+    r = world("trust", "show", "--client", "other", "--issuer", ehr.issuer, "--target", TARGET, check=False)
+    assert r.exit_code == 1 and r.stderr.strip() == "error: no such trust"

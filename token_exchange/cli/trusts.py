@@ -7,7 +7,7 @@ from .. import scopes
 from ..clock import utcnow
 from ..models import Trust
 from .common import (Fail, cli, commit, emit, found, get_target, given_options, json_option, options,
-                     pass_ctx, printable)
+                     pass_ctx, printable, show)
 
 
 @cli.group()
@@ -126,12 +126,29 @@ def trust_update(ctx, client_id, issuer_url, target_ref, **o):
 def trust_list(ctx, client_id, as_json):
     """List the trusts."""
     with ctx.store.admin.change() as change:
-        rows = [{"client": c, "issuer": i, "target": t, "scopes": tr.scopes,
-                 "upstream_client_id": tr.upstream_client_id, "max_ttl": tr.max_ttl,
-                 "allow_id_token": bool(tr.allow_id_token), "allow_jwt_grant": bool(tr.allow_jwt_grant),
-                 "consent": tr.consent, "consent_max_days": tr.consent_max_days,
-                 "consent_signer": tr.consent_signer} for c, i, t, tr in change.trusts(client_id)]
+        rows = [trust_row(c, i, t, tr) for c, i, t, tr in change.trusts(client_id)]
     emit(rows, as_json, ["client", "issuer", "target", "scopes", "upstream_client_id"])
+
+
+def trust_row(client, issuer, target, tr) -> dict:
+    return {"client": client, "issuer": issuer, "target": target, "scopes": tr.scopes,
+            "upstream_client_id": tr.upstream_client_id, "max_ttl": tr.max_ttl,
+            "allow_id_token": bool(tr.allow_id_token), "allow_jwt_grant": bool(tr.allow_jwt_grant),
+            "consent": tr.consent, "consent_max_days": tr.consent_max_days, "consent_signer": tr.consent_signer}
+
+
+@trust.command("show")
+@options(_KEY)
+@json_option
+@pass_ctx
+def trust_show(ctx, client_id, issuer_url, target_ref, as_json):
+    """Show one trust (every option)."""
+    with ctx.store.admin.change() as change:
+        c, i, t = _find(change, client_id, issuer_url, target_ref)
+        row = change.trust(c, i, t)
+        if row is None:
+            raise Fail("no such trust")
+        show(trust_row(c.client_id, i.url, t.base_url, row), as_json)
 
 
 @trust.command("remove")
