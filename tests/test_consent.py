@@ -891,7 +891,8 @@ def test_concurrent_approvals_of_one_ticket_record_one_consent(chttp, capp, op, 
 
 # -- what an anonymous caller can make the service store (SECURITY.md, resource model) -------------
 def session_rows(env):
-    """The browser_session rows' data, read from the database itself."""
+    """The browser_session rows' data, read from the database itself, but for the one
+    cookie key of the day (consent/state.py) every instance shares."""
     from sqlalchemy import select
 
     from token_exchange.db import make_engine
@@ -899,9 +900,12 @@ def session_rows(env):
     engine = make_engine(env["TOKEN_EXCHANGE_DATABASE_URL"])
     try:
         with engine.connect() as conn:
-            return [r.data for r in conn.execute(select(BrowserSession.data))]
+            rows = [(r.key, r.data) for r in conn.execute(select(BrowserSession.key, BrowserSession.data))]
     finally:
         engine.dispose()
+    keys = [k for k, _ in rows if k.startswith("signin-key:")]
+    assert len(keys) <= 1, keys
+    return [d for k, d in rows if k not in keys]
 
 
 def metric(http, name):
@@ -996,3 +1000,57 @@ def test_callback_replayed_with_its_sign_in_cookie_is_refused_at_another_instanc
         for app_ in (a, b):
             app_.extensions["token_exchange"].store.close()
             app_.extensions["token_exchange"].engine.dispose()
+
+
+def test_sign_in_cookie_key_is_shared_through_the_database_and_sealed_at_rest(cworld, op, env):
+    """Every instance opens another's sign-in cookie (one key of the day in the database);
+    with TOKEN_EXCHANGE_KEY_SECRET the key is stored sealed; an instance with another
+    secret (after a change of it) uses a key of its own: its sign-ins work, the others'
+    cookies are refused, and nothing answers 500."""
+    from sqlalchemy import select
+
+    from token_exchange.models import BrowserSession
+    from token_exchange.sealing import SEALED_PREFIX
+    secret = "k" * 40
+    a, b = make_app(dict(env, TOKEN_EXCHANGE_KEY_SECRET=secret)), make_app(dict(env, TOKEN_EXCHANGE_KEY_SECRET=secret))
+    c = make_app(dict(env, TOKEN_EXCHANGE_KEY_SECRET="x" * 40))
+    try:
+        ha, hb, hc = a.test_client(), b.test_client(), c.test_client()
+        r = ha.post("/consent/signin", data={"csrf": csrf_of(ha.get("/consent")), "issuer": op.issuer})
+        loc = Browser(ha, op).sign_in(r.headers["Location"])
+        carry(ha, hb, names=("te_consent_manage",))
+        assert hb.get(local(loc)).status_code == 303
+        with a.extensions["token_exchange"].engine.connect() as conn:
+            [key] = [r.data for r in conn.execute(select(BrowserSession.key, BrowserSession.data))
+                     if r.key.startswith("signin-key:")]
+        assert key["secret"].startswith(SEALED_PREFIX)
+        r = hc.post("/consent/signin", data={"csrf": csrf_of(hc.get("/consent")), "issuer": op.issuer})
+        assert r.status_code == 303
+        loc = Browser(hc, op).sign_in(r.headers["Location"])
+        carry(hc, ha, names=("te_consent_manage",))
+        assert ha.get(local(loc)).status_code == 400
+        assert hc.get(local(loc)).status_code == 303
+    finally:
+        for app_ in (a, b, c):
+            app_.extensions["token_exchange"].store.close()
+            app_.extensions["token_exchange"].engine.dispose()
+
+
+def test_a_sign_in_state_is_spent_once_even_by_concurrent_callbacks(capp, env):
+    """Two callbacks that both got past the read (an EHR accepting a code twice): the
+    marker spending the state is the row's primary key, so one stores a session and the
+    other stores nothing."""
+    records = capp.extensions["token_exchange"].store.consents
+    until = int(time.time()) + 600
+    results = []
+
+    def complete(n):
+        results.append(records.complete_signin("spent-marker", until, f"{n:064x}", {"purpose": "manage",
+                                                                                   "user": {"sub": str(n)}}, until))
+    threads = [threading.Thread(target=complete, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    assert len([d for d in session_rows(env) if "user" in d]) == 1
