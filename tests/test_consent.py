@@ -887,3 +887,170 @@ def test_concurrent_approvals_of_one_ticket_record_one_consent(chttp, capp, op, 
         t.join()
     assert sorted(results).count(200) == 1, results
     assert len(consents(cli)) == 1
+
+
+# -- what an anonymous caller can make the service store (SECURITY.md, resource model) -------------
+def session_rows(env):
+    """The browser_session rows' data, read from the database itself, but for the one
+    cookie key of the day (consent/state.py) every instance shares."""
+    from sqlalchemy import select
+
+    from token_exchange.db import make_engine
+    from token_exchange.models import BrowserSession
+    engine = make_engine(env["TOKEN_EXCHANGE_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            rows = [(r.key, r.data) for r in conn.execute(select(BrowserSession.key, BrowserSession.data))]
+    finally:
+        engine.dispose()
+    keys = [k for k, _ in rows if k.startswith("signin-key:")]
+    assert len(keys) <= 1, keys
+    return [d for k, d in rows if k not in keys]
+
+
+def metric(http, name):
+    from prometheus_client.parser import text_string_to_metric_families
+    text = http.get("/metrics").get_data(as_text=True)
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}.get(name, 0)
+
+
+def test_anonymous_sign_in_starts_store_no_session_until_the_ehr_answers(chttp, op, env):
+    """Issue 26, finding 7: 400 anonymous POST /consent/signin (one CSRF pair from a plain
+    GET /consent) made 400 browser_session rows. A sign-in start stores nothing: its state
+    travels sealed in the browser; a session is stored once the EHR's answer comes back."""
+    page = chttp.get("/consent")
+    csrf = csrf_of(page)
+    for _ in range(400):
+        r = chttp.post("/consent/signin", data={"csrf": csrf, "issuer": op.issuer})
+        assert r.status_code == 303 and r.headers["Location"].startswith(op.issuer)
+    assert session_rows(env) == []
+    assert metric(chttp, "token_exchange_consent_signin_starts_total") == 400
+    r = chttp.get(local(Browser(chttp, op).sign_in(r.headers["Location"])))  # the last one, signed in
+    assert r.status_code == 303 and r.headers["Location"].endswith("/consent")
+    assert "Sign out" in chttp.get("/consent").get_data(as_text=True)
+    rows = session_rows(env)
+    assert [d["user"]["sub"] for d in rows if "user" in d] == ["user-1"] and len(rows) <= 2
+    assert metric(chttp, "token_exchange_consent_sessions_stored_total") == 1
+
+
+def test_continuing_a_ticket_stores_no_session_until_the_ehr_answers(chttp, op, env):
+    """The ticket flow's sign-in start binds the ticket to this browser and stores no
+    session either, however often it is repeated."""
+    uri = consent_uri_of(exchange(chttp, op))
+    b = Browser(chttp, op)
+    page = b.open(uri)
+    for _ in range(50):
+        r = b.continue_(uri, page=page)
+        assert r.status_code == 303
+    assert session_rows(env) == []
+    assert second_browser_is_refused(chttp, uri)
+    r = b.callback(b.sign_in(r.headers["Location"]))
+    assert r.status_code == 303 and r.headers["Location"].endswith("/consent/approve")
+    page = chttp.get("/consent/approve")
+    r = chttp.post("/consent/approve", data={"csrf": csrf_of(page), "decision": "allow", "days": "7"})
+    assert r.status_code == 200 and exchange(chttp, op).status_code == 200
+
+
+def second_browser_is_refused(chttp, uri):
+    from flask.testing import FlaskClient
+    other = FlaskClient(chttp.application)
+    return other.get(local(uri)).status_code == 409
+
+
+def test_sign_in_cookie_is_sealed_and_refused_when_altered_or_expired(chttp, op, monkeypatch):
+    """What the callback needs travels encrypted and integrity-protected: none of state,
+    nonce or verifier is readable in the cookie, and a changed or expired cookie is
+    refused before the code is sent to the EHR (and counted)."""
+    from token_exchange.consent import state as signin_state
+    page = chttp.get("/consent")
+    r = chttp.post("/consent/signin", data={"csrf": csrf_of(page), "issuer": op.issuer})
+    query = parse_qs(urlsplit(r.headers["Location"]).query)
+    sealed = chttp.get_cookie("te_consent_manage").value
+    assert query["state"][0] not in sealed and query["nonce"][0] not in sealed and len(sealed) < 3500
+    loc = Browser(chttp, op).sign_in(r.headers["Location"])
+    for altered in (sealed[:-2] + ("AA" if not sealed.endswith("AA") else "BB"), "1" + sealed, sealed[:40]):
+        chttp.set_cookie("te_consent_manage", altered)
+        assert chttp.get(local(loc)).status_code == 400
+    assert op.token_requests == []
+    assert metric(chttp, "token_exchange_consent_signin_refusals_total") == 3
+    monkeypatch.setattr(signin_state, "SIGNIN_TTL", 0)  # a sign-in cookie that has lapsed
+    r = chttp.post("/consent/signin", data={"csrf": csrf_of(page), "issuer": op.issuer})
+    assert chttp.get(local(Browser(chttp, op).sign_in(r.headers["Location"]))).status_code == 400
+    assert op.token_requests == []
+
+
+def test_callback_replayed_with_its_sign_in_cookie_is_refused_at_another_instance(cworld, op, env):
+    """The state is used once across instances: the replay (the same callback URL with the
+    same sealed cookie) is refused before its code reaches the EHR."""
+    a, b = make_app(env), make_app(env)
+    try:
+        ha, hb = a.test_client(), b.test_client()
+        page = ha.get("/consent")
+        r = ha.post("/consent/signin", data={"csrf": csrf_of(page), "issuer": op.issuer})
+        loc = Browser(ha, op).sign_in(r.headers["Location"])
+        carry(ha, hb, names=("te_consent_manage",))
+        r = hb.get(local(loc))  # started at one instance, finished at the other
+        assert r.status_code == 303 and "Sign out" in hb.get("/consent").get_data(as_text=True)
+        assert len(op.token_requests) == 1
+        replay = a.test_client()
+        carry(ha, replay, names=("te_consent_manage",))  # the sealed cookie, as it was before the callback
+        assert replay.get(local(loc)).status_code == 400
+        assert len(op.token_requests) == 1
+    finally:
+        for app_ in (a, b):
+            app_.extensions["token_exchange"].store.close()
+            app_.extensions["token_exchange"].engine.dispose()
+
+
+def test_sign_in_cookie_key_is_shared_through_the_database_and_sealed_at_rest(cworld, op, env):
+    """Every instance opens another's sign-in cookie (one key of the day in the database);
+    with TOKEN_EXCHANGE_KEY_SECRET the key is stored sealed; an instance with another
+    secret (after a change of it) uses a key of its own: its sign-ins work, the others'
+    cookies are refused, and nothing answers 500."""
+    from sqlalchemy import select
+
+    from token_exchange.models import BrowserSession
+    from token_exchange.sealing import SEALED_PREFIX
+    secret = "k" * 40
+    a, b = make_app(dict(env, TOKEN_EXCHANGE_KEY_SECRET=secret)), make_app(dict(env, TOKEN_EXCHANGE_KEY_SECRET=secret))
+    c = make_app(dict(env, TOKEN_EXCHANGE_KEY_SECRET="x" * 40))
+    try:
+        ha, hb, hc = a.test_client(), b.test_client(), c.test_client()
+        r = ha.post("/consent/signin", data={"csrf": csrf_of(ha.get("/consent")), "issuer": op.issuer})
+        loc = Browser(ha, op).sign_in(r.headers["Location"])
+        carry(ha, hb, names=("te_consent_manage",))
+        assert hb.get(local(loc)).status_code == 303
+        with a.extensions["token_exchange"].engine.connect() as conn:
+            [key] = [r.data for r in conn.execute(select(BrowserSession.key, BrowserSession.data))
+                     if r.key.startswith("signin-key:")]
+        assert key["secret"].startswith(SEALED_PREFIX)
+        r = hc.post("/consent/signin", data={"csrf": csrf_of(hc.get("/consent")), "issuer": op.issuer})
+        assert r.status_code == 303
+        loc = Browser(hc, op).sign_in(r.headers["Location"])
+        carry(hc, ha, names=("te_consent_manage",))
+        assert ha.get(local(loc)).status_code == 400
+        assert hc.get(local(loc)).status_code == 303
+    finally:
+        for app_ in (a, b, c):
+            app_.extensions["token_exchange"].store.close()
+            app_.extensions["token_exchange"].engine.dispose()
+
+
+def test_a_sign_in_state_is_spent_once_even_by_concurrent_callbacks(capp, env):
+    """Two callbacks that both got past the read (an EHR accepting a code twice): the
+    marker spending the state is the row's primary key, so one stores a session and the
+    other stores nothing."""
+    records = capp.extensions["token_exchange"].store.consents
+    until = int(time.time()) + 600
+    results = []
+
+    def complete(n):
+        results.append(records.complete_signin("spent-marker", until, f"{n:064x}", {"purpose": "manage",
+                                                                                   "user": {"sub": str(n)}}, until))
+    threads = [threading.Thread(target=complete, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    assert len([d for d in session_rows(env) if "user" in d]) == 1

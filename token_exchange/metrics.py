@@ -26,6 +26,11 @@ EVENTS = {
     "match_searches": "Patient searches at a target FHIR server.",
     "match_failures": "Patient matching that could not ask the target or the EHR (answered 503).",
     "match_busy": "Exchanges refused at once (503) because every matching slot was waiting on an upstream.",
+    "consent_signin_starts": "Sign-ins at an EHR started from the consent pages (anonymous: each stores "
+                             "nothing on the server; its state travels sealed in a cookie).",
+    "consent_signin_refusals": "Callbacks from an EHR refused at the consent pages (no, an altered or a lapsed "
+                               "sign-in cookie, another state, a replay, a failed or wrong sign-in).",
+    "consent_sessions_stored": "Browser sessions stored by the consent pages: one per sign-in the EHR completed.",
 }
 
 

@@ -236,9 +236,11 @@ class ConsentTicket(Base):
 
 
 class BrowserSession(Base):
-    """Server-side state of a browser flow (sign-in state, nonce, PKCE verifier,
-    ticket), keyed by the SHA-256 of a random cookie, so any instance can finish a
-    flow another started."""
+    """A signed-in browser's session at the consent pages (who signed in, the ticket,
+    the CSRF token), keyed by the SHA-256 of a random cookie, so any instance can
+    serve any step; stored only once the EHR's answer is verified. Also the markers
+    spending a sign-in's state and the day's key of the sealed sign-in cookies
+    (consent/state.py)."""
     __tablename__ = "browser_session"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     data: Mapped[dict] = mapped_column(JSON)

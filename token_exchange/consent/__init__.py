@@ -1,7 +1,8 @@
 """Consent for patient-facing apps (contract section of that name): the check on
 the exchange (``service``), the browser flow and /consent (``views``), the OpenID
-Connect sign-in at the EHR (``signin``), the scopes in plain words (``words``) and
-the FHIR Consent export (``fhir``)."""
+Connect sign-in at the EHR (``signin``) and its state sealed in a cookie
+(``state``), the scopes in plain words (``words``) and the FHIR Consent export
+(``fhir``)."""
 from __future__ import annotations
 
 
@@ -10,7 +11,9 @@ def init_app(app, settings, store, upstream):
     ``upstream`` is the app's one outbound client (token_exchange.upstream)."""
     from .service import ConsentService
     from .signin import SignIn
+    from .state import SignInStates
     from .views import bp
-    service = ConsentService(settings, store, SignIn(settings, upstream))
+    service = ConsentService(settings, store, SignIn(settings, upstream),
+                             SignInStates(store.consents, settings.key_secret))
     app.register_blueprint(bp)
     return service

@@ -92,8 +92,10 @@ def consent_record(ticket, signer: str | None, granted: bool, days: int) -> dict
 
 
 class ConsentService:
-    def __init__(self, settings, store, signin=None):
-        self.settings, self.store, self.signin = settings, store, signin
+    def __init__(self, settings, store, signin=None, states=None):
+        """``signin`` (signin.SignIn) and ``states`` (state.SignInStates): the consent
+        pages' sign-in at the EHR and its sealed state."""
+        self.settings, self.store, self.signin, self.states = settings, store, signin, states
         self.records = store.consents
 
     def covering(self, presented, client_id: str, target_id: int, granted: scopes.ScopeSet,

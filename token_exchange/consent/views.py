@@ -3,10 +3,13 @@ and withdrawal at /consent).
 
 Server-rendered, no JavaScript, no third-party assets. Every POST carries a CSRF
 token: before sign-in a double-submit cookie (a GET stores nothing on the
-server), after it the token kept with the server-side session. The browser holds
-only random cookies; what a flow needs (ticket, state, nonce, PKCE verifier,
-who signed in) is in the database (``browser_session``) under their SHA-256, so
-any instance can serve any step. The session cookie is replaced at sign-in.
+server), after it the token kept with the server-side session. Until the EHR
+answers nothing of a browser is stored: a sign-in's state (OIDC state, nonce,
+PKCE verifier, the ticket and the app's return) travels sealed in the flow's
+cookie (``state.py``); a ticket is bound to the SHA-256 of that cookie. At the
+callback, once the EHR's answer is verified, the cookie is replaced by a random
+one naming the session (``browser_session``, under its SHA-256), so any
+instance can serve any step.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ..logs import current_request_id
 from . import words
 from .service import TICKET_PATH, WrongSigner, check_signer, digest
 from .signin import SignInError, web_origin
+from .state import MAX_COOKIE, SIGNIN_TTL, SignInStates
 
 log = logging.getLogger(__name__)
 bp = Blueprint("consent", __name__, url_prefix="/consent", template_folder="templates",
@@ -61,6 +65,14 @@ def _signin():
     return _service().signin
 
 
+def _states() -> SignInStates:
+    return _service().states
+
+
+def _count(event):
+    _ext().metrics.inc(event)
+
+
 def _secure() -> bool:
     return _ext().settings.issuer.startswith("https://")
 
@@ -79,9 +91,11 @@ def _clear_cookie(resp, name):
     resp.delete_cookie(_cookie_name(name), path="/", secure=_secure(), httponly=True, samesite="Lax")
 
 
-def _cookie(name):
+def _cookie(name, limit=128):
+    """A cookie's value: a session's random key (at most 128 characters), or with
+    limit=MAX_COOKIE a flow cookie that may be a sealed sign-in."""
     value = request.cookies.get(_cookie_name(name))
-    return value if value and len(value) <= 128 else None
+    return value if value and len(value) <= limit else None
 
 
 def _allow_form_action(url: str | None):
@@ -116,6 +130,8 @@ def _error_page(status, title, message):
 
 @bp.errorhandler(Page)
 def _page(e: Page):
+    if request.endpoint == "consent.callback":  # a callback refused, counted
+        _count("consent_signin_refusals")
     if e.detail:
         log.info("consent page refused", extra={"status": e.status, "reason": e.detail})
     return _error_page(e.status, e.title, e.message)
@@ -144,6 +160,8 @@ def _unexpected(e):
 # -- shared steps -------------------------------------------------------------------
 _GONE = ("This link can no longer be used", "It was used already or has expired. Go back to the app and try "
                                             "again: it will give you a new link.")
+_ELSEWHERE = ("This link is already open in another browser",
+              "Finish in the browser where you opened it first, or go back to the app for a new link.")
 
 
 def _ticket_row(ticket_hash: str, session_hash: str | None = None):
@@ -234,11 +252,9 @@ def start(ticket):
     redirect_uri = _redirect_uri(client, request.args.get("redirect_uri"))
     state = _app_state(request.args.get("state"))
     if row.session_hash is not None:
-        cookie = _cookie(FLOW_COOKIE)
+        cookie = _cookie(FLOW_COOKIE, MAX_COOKIE)
         if cookie is None or not _same(digest(cookie), row.session_hash):
-            raise Page(409, "This link is already open in another browser",
-                       "Finish in the browser where you opened it first, or go back to the app for a new link.",
-                       "ticket bound to another browser")
+            raise Page(409, *_ELSEWHERE, "ticket bound to another browser")
         data = _records().session(row.session_hash)
         if data and "user" in data:  # signed in already: resume at the approval page
             return redirect(url_for(".approve"), 303)
@@ -253,7 +269,8 @@ def start(ticket):
 
 @bp.post("/t/<ticket>")
 def begin(ticket):
-    """Bind the ticket to this browser and send it to sign in at the EHR."""
+    """Bind the ticket to this browser and send it to sign in at the EHR. Nothing else is
+    stored: the sign-in's state goes sealed in the flow cookie the ticket is bound to."""
     _check_csrf_cookie()
     row = _ticket_row(digest(ticket))
     cfg, client, issuer, target, trust = _context(row)
@@ -261,78 +278,68 @@ def begin(ticket):
     state = _app_state(request.form.get("state"))
     try:
         url, pending = _signin().start(issuer, row.source or issuer.sources[0])
+        cookie = _states().seal("grant", {"ticket": row.ticket_hash, "redirect_uri": redirect_uri, "state": state,
+                                          "signin": pending}, row.expires)
     except SignInError as e:
         raise Page(e.status, "Sign-in is not available", e.message, e.detail) from None
-    data = {"purpose": "grant", "ticket": row.ticket_hash, "redirect_uri": redirect_uri, "state": state,
-            "signin": pending}
-    new_cookie = None
     if row.session_hash is not None:  # reopened in the browser that bound it: resume
-        cookie = _cookie(FLOW_COOKIE)
-        if cookie is None or not _same(digest(cookie), row.session_hash):
-            raise Page(409, "This link is already open in another browser",
-                       "Finish in the browser where you opened it first, or go back to the app for a new link.",
-                       "ticket bound to another browser")
-        _records().put_session(row.session_hash, data, row.expires)
-    else:
-        new_cookie = secrets.token_urlsafe(32)
-        if not _records().bind(row.ticket_hash, digest(new_cookie), data, row.expires):
-            raise Page(409, "This link is already open in another browser",
-                       "Finish in the browser where you opened it first, or go back to the app for a new link.",
-                       "ticket bound meanwhile")
+        old = _cookie(FLOW_COOKIE, MAX_COOKIE)
+        if old is None or not _same(digest(old), row.session_hash) \
+                or not _records().rebind(row.ticket_hash, row.session_hash, digest(cookie)):
+            raise Page(409, *_ELSEWHERE, "ticket bound to another browser")
+    elif not _records().bind(row.ticket_hash, digest(cookie)):
+        raise Page(409, *_ELSEWHERE, "ticket bound meanwhile")
+    _count("consent_signin_starts")
     _allow_form_action(url)
     resp = redirect(url, 303)
-    if new_cookie:
-        _set_cookie(resp, FLOW_COOKIE, new_cookie, max_age=max(1, row.expires - int(time.time())))
+    _set_cookie(resp, FLOW_COOKIE, cookie, max_age=max(1, row.expires - int(time.time())))
     return resp
 
 
 # -- step 3: back from the EHR ------------------------------------------------------------
 @bp.get("/callback")
 def callback():
-    state = request.args.get("state")
-    found = None
-    for name in (FLOW_COOKIE, MANAGE_COOKIE):
-        cookie = _cookie(name)
-        data = _records().session(digest(cookie)) if cookie else None
-        pending = (data or {}).get("signin")
-        if pending and _same(state, pending.get("state")):
-            found = (name, digest(cookie), data, pending)
-            break
+    """The EHR's answer to the sealed sign-in of this browser whose state it names, used
+    once; only now, the answer verified, is a session stored."""
+    found = _states().find(request.args.get("state"), (("grant", _cookie(FLOW_COOKIE, MAX_COOKIE)),
+                                                        ("manage", _cookie(MANAGE_COOKIE, MAX_COOKIE))))
     if found is None:
         raise Page(400, "This sign-in does not belong to this browser",
                    "It may have expired, or been started elsewhere. Go back to the app and try again.",
-                   "no session with this state")
-    name, key, data, pending = found
-    if not _records().claim_session(key):  # the state is used once
+                   "no sign-in cookie with this state")
+    purpose, cookie, data = found
+    if _states().spent(data):  # the state is used once, at every instance
         raise Page(400, "This sign-in was already used", "Go back to the app and try again.", "state reused")
     cfg = _ext().store.config()
-    issuer = cfg.issuers.get(pending["issuer"])
+    issuer = cfg.issuers.get(data["signin"]["issuer"])
     if issuer is None:
         raise Page(400, "This EHR is no longer set up here", "Nothing was approved.", "issuer removed")
+    row = _ticket_row(data["ticket"], digest(cookie)) if purpose == "grant" else None
     try:
-        claims = _signin().finish(issuer, pending, request.args, cfg.active_key)
+        claims = _signin().finish(issuer, data["signin"], request.args, cfg.active_key)
     except SignInError as e:
         raise Page(e.status, "The sign-in did not work", e.message, e.detail) from None
     user = {"issuer": issuer.url, "sub": claims["sub"],
             "fhirUser": claims.get("fhirUser") if isinstance(claims.get("fhirUser"), str) else None}
-    new_cookie = secrets.token_urlsafe(32)  # rotated at sign-in
-    if data.get("purpose") == "grant":
-        row = _ticket_row(data["ticket"], key)
+    if row is not None:
         try:
             check_signer(row, user, cfg)
         except WrongSigner as e:
             raise Page(403, *_WRONG_SIGNER[e.who], e.detail) from None
-        new = {"purpose": "grant", "ticket": row.ticket_hash, "redirect_uri": data.get("redirect_uri"),
-               "state": data.get("state"), "csrf": secrets.token_urlsafe(32), "user": user}
-        if not _records().rotate_session(key, digest(new_cookie), new, row.expires, ticket_hash=row.ticket_hash):
-            raise Page(410, *_GONE, "ticket spent during sign-in")
-        resp = redirect(url_for(".approve"), 303)
-        _set_cookie(resp, FLOW_COOKIE, new_cookie, max_age=max(1, row.expires - int(time.time())))
-        return resp
-    new = {"purpose": "manage", "csrf": secrets.token_urlsafe(32), "user": user}
-    _records().rotate_session(key, digest(new_cookie), new, int(time.time()) + MANAGE_TTL)
-    resp = redirect(url_for(".manage"), 303)
-    _set_cookie(resp, MANAGE_COOKIE, new_cookie, max_age=MANAGE_TTL)
+        session = {"purpose": "grant", "ticket": row.ticket_hash, "redirect_uri": data.get("redirect_uri"),
+                   "state": data.get("state"), "csrf": secrets.token_urlsafe(32), "user": user}
+        name, expires, page = FLOW_COOKIE, row.expires, ".approve"
+    else:
+        session = {"purpose": "manage", "csrf": secrets.token_urlsafe(32), "user": user}
+        name, expires, page = MANAGE_COOKIE, int(time.time()) + MANAGE_TTL, ".manage"
+    new_cookie = _states().complete(cookie, data, session, expires, row.ticket_hash if row else None)
+    if new_cookie is None:
+        if row is not None:  # a ticket spent or taken meanwhile says so
+            _ticket_row(data["ticket"], digest(cookie))
+        raise Page(400, "This sign-in was already used", "Go back to the app and try again.", "state spent meanwhile")
+    _count("consent_sessions_stored")
+    resp = redirect(url_for(page), 303)  # the session cookie is rotated at sign-in
+    _set_cookie(resp, name, new_cookie, max_age=max(1, expires - int(time.time())))
     return resp
 
 
@@ -449,13 +456,13 @@ def manage_signin():
         raise Page(400, "Choose where you sign in", "Go back and choose one of the EHRs listed.", "bad issuer")
     try:
         url, pending = _signin().start(issuer, issuer.sources[0])
+        cookie = _states().seal("manage", {"signin": pending}, int(time.time()) + SIGNIN_TTL)  # nothing stored
     except SignInError as e:
         raise Page(e.status, "Sign-in is not available", e.message, e.detail) from None
-    cookie = secrets.token_urlsafe(32)
-    _records().put_session(digest(cookie), {"purpose": "manage", "signin": pending}, int(time.time()) + MANAGE_TTL)
+    _count("consent_signin_starts")
     _allow_form_action(url)
     resp = redirect(url, 303)
-    _set_cookie(resp, MANAGE_COOKIE, cookie, max_age=MANAGE_TTL)
+    _set_cookie(resp, MANAGE_COOKIE, cookie, max_age=SIGNIN_TTL)
     return resp
 
 

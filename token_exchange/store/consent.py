@@ -7,6 +7,7 @@ import time
 from datetime import datetime
 
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import audit as audit_records
@@ -56,20 +57,28 @@ class ConsentQueries:
         with self.engine.connect() as conn:
             return conn.execute(select(ConsentTicket).where(ConsentTicket.ticket_hash == ticket_hash)).first()
 
-    def bind(self, ticket_hash: str, session_hash: str, data: dict, expires: int) -> bool:
-        """Bind an unbound, unspent, unexpired ticket to a browser session and store the
-        session, atomically; False when it is no longer free (another browser took it)."""
+    def bind(self, ticket_hash: str, session_hash: str) -> bool:
+        """Bind an unbound, unspent, unexpired ticket to a browser (the SHA-256 of its flow
+        cookie); False when it is no longer free (another browser took it). Nothing else
+        is stored: the sign-in's state travels sealed in that cookie (consent/state.py)."""
         with self.engine.begin() as conn:
-            n = conn.execute(update(ConsentTicket).where(
+            return conn.execute(update(ConsentTicket).where(
                 ConsentTicket.ticket_hash == ticket_hash, ConsentTicket.session_hash.is_(None),
                 ConsentTicket.spent.is_(None), ConsentTicket.expires > int(time.time()))
-                .values(session_hash=session_hash)).rowcount
-            if n != 1:
-                conn.rollback()
-                return False
-            conn.execute(delete(BrowserSession).where(BrowserSession.key == session_hash))
-            conn.execute(insert(BrowserSession).values(key=session_hash, data=data, expires=expires))
-        return True
+                .values(session_hash=session_hash)).rowcount == 1
+
+    def rebind(self, ticket_hash: str, old_hash: str, new_hash: str) -> bool:
+        """Move an unspent ticket's binding to this browser's new flow cookie (a sign-in
+        started again), dropping the session the old cookie had; False when the ticket is
+        spent or bound elsewhere meanwhile."""
+        with self.engine.begin() as conn:
+            n = conn.execute(update(ConsentTicket).where(
+                ConsentTicket.ticket_hash == ticket_hash, ConsentTicket.session_hash == old_hash,
+                ConsentTicket.spent.is_(None), ConsentTicket.expires > int(time.time()))
+                .values(session_hash=new_hash)).rowcount
+            if n == 1:
+                conn.execute(delete(BrowserSession).where(BrowserSession.key == old_hash))
+        return n == 1
 
     # -- browser sessions -----------------------------------------------------------
     def session(self, key_hash: str):
@@ -79,31 +88,58 @@ class ConsentQueries:
                 BrowserSession.key == key_hash, BrowserSession.expires > int(time.time()))).first()
         return row.data if row is not None else None
 
-    def put_session(self, key_hash: str, data: dict, expires: int) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(delete(BrowserSession).where(
-                (BrowserSession.key == key_hash) | (BrowserSession.expires < int(time.time()))))
-            conn.execute(insert(BrowserSession).values(key=key_hash, data=data, expires=expires))
-
     def claim_session(self, key_hash: str) -> bool:
-        """Delete the session; True for the one caller that deleted it (a state is used once)."""
+        """Delete the session; True for the one caller that deleted it."""
         with self.engine.begin() as conn:
             return conn.execute(delete(BrowserSession).where(BrowserSession.key == key_hash)).rowcount == 1
 
-    def rotate_session(self, old_hash: str, new_hash: str, data: dict, expires: int,
-                       ticket_hash: str | None = None) -> bool:
-        """A new session key (at sign-in), moving the ticket's binding along; False
-        when the ticket was meanwhile spent or bound elsewhere."""
-        with self.engine.begin() as conn:
-            conn.execute(delete(BrowserSession).where(BrowserSession.key == old_hash))
-            if ticket_hash is not None:
-                n = conn.execute(update(ConsentTicket).where(
-                    ConsentTicket.ticket_hash == ticket_hash, ConsentTicket.session_hash == old_hash,
-                    ConsentTicket.spent.is_(None)).values(session_hash=new_hash)).rowcount
-                if n != 1:
-                    return False
-            conn.execute(insert(BrowserSession).values(key=new_hash, data=data, expires=expires))
+    def signin_spent(self, spent_key: str) -> bool:
+        """True when the sign-in whose state this marker names was completed already."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(BrowserSession.key).where(BrowserSession.key == spent_key)).first() is not None
+
+    def complete_signin(self, spent_key: str, spent_until: int, new_hash: str, data: dict, expires: int,
+                        ticket_hash: str | None = None, old_hash: str | None = None) -> bool:
+        """The EHR's answer verified: in one transaction, spend the sign-in's state (a
+        marker kept while its cookie could be replayed), move the ticket's binding from
+        the sign-in cookie to the new session cookie, and store the session; prune what
+        has lapsed. False, storing nothing, when the state was spent already (the marker
+        is the primary key: of two concurrent callbacks one wins) or the ticket was
+        meanwhile spent or bound elsewhere."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(BrowserSession).where(BrowserSession.expires < int(time.time())))
+                conn.execute(insert(BrowserSession).values(key=spent_key, data={"purpose": "spent"},
+                                                           expires=spent_until))
+                if ticket_hash is not None:
+                    n = conn.execute(update(ConsentTicket).where(
+                        ConsentTicket.ticket_hash == ticket_hash, ConsentTicket.session_hash == old_hash,
+                        ConsentTicket.spent.is_(None)).values(session_hash=new_hash)).rowcount
+                    if n != 1:
+                        conn.rollback()
+                        return False
+                conn.execute(insert(BrowserSession).values(key=new_hash, data=data, expires=expires))
+        except IntegrityError:
+            return False
         return True
+
+    def browser_key(self, name: str) -> str | None:
+        """A stored cookie key (consent/state.py), sealed as stored, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(BrowserSession.data).where(
+                BrowserSession.key == name, BrowserSession.expires > int(time.time()))).first()
+        return row.data.get("secret") if row is not None else None
+
+    def add_browser_key(self, name: str, sealed: str, expires: int) -> str | None:
+        """Store a cookie key unless another instance stored one under this name first;
+        the one stored."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(BrowserSession).values(key=name, data={"purpose": "key", "secret": sealed},
+                                                           expires=expires))
+        except IntegrityError:
+            pass
+        return self.browser_key(name)
 
     # -- decisions -------------------------------------------------------------------
     def decide(self, ticket_hash: str, session_hash: str, consent: dict, audit: dict) -> list | None:
