@@ -844,3 +844,65 @@ def test_an_unreachable_database_is_one_line_not_a_traceback():
     assert r.returncode == 1
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the database is unreachable"), r.stderr
+
+
+# -- issue 26, finding 8: a failure reaching outside is one line too -----------------------
+SSN = "urn:oid:2.16.840.1.113883.4.1"
+
+
+def _one_error_line(r, args):
+    """Exactly one `error:` line on stderr, nothing on stdout, exit 1: no log line
+    before it (Python's last-resort handler prints the library's warnings), no traceback."""
+    assert r.returncode == 1, (args, r.returncode, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+    assert r.stdout == "", (args, r.stdout)
+    return lines[0]
+
+
+@pytest.fixture
+def unreachable_target(world, ehr):
+    """A target set up for matching whose address nothing listens on."""
+    gone = f"http://127.0.0.1:{free_port()}/fhir"
+    world("issuer", "update", ehr.issuer, "--identifier-system", SSN)
+    world("target", "add", gone, "--name", "gone", "--match-identifier", SSN)
+    return gone
+
+
+def test_link_match_against_an_unreachable_target_is_one_error_line_naming_the_target(unreachable_target, env):
+    args = ["link", "match", "--source", SOURCE, "--patient", "a-123", "--target", unreachable_target,
+            "--identifier", f"{SSN}|1"]
+    line = _one_error_line(_run([_console_script(), *args], env), args)
+    assert line.startswith(f"error: could not ask the target at {unreachable_target}"), line
+    assert "nothing stored" in line and "reachable" in line, line
+
+
+def test_issuer_add_discover_against_a_down_or_unreachable_ehr_is_one_error_line(world, ehr, env):
+    gone = f"http://127.0.0.1:{free_port()}/as"
+    ehr.down = True  # every endpoint answers 503
+    for issuer in (gone, ehr.issuer + "-new"):
+        args = ["issuer", "add", issuer, "--discover", "--source", SOURCE]
+        line = _one_error_line(_run([_console_script(), *args], env), args)
+        assert f"no discovery document found for {issuer}" in line, line
+        assert "--jwks-uri" in line, line  # what to do instead
+
+
+def test_every_failing_command_prints_exactly_one_error_line_and_no_log_line(unreachable_target, world, ehr, env):
+    gone = f"http://127.0.0.1:{free_port()}"
+    world("issuer", "update", ehr.issuer, "--source", SOURCE, "--fhir-client-id", "te-at-ehr",
+          "--token-endpoint", gone + "/token")  # the EHR's Backend Services token endpoint: unreachable
+    ehr.down = True
+    sweep = [
+        ["link", "match", "--source", SOURCE, "--patient", "a-123", "--target", "gone", "--identifier", f"{SSN}|1"],
+        ["link", "match", "--source", SOURCE, "--patient", "a-123", "--target", "gone"],  # reads at the EHR first
+        ["issuer", "add", gone + "/as", "--discover", "--source", SOURCE],
+        ["issuer", "update", ehr.issuer, "--discover"],
+        ["client", "show", "ghost"],
+        ["trust", "add", "--client", "ghost", "--issuer", ehr.issuer, "--target", TARGET, "--scopes", "patient/*.rs",
+         "--upstream-client-id", UPSTREAM],
+    ]
+    for args in sweep:
+        _one_error_line(_run([_console_script(), *args], env), args)
+    # issuer check's answer is its report on stdout: nothing on stderr beside it
+    r = _run([_console_script(), "issuer", "check", gone + "/as"], env)
+    assert r.returncode == 1 and r.stderr == "" and "FAIL" in r.stdout, (r.stdout, r.stderr)

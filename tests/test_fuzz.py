@@ -212,3 +212,143 @@ def test_any_introspection_answer_never_5xx(http, ehr, doc, name, value):
     finally:
         ehr.reset_hostile()
     assert r.status_code < 500, r.get_data(as_text=True)
+
+
+# -- issue 26: every document and header the service reads from outside ------------------
+# (Retry-After: tests/test_matching.py; WWW-Authenticate is only written, never read.)
+import re  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from token_exchange.consent.signin import SignIn, SignInError, web_origin  # noqa: E402
+from token_exchange.fhir_client import FHIR_ID, FHIRClient, FHIRUnavailable  # noqa: E402
+from token_exchange.matching import Identifier, Malformed, searchset_matches  # noqa: E402
+from token_exchange.upstream import Reply, decode_json  # noqa: E402
+
+ORIGIN = re.compile(r"https?://[a-z0-9.\-\[\]:]+\Z")
+HOSTS = st.sampled_from(["127.0.0.1", "ehr.example", "EHR.Example.", "[::1]", "[::1", "::1]", "[fe80::1%eth0]",
+                         "[fe80::1%25eth0]", "[v1.x]", "[::ffff:1.2.3.4]", "a_b.example", "-a.example", "xn--e1a.ru",
+                         "ehr.example;frame-ancestors *", "ehr.example'", 'ehr."x"', "ehr example", "", "é.example",
+                         "user:pw@ehr.example", "@ehr.example", "ehr.example\\@evil", "1.2.3.4.5", "0x7f.1"])
+PORTS = st.sampled_from(["", ":", ":80", ":8080", ":65535", ":65536", ":99999", ":-1", ":x", ": 1", ":０", ":80:81"])
+urlish = st.builds(lambda scheme, host, port, rest: f"{scheme}{host}{port}{rest}",
+                   st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "//", "http:", "javascript://", ""]),
+                   HOSTS | text, PORTS, st.sampled_from(["", "/", "/authorize", "?q=1", "#f", ";x", " /a", "/a b"])
+                   | text)
+
+
+@given(url=urlish | text | st.sampled_from([None, 1, 1.5, True, [], {}, b"http://a"]))
+@settings(max_examples=1500, deadline=None)
+def test_web_origin_never_raises_and_gives_only_a_plain_origin(url):
+    got = web_origin(url)
+    if got is not None:
+        assert ORIGIN.match(got) and not any(c in got for c in ";'\" ,\\%"), (url, got)
+        assert web_origin(got) == got, (url, got)  # an origin is its own origin
+
+
+@pytest.mark.parametrize("url", ["http://[fe80::1%25eth0]/authorize", "http://[fe80::1%eth0]/authorize",
+                                 "https://[v1.x]/authorize"])
+def test_web_origin_refuses_scoped_ipv6_and_ipvfuture_hosts(url):
+    """A zone id (RFC 6874) is local to this machine and no browser's origin; an IPvFuture
+    literal (RFC 3986 §3.2.2) lost its brackets and named another host."""
+    assert web_origin(url) is None
+
+
+DISCOVERY_FIELDS = st.sampled_from(["issuer", "jwks_uri", "authorization_endpoint", "token_endpoint",
+                                    "introspection_endpoint", "subject_types_supported",
+                                    "id_token_signing_alg_values_supported", "x"])
+
+
+def _discovery_text(issuer, field, value):
+    base = {"issuer": issuer, "jwks_uri": issuer + "/jwks", "authorization_endpoint": issuer + "/authorize",
+            "token_endpoint": issuer + "/token"}
+    return _with_claim(base, field, value)
+
+
+class _Stub:
+    """An Upstream that answers every GET with one decoded document."""
+
+    def __init__(self, doc, status=200):
+        self.doc, self.status = doc, status
+
+    def get_json(self, url, headers=None, deadline=None, max_bytes=None):
+        return Reply(self.status, {}, self.doc, url)
+
+
+@FUZZ
+@given(field=DISCOVERY_FIELDS, value=json_texts, raw=st.booleans())
+def test_any_discovery_document_disables_sign_in_or_gives_two_valid_endpoints(field, value, raw):
+    issuer_url = "http://ehr.example/as"
+    try:
+        doc = decode_json((value if raw else _discovery_text(issuer_url, field, value)).encode("utf-8", "surrogatepass"))
+    except (ValueError, UnicodeDecodeError):
+        return  # the outbound client refuses it before anyone reads it
+    signin = SignIn(SimpleNamespace(issuer="http://te.test"), _Stub(doc))
+    issuer = SimpleNamespace(url=issuer_url, login_client_id="te", authorization_endpoint=None, token_endpoint=None)
+    try:
+        auth, token = signin.endpoints(issuer)
+    except SignInError as e:
+        assert e.status in (502, 503)
+        return
+    assert web_origin(auth) is not None and web_origin(token) is not None
+
+
+@FUZZ
+@given(where=st.sampled_from(["discovery", "jwks"]), field=DISCOVERY_FIELDS, value=json_texts,
+       jwks=_upstream_documents())
+def test_any_discovery_or_jwks_document_never_crashes_issuer_add_discover_or_issuer_check(cli, ehr, env, where, field,
+                                                                                         value, jwks):
+    from token_exchange.cli.issuer_check import check
+    from token_exchange.settings import Settings
+    if where == "discovery":
+        body = _discovery_text(ehr.issuer, field, value)
+        ehr.replies[".well-known/openid-configuration"] = Scripted(body=body.encode("utf-8", "surrogatepass"))
+    else:
+        ehr.replies["jwks"] = Scripted(body=jwks.encode("utf-8", "surrogatepass"))
+    try:
+        report = check(ehr.issuer, None, None, None, Settings.from_env(dict(env, TOKEN_EXCHANGE_HTTP_TIMEOUT="2")))
+        assert all(c["outcome"] in ("ok", "fail", "note") for c in report.checks)
+        r = cli("issuer", "add", ehr.issuer, "--discover", "--source", SOURCE, check=False)  # raises on a crash
+        assert r.exit_code in (0, 1), r.output
+        if r.exit_code:
+            (line,) = r.stderr.splitlines()
+            assert line.startswith("error: "), r.stderr
+        else:
+            cli("issuer", "remove", ehr.issuer, "--yes")
+    finally:
+        ehr.reset_hostile()
+
+
+BUNDLE_FIELDS = st.sampled_from(["total", "link", "entry", "x"])
+ENTRY_FIELDS = st.sampled_from(["resource", "search", "fullUrl"])
+RESOURCE_FIELDS = st.sampled_from(["resourceType", "id", "identifier", "active", "link"])
+
+
+@FUZZ
+@given(where=st.sampled_from(["bundle", "entry", "resource", "whole"]), name=BUNDLE_FIELDS | ENTRY_FIELDS |
+       RESOURCE_FIELDS, value=json_texts)
+def test_any_searchset_is_read_or_refused_as_malformed_never_crashes(where, name, value):
+    ident = Identifier("urn:s", "1")
+    resource = {"resourceType": "Patient", "id": "t-1", "identifier": [{"system": "urn:s", "value": "1"}]}
+    entry = {"fullUrl": "http://t.example/fhir/Patient/t-1", "resource": resource, "search": {"mode": "match"}}
+    bundle = {"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [entry],
+              "link": [{"relation": "next", "url": "http://evil.example/fhir/Patient?page=2"}]}
+    container = {"bundle": bundle, "entry": entry, "resource": resource}.get(where)
+    text_doc = _with_claim(bundle, name, value) if where == "bundle" else value if where == "whole" else None
+    try:
+        if text_doc is None:
+            inner = decode_json(value.encode("utf-8", "surrogatepass"))
+            container[name] = inner
+            doc = bundle
+        else:
+            doc = decode_json(text_doc.encode("utf-8", "surrogatepass"))
+    except (ValueError, UnicodeDecodeError):
+        return  # the outbound client refuses it before anyone reads it
+    try:  # what the search reads: a searchset Bundle, else FHIRUnavailable
+        doc = FHIRClient(_Stub(doc)).search("http://t.example/fhir", "tok", "urn:s", "1", None)
+    except FHIRUnavailable:
+        return
+    try:
+        found, ambiguous = searchset_matches(doc, ident)
+    except Malformed:
+        return
+    assert isinstance(ambiguous, bool) and all(isinstance(p, str) and FHIR_ID.match(p) for p in found)

@@ -89,3 +89,24 @@ def test_a_discovered_authorization_endpoint_that_is_not_a_valid_url_fails_and_s
     code, report = check(world, ehr, tmp_path)
     outcome, detail = outcomes(report)["authorization_endpoint"]
     assert code == 1 and outcome == "fail" and "sign-in" in detail and "--authorization-endpoint" in detail
+
+
+@pytest.mark.parametrize("field, value", [("jwks_uri", True), ("jwks_uri", ["http://x.example/jwks"]),
+                                          ("subject_types_supported", 5), ("subject_types_supported", True),
+                                          ("id_token_signing_alg_values_supported", 5),
+                                          ("id_token_signing_alg_values_supported", [["RS256"], {"a": 1}])])
+def test_a_discovery_field_of_the_wrong_json_type_is_a_finding_not_a_crash(cli, ehr, tmp_path, field, value):
+    """Found by tests/test_fuzz.py: a jwks_uri that is not a string crashed `issuer check`
+    and `issuer add --discover`; a list field that is not a list of strings crashed `issuer check`."""
+    from fakes import Scripted
+    ehr.replies[".well-known/openid-configuration"] = Scripted(body=json.dumps(dict(ehr.discovery(),
+                                                                                 **{field: value})).encode())
+    try:
+        code, report = check(cli, ehr, tmp_path)  # the in-process CLI raises on a crash
+        assert code in (0, 1) and report["checks"]
+        if field == "jwks_uri":
+            assert code == 1 and "jwks_uri" in outcomes(report)["discovery"][1]
+            r = cli("issuer", "add", ehr.issuer, "--discover", "--source", SOURCE, check=False)
+            assert r.exit_code == 1 and r.stderr.startswith("error: ") and "jwks_uri" in r.stderr
+    finally:
+        ehr.reset_hostile()

@@ -140,6 +140,17 @@ def test_a_value_is_fhir_escaped_and_percent_encoded(swap, fhir, value):
     assert fhir.searches[0]["path"] == f"/fhir/Patient?identifier={quote(SSN + '|' + escaped, safe='')}&_count=2"
 
 
+@pytest.mark.parametrize("value", ["..", ".", "a/../b", "../../admin", "x?y#z", "%2e%2e"])
+def test_an_identifier_value_never_changes_the_path_searched(matching, fhir, value):
+    """Issue 26: a value that looks like a path (dot segments, slashes) stays one query value."""
+    fhir.add("t-1", (SSN, value))
+    out = json.loads(matching("link", "match", "--source", SOURCE, "--patient", "a-123", "--target", fhir.base,
+                              "--identifier", f"{SSN}|{value}", "--json", "--dry-run").output)
+    (s,) = fhir.searches
+    assert s["path"].split("?")[0] == "/fhir/Patient" and s["identifier"] == (SSN, value)
+    assert out["decision"] == "matched" and out["target_patient"] == "t-1"
+
+
 def test_a_second_exchange_uses_the_stored_link_without_any_search(swap, fhir, matching):
     fhir.add("t-1", (SSN, "123-45-6789"))
     assert swap(ssn()).status_code == 200
@@ -648,6 +659,20 @@ def test_a_patient_read_refused_with_401_drops_the_cached_token(swap, fhir, back
 def test_a_patient_read_naming_another_patient_is_503(swap, fhir, backend):
     backend.patients["a-123"] = ehr_patient("someone-else", (SSN, "1"))
     error_of(swap(None, id_extra={"source": backend.fhir_base}), 503, "temporarily_unavailable")
+
+
+@pytest.mark.parametrize("pid", ["..", ".", "a/../b", "../Patient/x"])
+def test_a_source_patient_id_that_is_a_dot_segment_or_has_a_slash_is_never_read_at_the_ehr(matching, fhir, backend,
+                                                                                          ehr, pid):
+    """Issue 26: `..` and `.` match FHIR's id pattern, but a client removes them as dot
+    segments (RFC 3986 §5.2.4; %2E is the same character) and would read {source}/ instead
+    of the Patient; an id with a slash is no FHIR id. Neither is read."""
+    backend.patients[pid] = ehr_patient(pid, (SSN, "1"))
+    fhir.add("t-1", (SSN, "1"))
+    out = json.loads(matching("link", "match", "--source", backend.fhir_base, "--patient", pid, "--target",
+                              fhir.base, "--json", "--dry-run").output)
+    assert backend.reads == [] and [e for e, _, _ in ehr.requests_seen if e.startswith("fhir")] == []
+    assert out["decision"] == "none" and fhir.searches == []
 
 
 def test_an_ehr_patient_without_usable_identifiers_searches_nothing(swap, fhir, backend):

@@ -195,3 +195,48 @@ def test_every_line_serve_and_gunicorn_write_is_json_and_the_master_s_warnings_s
     records = [json.loads(x) for x in lines]
     (killed,) = [r for r in records if "SIGKILL" in r["msg"]]
     assert killed["logger"] == "gunicorn.error" and killed["level"] == "error"
+
+
+def _raw_answer(port, request: bytes) -> tuple[str, dict, bytes]:
+    """(status line, headers in lower case, body) of the answer to raw request bytes."""
+    import socket
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *fields = head.decode("latin-1").split("\r\n")
+    return status, {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}, body
+
+
+def test_a_request_gunicorn_cannot_parse_is_answered_with_a_json_error_not_an_html_page(env, world, tmp_path):
+    """Issue 26: a malformed request line or header is refused by gunicorn before the
+    service sees it; its answer is the service's JSON error, with its status."""
+    server = Instance(env, tmp_path)
+    try:
+        answers = [(raw, _raw_answer(server.port, raw)) for raw in (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",  # a control byte in a header value
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x7fName: 1\r\n\r\n",  # an invalid byte in a header name
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nnocolon\r\n\r\n",
+            b"GET /a\x00b HTTP/1.1\r\nHost: x\r\n\r\n",  # the request line
+        )]
+    finally:
+        server.stop()
+    for raw, (status, headers, body) in answers:
+        assert status.startswith("HTTP/1.1 400 "), (raw, status, body)
+        assert headers["content-type"] == "application/json" and headers["cache-control"] == "no-store", (raw, headers)
+        assert int(headers["content-length"]) == len(body), (raw, headers, body)
+        answer = json.loads(body)
+        assert answer["error"] == "invalid_request" and answer["error_description"], (raw, answer)
+
+
+def test_a_body_not_sent_in_time_is_answered_408_as_a_json_error(env, world, tmp_path):
+    server = Instance(dict(env, TOKEN_EXCHANGE_REQUEST_READ_TIMEOUT="1"), tmp_path)
+    try:  # the body stops short of its Content-Length; the server answers at the read deadline
+        status, headers, body = _raw_answer(server.port, b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                            b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nab")
+    finally:
+        server.stop()
+    assert status.startswith("HTTP/1.1 408 ") and headers["content-type"] == "application/json", (status, headers)
+    assert json.loads(body) == {"error": "invalid_request", "error_description": "The request was not sent in time."}

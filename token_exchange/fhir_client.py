@@ -134,10 +134,10 @@ class FHIRClient:
     def read_patient(self, issuer, key, source: str, patient: str, deadline) -> dict | None:
         """GET {source}/Patient/{patient} with a Backend Services token -> the Patient
         (its resourceType and id checked); None when the id cannot name a FHIR read."""
-        if not FHIR_ID.match(patient):
-            return None
+        if not FHIR_ID.match(patient) or patient in (".", ".."):
+            return None  # RFC 3986 §5.2.4: a dot segment, even as %2E, would be removed and read {source}/
         token = self.backend.token(issuer, key, deadline)
-        url = f"{source.rstrip('/')}/Patient/{patient}"
+        url = f"{source.rstrip('/')}/Patient/{quote(patient, safe='')}"
         reply = _call(self.upstream, "EHR", "GET", url, deadline,
                       headers={"Accept": FHIR_JSON, "Authorization": f"Bearer {token}"})
         if reply.status == 401:

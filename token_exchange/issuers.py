@@ -244,7 +244,7 @@ def discover(issuer_url: str, timeout: int = 10, upstream=None) -> dict:
             named = doc.get("issuer")
             named = redact(named) if isinstance(named, str) else named
             raise ValueError(f"discovery document at {shown} names issuer {named!r}, not {redact(issuer_url)!r}")
-        if not doc.get("jwks_uri"):
-            raise ValueError(f"discovery document at {shown} has no jwks_uri")
+        if not isinstance(doc.get("jwks_uri"), str) or not doc["jwks_uri"]:
+            raise ValueError(f"discovery document at {shown} has no jwks_uri (a URL string)")
         return doc
     raise ValueError(f"no discovery document found for {redact(issuer_url)} ({last})")

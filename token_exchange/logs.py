@@ -69,7 +69,10 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(level=logging.INFO):
+def configure(level=logging.INFO, server=False):
+    """The service's JSON lines on stderr. Under the admin CLI (``quiet()``) nothing is
+    installed unless ``server`` (`token-exchange serve`): the CLI's terminal gets one
+    ``error:`` line per failure, not the library's log lines."""
     # Our JSON lines carry none of the caller's file and line: do not let every record look
     # them up (the logging HOWTO's "Optimization"). Process and thread stay on the records:
     # other formatters in the process (gunicorn's, a host application's) may use them.
@@ -78,6 +81,10 @@ def configure(level=logging.INFO):
     root = logging.getLogger("token_exchange")
     if any(isinstance(h.formatter, JSONFormatter) for h in root.handlers):
         return
+    if _QUIET in root.handlers:
+        if not server:
+            return
+        root.removeHandler(_QUIET)
     h = _handler = logging.StreamHandler(sys.stderr)
     h.setFormatter(JSONFormatter())
     root.addHandler(h)
@@ -86,6 +93,26 @@ def configure(level=logging.INFO):
 
 
 _handler = None  # the JSON handler configure() installed
+_QUIET = logging.NullHandler()  # quiet()'s: the library's lines go nowhere
+
+
+def quiet():
+    """The admin CLI's policy: the library's log lines (an upstream call failed, a file
+    made private) never reach the terminal, where a failure is one ``error:`` line.
+    Without a handler, Python's last-resort handler would print every warning to stderr.
+    Returns a function that undoes it (for a command run in-process, as tests do)."""
+    root = logging.getLogger("token_exchange")
+    if _QUIET in root.handlers or (_handler is not None and _handler in root.handlers):
+        return lambda: None
+    propagate = root.propagate
+    root.addHandler(_QUIET)
+    root.propagate = False
+
+    def undo():
+        if _QUIET in root.handlers:
+            root.removeHandler(_QUIET)
+            root.propagate = propagate
+    return undo
 
 
 def info_line(logger: logging.Logger, msg: str, fields: dict) -> None:

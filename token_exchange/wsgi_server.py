@@ -22,6 +22,7 @@ workers) and one at shut-down.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import selectors
@@ -100,6 +101,54 @@ class _Conn(gthread.TConn):
         util.close(self.sock)
 
 
+# gunicorn's own answers, by status: what the client should fix (its HTML page says only
+# the reason phrase and may repeat the client's bytes).
+_PROTOCOL_ERRORS = {
+    400: "The request is not valid HTTP/1.1: check the request line and the headers (a header name is a token; "
+         "no control characters in names or values).",
+    403: "The request is refused.",
+    408: "The request was not sent in time.",
+    414: "The request line is too long.",
+    417: "Only Expect: 100-continue is supported.",
+    431: "The request's header fields are too large or too many.",
+    501: "The request's Transfer-Encoding is not supported; send the body with Content-Length.",
+}
+
+
+def write_json_error(sock, status: int, reason: str) -> None:
+    """An error gunicorn answers itself, as the service answers its own (endpoints.error_answer's
+    shape): {"error", "error_description"}, JSON, never cached; the connection closes."""
+    error = "server_error" if status >= 500 and status != 501 else "invalid_request"
+    description = _PROTOCOL_ERRORS.get(status, "An unexpected error occurred." if error == "server_error"
+                                       else f"{reason}.")
+    body = json.dumps({"error": error, "error_description": description}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+class _ErrorPage:
+    """Stands in for the client's socket while gunicorn's handle_error writes its HTML
+    page: the page is kept, not sent; only its status line is read."""
+
+    def __init__(self):
+        self.data = b""
+
+    def gettimeout(self):
+        return 0.0
+
+    def setblocking(self, flag):
+        pass
+
+    def sendall(self, data):
+        self.data += data
+
+    def status(self) -> tuple[int, str] | None:
+        version, _, rest = self.data.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+        code, _, reason = rest.partition(" ")
+        return (int(code), reason) if version.startswith("HTTP/") and code.isascii() and code.isdigit() else None
+
+
 class ThreadWorker(gthread.ThreadWorker):
     read_timeout = 10.0  # set by run() from the settings, before the workers fork
     max_body = 64 * 1024
@@ -130,6 +179,20 @@ class ThreadWorker(gthread.ThreadWorker):
             return False
         return result
 
+    def handle_error(self, req, client, addr, exc):
+        """gunicorn's own answers (a request line or header it cannot parse, a request too
+        large) as the service's JSON errors, not its HTML page: gunicorn decides the status
+        and logs as it always does; only the page is replaced."""
+        page = _ErrorPage()
+        super().handle_error(req, page, addr, exc)
+        answer = page.status()
+        if answer is None:
+            return
+        try:
+            write_json_error(client, *answer)
+        except Exception:  # noqa: BLE001 - the client went away: as gunicorn, nothing more to do
+            self.log.debug("Failed to send error message.")
+
     def handle_request(self, req, conn):
         """Read the whole body (within the deadline) before the application runs."""
         try:
@@ -137,7 +200,7 @@ class ThreadWorker(gthread.ThreadWorker):
         except NoMoreData:
             if conn.timed_out:
                 try:
-                    util.write_error(conn.sock, 408, "Request Timeout", "The request was not sent in time.")
+                    write_json_error(conn.sock, 408, "Request Timeout")
                 except OSError:
                     pass
             return False

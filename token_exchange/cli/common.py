@@ -73,6 +73,14 @@ class OneLineErrors(click.Group):
     (exit 2 for usage errors, as click has it)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from .. import logs
+        undo = logs.quiet()  # the library's log lines stay off the terminal (`serve` logs JSON itself)
+        try:
+            return self._main(args, prog_name, complete_var, standalone_mode, **extra)
+        finally:
+            undo()
+
+    def _main(self, args, prog_name, complete_var, standalone_mode, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

@@ -115,7 +115,7 @@ def serve(host, port, workers):
     """
     from .. import logs
     from ..db import is_current, upgrade
-    logs.configure()  # every line serve writes is JSON, from the first (before the database is opened)
+    logs.configure(server=True)  # every line serve writes is JSON, from the first (before the database is opened)
     ctx = click.get_current_context().ensure_object(Ctx)
     try:
         if not is_current(ctx.engine):

@@ -96,7 +96,7 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
         (r.note if registered else r.fail)("discovery", f"{e}" + ("; the registered jwks_uri is used" if registered
                                                               else "; register it with --jwks-uri instead"))
     if doc:
-        if "pairwise" in (doc.get("subject_types_supported") or []):
+        if "pairwise" in _strings(doc.get("subject_types_supported")):
             r.note("subject types", "the EHR supports pairwise sub: one user has a different sub per client; "
                                     "consents and audit name users by (issuer, sub)")
         for endpoint in ("token_endpoint", "authorization_endpoint"):
@@ -107,7 +107,7 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
                 r.fail(endpoint, f"discovery's {endpoint} is not an absolute http(s) URL with a valid host: the "
                                  "consent sign-in at this EHR stays off until the EHR fixes it (or register a correct "
                                  "one with --" + endpoint.replace("_", "-") + ")")
-        advertised = doc.get("id_token_signing_alg_values_supported") or []
+        advertised = _strings(doc.get("id_token_signing_alg_values_supported"))
         usable = [a for a in advertised if a in cfg["algs"]]
         if advertised and not usable:
             r.fail("algorithms", f"the EHR signs ID tokens with {', '.join(map(str, advertised))}; the allow-list is "
@@ -122,6 +122,11 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
     if not (access_token or id_token):
         r.note("sample tokens", "give --id-token FILE and --access-token FILE to check their claims too")
     return r
+
+
+def _strings(value) -> list:
+    """A discovery document's list of strings; anything else in it is not read."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _check_jwks(r: Report, uri, cfg, upstream) -> dict:

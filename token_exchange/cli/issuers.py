@@ -75,7 +75,8 @@ def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
         try:
             doc = discover(row.url, ctx.settings.http_timeout)
         except ValueError as e:
-            raise Fail(printable(str(e))) from None
+            raise Fail(f"{printable(str(e))}; check the issuer URL and that the EHR is up, or give --jwks-uri URL "
+                       "instead of --discover") from None
         row.jwks_uri = url_arg(doc["jwks_uri"], "the discovered jwks_uri")
         for key, attr in (("introspection_endpoint", "introspection_endpoint"),
                           ("token_endpoint", "token_endpoint"),

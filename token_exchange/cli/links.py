@@ -344,7 +344,8 @@ def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
             d = matcher.run(cfg, issuers, target, source, patient, given=given, stale=origin == "matched",
                             store=not dry_run, memory=False, replace_any=True, actor=ctx.actor)
         except FHIRUnavailable as e:
-            raise Fail(f"could not ask {printable(str(e))}; nothing stored") from None
+            raise Fail(f"could not ask {printable(str(e))}; nothing stored: check that it is up and reachable "
+                       "from here, then run `link match` again") from None
         result.update(decision=d.outcome, target_patient=d.target_patient, system=d.system,
                       searched=list(d.searched), stored=d.stored, detail=d.explain)
     show(result, as_json)

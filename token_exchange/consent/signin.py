@@ -55,11 +55,14 @@ def web_origin(url) -> str | None:
         return None
     if parts.scheme not in ("http", "https") or not host or parts.username is not None or parts.password is not None:
         return None
-    if ":" in host:
+    if ":" in host or "[" in parts.netloc:  # an IP literal (RFC 3986 §3.2.2): IPv6 only, without a zone id
         try:
-            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+            address = ipaddress.IPv6Address(host)
         except ValueError:
             return None
+        if address.scope_id is not None:
+            return None
+        host = f"[{address.compressed}]"
     elif not _HOST_NAME.match(host):
         return None
     return f"{parts.scheme}://{host.lower()}" + (f":{port}" if port is not None else "")
