@@ -292,7 +292,7 @@ def test_any_discovery_document_disables_sign_in_or_gives_two_valid_endpoints(fi
     assert web_origin(auth) is not None and web_origin(token) is not None
 
 
-@FUZZ
+@settings(FUZZ, max_examples=200 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 60)  # a CLI run each
 @given(where=st.sampled_from(["discovery", "jwks"]), field=DISCOVERY_FIELDS, value=json_texts,
        jwks=_upstream_documents())
 def test_any_discovery_or_jwks_document_never_crashes_issuer_add_discover_or_issuer_check(cli, ehr, env, where, field,

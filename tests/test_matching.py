@@ -499,6 +499,15 @@ def test_a_malformed_searchset_is_503(swap, fhir, matching, bundle):
     assert last_audit(matching)["link"] == "unavailable"
 
 
+@pytest.mark.parametrize("pid", ["..", "."])
+def test_a_target_patient_id_that_is_a_dot_segment_is_malformed_never_linked(swap, fhir, matching, pid):
+    """FHIR's id pattern allows '..', but a SMART app building {base}/Patient/.. would name
+    another resource: such an answer is malformed (503), and nothing is stored."""
+    fhir.reply = lambda system, value: _bundle(_entry(pid, value="1"))
+    error_of(swap([f"{SSN}|1"]), 503, "temporarily_unavailable")
+    assert links(matching, "--origin", "matched") == []
+
+
 def test_a_429_passes_the_target_s_retry_after_on(swap, fhir):
     fhir.fault, fhir.retry_after = 429, "120"
     r = swap([f"{SSN}|1"])

@@ -34,7 +34,9 @@ DISCOVERY_TTL = 3600  # a discovered token endpoint is used this long
 TOKEN_REFRESH_MARGIN = 60  # a cached Backend Services token is renewed this long before it expires
 MAX_TOKEN_LIFETIME = 86400  # longer expires_in values are read as this
 # FHIR R4 id datatype: the only patient ids put into a read URL.
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")
+# FHIR R4 id: [A-Za-z0-9\-\.]{1,64}; "." and ".." are refused too: as a path segment they
+# are dot segments (RFC 3986 §5.2.4), so no URL built from them names a Patient.
+FHIR_ID = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9\-.]{1,64}\Z")
 
 
 class FHIRUnavailable(Exception):
@@ -134,7 +136,7 @@ class FHIRClient:
     def read_patient(self, issuer, key, source: str, patient: str, deadline) -> dict | None:
         """GET {source}/Patient/{patient} with a Backend Services token -> the Patient
         (its resourceType and id checked); None when the id cannot name a FHIR read."""
-        if not FHIR_ID.match(patient) or patient in (".", ".."):
+        if not FHIR_ID.match(patient):
             return None  # RFC 3986 §5.2.4: a dot segment, even as %2E, would be removed and read {source}/
         token = self.backend.token(issuer, key, deadline)
         url = f"{source.rstrip('/')}/Patient/{quote(patient, safe='')}"

@@ -320,7 +320,8 @@ class Upstream:
                                      timeout=(left, left), allow_redirects=False, stream=True)
             _current.watch = None
             declared = r.headers.get("Content-Length", "")
-            if declared.isdigit() and len(declared) < 19 and int(declared) > cap:
+            # 1*DIGIT, ASCII only (RFC 9110 §8.6; str.isdigit takes any script's digits)
+            if declared.isascii() and declared.isdigit() and len(declared) < 19 and int(declared) > cap:
                 raise UpstreamError(f"the answer is larger than {cap} bytes", r.status_code, shown)
             if not 200 <= r.status_code < 300:
                 return r.status_code, r.headers, b""  # its body is not read
