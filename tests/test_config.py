@@ -224,6 +224,16 @@ def test_a_missing_secret_variable_is_one_line_naming_the_path_and_the_variable(
     assert line.startswith("error: clients[0].secret_env: ") and var in line
 
 
+def test_a_secret_given_by_mistake_in_an_env_field_is_never_repeated(world):
+    c, doc = _world_doc(world)
+    doc["clients"][0]["secret_env"] = OTHER_SECRET
+    line = refused(c, doc)
+    assert line.startswith("error: clients[0].secret_env takes the NAME") and OTHER_SECRET not in line
+    doc["clients"][0]["secret_env"] = 1234567890123
+    line = refused(c, doc)
+    assert line.startswith("error: clients[0].secret_env: must be the NAME") and "1234567890123" not in line
+
+
 def test_apply_refuses_exactly_what_the_commands_refuse(world):
     c, doc = _world_doc(world)
     issuer = doc["issuers"][0]["url"]

@@ -126,6 +126,8 @@ def _describe(error) -> tuple[str, str]:
     if v == "required":
         missing = re.match(r"'(.*)' is a required property", error.message)
         return path_text(where + [missing.group(1) if missing else "?"]), "missing"
+    if where and str(where[-1]).endswith("_env") and v in ("type", "enum"):
+        return path_text(where), "must be the NAME of an environment variable (a string), or null"  # never echo it
     if v == "type":
         wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
         words = {"string": "a string", "integer": "an integer", "boolean": "true or false", "array": "a list",
