@@ -2,6 +2,7 @@
 from . import (  # noqa: F401
                audit,
                clients,
+               config,
                consent,
                database,
                explain,

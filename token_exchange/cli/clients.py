@@ -9,7 +9,7 @@ from ..sealing import MIN_SECRET_LENGTH
 from ..clock import utcnow
 from ..models import Client
 from ..sealing import generate_secret, hash_secret
-from .common import (Fail, check_id, cli, option_values, commit, emit, found, given_options, json_option,
+from .common import (Fail, check_id, cli, cli_flag, option_values, commit, emit, found, given_options, json_option,
                      options, pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg,
                      yes_option)
 
@@ -44,9 +44,13 @@ def _options(update: bool):
     return options([*opts, *_CREDENTIALS])
 
 
-def _credentials(ctx, o, required: bool):
+FLAG = cli_flag({"redirect_uris": "--redirect-uri", "generate": "--generate-secret"})
+CREDENTIALS = ("secret_env", "generate", "jwks_file", "jwks_uri", "jwks")  # jwks: config apply's inline keys
+
+
+def credentials(ctx, o, required: bool, name=FLAG):
     """-> ({column: value}, secret to show once or None) for the one credential option given."""
-    chosen = [k for k in ("secret_env", "generate", "jwks_file", "jwks_uri") if o.get(k)]
+    chosen = [k for k in CREDENTIALS if o.get(k)]
     if len(chosen) > 1 or (required and not chosen):
         raise Fail("give exactly one of --secret-env VAR, --generate-secret, --jwks-file FILE, --jwks-uri URL")
     if not chosen:
@@ -56,51 +60,76 @@ def _credentials(ctx, o, required: bool):
     shown = None
     if o.get("secret_env") or o.get("generate"):
         secret = generate_secret() if o.get("generate") else secret_from_env(
-            o["secret_env"], "client secret", "--secret-env", MIN_SECRET_LENGTH)
+            o["secret_env"], "client secret", name("secret_env"), MIN_SECRET_LENGTH)
         out["secret_salt"], out["secret_hash"] = hash_secret(secret, ctx.settings.key_secret)
         shown = secret if o.get("generate") else None
     elif o.get("jwks_file"):
         out["auth_method"] = "private_key_jwt"
         out["jwks"] = _read_public_jwks(o["jwks_file"])
+    elif o.get("jwks"):
+        out["auth_method"] = "private_key_jwt"
+        out["jwks"] = public_jwks(o["jwks"], name("jwks"))
     else:
         out["auth_method"] = "private_key_jwt"
-        out["jwks_uri"] = url_arg(o["jwks_uri"], "--jwks-uri")
+        out["jwks_uri"] = url_arg(o["jwks_uri"], name("jwks_uri"))
     return out, shown
 
 
 def _read_public_jwks(path):
-    import jwt
+    what = f"--jwks-file {printable(path)}"
     try:
         with open(path) as f:
             data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise Fail(f"{what}: not a readable JWKS ({type(e).__name__})") from None
+    return public_jwks(data, what)
+
+
+def public_jwks(data, what: str) -> dict:
+    """A JWKS of public keys only, with at least one usable key (``what`` names where it came from)."""
+    import jwt
+    try:
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
         keyset = jwt.PyJWKSet.from_dict(data)
-    except (OSError, ValueError, RecursionError, jwt.PyJWKSetError, jwt.PyJWKError) as e:
-        raise Fail(f"--jwks-file {printable(path)}: not a readable JWKS ({type(e).__name__})") from None
+    except (ValueError, RecursionError, jwt.PyJWKSetError, jwt.PyJWKError) as e:
+        raise Fail(f"{what}: not a readable JWKS ({type(e).__name__})") from None
     for k in data.get("keys", []):
         if any(p in k for p in ("d", "p", "q", "dp", "dq", "qi", "k")):
-            raise Fail(f"--jwks-file {printable(path)} contains private key material; register public keys only")
+            raise Fail(f"{what} contains private key material; register public keys only")
     if not keyset.keys:
-        raise Fail(f"--jwks-file {printable(path)} has no usable keys")
+        raise Fail(f"{what} has no usable keys")
     return {"keys": data["keys"]}
 
 
-def _apply(ctx, row: Client, o: dict):
+def apply_options(ctx, row: Client, o: dict, name=FLAG):
+    """Validate the given options (credentials aside) and set them on row: the one home
+    of each client option's rule (`client add|update` and `config apply`)."""
     if o.get("name") is not None:
-        name = o["name"].strip()
-        if len(name) > 255 or not name.isprintable():
-            raise Fail("--name must be at most 255 printable characters")
-        row.name = name or None
+        value = o["name"].strip()
+        if len(value) > 255 or not value.isprintable():
+            raise Fail(f"{name('name')} must be at most 255 printable characters")
+        row.name = value or None
     if o.get("redirect_uris"):
-        row.redirect_uris = [url_arg(u, "--redirect-uri", https_only_beyond_loopback=True)
+        row.redirect_uris = [url_arg(u, name("redirect_uris"), https_only_beyond_loopback=True)
                              for u in option_values(o["redirect_uris"])]
 
 
-def _check_client_id(ctx, change, client_id):
-    check_id(client_id, "CLIENT_ID")
+def new_client(ctx, change, client_id: str, o: dict, name=FLAG, id_name: str = "CLIENT_ID"):
+    """`client add` and `config apply`: check CLIENT_ID, the credential and the options,
+    and add the client to the change (not committed) -> (row, secret to show once or None)."""
+    check_id(client_id, id_name)
     if ctx.settings.names_service(client_id):
-        raise Fail("CLIENT_ID must not be this service's issuer URL (the service uses it for its own searches)")
+        raise Fail(f"{id_name} must not be this service's issuer URL (the service uses it for its own searches)")
     if change.has_issuer(client_id):
         raise Fail(f"{printable(client_id)} is a registered issuer URL; a client id must not be one")
+    creds, shown = credentials(ctx, o, required=True, name=name)
+    if change.has_client(client_id):
+        raise Fail(f"client {printable(client_id)!r} already exists; change it with `client update`")
+    row = Client(client_id=client_id, created=utcnow(), redirect_uris=[], **creds)
+    apply_options(ctx, row, o, name)
+    change.add(row)
+    return row, shown
 
 
 @client.command("add")
@@ -110,15 +139,9 @@ def _check_client_id(ctx, change, client_id):
 def client_add(ctx, client_id, **o):
     """Register CLIENT_ID with a secret (>= 32 characters) or public keys (private_key_jwt)."""
     with ctx.store.admin.change() as change:
-        _check_client_id(ctx, change, client_id)
-        creds, shown = _credentials(ctx, o, required=True)
-        if change.has_client(client_id):
-            raise Fail(f"client {printable(client_id)!r} already exists; change it with `client update`")
-        row = Client(client_id=client_id, created=utcnow(), redirect_uris=[], **creds)
-        _apply(ctx, row, o)
-        change.add(row)
+        row, shown = new_client(ctx, change, client_id, o)
         commit(ctx, change, "client.add", client_id)
-    click.echo(f"client {printable(client_id)} added ({creds['auth_method']})")
+    click.echo(f"client {printable(client_id)} added ({row.auth_method})")
     if shown:
         click.echo(f"client_secret: {shown}")
         click.echo("Store it now: it is not shown again.", err=True)
@@ -135,10 +158,10 @@ def client_update(ctx, client_id, **o):
         raise Fail("nothing to change: give at least one option (see `client update --help`)")
     with ctx.store.admin.change() as change:
         row = found(change.client(client_id), "client", client_id)
-        creds, shown = _credentials(ctx, given, required=False)
+        creds, shown = credentials(ctx, given, required=False)
         for k, v in creds.items():
             setattr(row, k, v)
-        _apply(ctx, row, given)
+        apply_options(ctx, row, given)
         commit(ctx, change, "client.update", f"{client_id}: {', '.join(sorted(given))}")
     click.echo(f"client {printable(client_id)} updated")
     if shown:
@@ -152,7 +175,7 @@ def client_update(ctx, client_id, **o):
 @pass_ctx
 def client_rotate(ctx, client_id, **o):
     """Replace CLIENT_ID's secret; the old one stops working at once."""
-    creds, shown = _credentials(ctx, o, required=True)
+    creds, shown = credentials(ctx, o, required=True)
     with ctx.store.admin.change() as change:
         c = found(change.client(client_id), "client", client_id)
         for k, v in creds.items():

@@ -325,9 +325,17 @@ def option_values(values):
     return [] if list(values) == [""] else list(dict.fromkeys(values))
 
 
-def identifier_system(value):
+def identifier_system(value, what="--identifier-system"):
     """An identifier system as --identifier-system and --match-identifier take it."""
     if not value or len(value) > 2048 or not value.isprintable() or any(c.isspace() for c in value) \
             or "|" in value:
-        raise Fail(f"--identifier-system must be a URI without spaces or '|': {printable(value)!r}")
+        raise Fail(f"{what} must be a URI without spaces or '|': {printable(value)!r}")
     return value
+
+
+def cli_flag(renamed: dict | None = None):
+    """How a noun's shared option checks name an option in their messages: on the
+    command line `--the-key` (or as renamed); `config apply` passes its own namer,
+    which names the place in the file instead (`trusts[2].scopes`)."""
+    renamed = renamed or {}
+    return lambda key: renamed.get(key) or "--" + key.replace("_", "-")

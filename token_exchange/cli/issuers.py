@@ -7,7 +7,7 @@ from .. import jose
 from ..clock import utcnow
 from ..models import Issuer
 from ..sealing import seal
-from .common import (Fail, cli, identifier_system, option_values, commit, emit, found, given_options, json_option, options,
+from .common import (Fail, cli, cli_flag, identifier_system, option_values, commit, emit, found, given_options, json_option, options,
                      pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg, yes_option)
 
 
@@ -64,8 +64,28 @@ def _options(update: bool):
     return options(opts)
 
 
-def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
-    """Validate the given options and set them on row; then check the whole."""
+FLAG = cli_flag({"sources": "--source", "audiences": "--audience", "identifier_systems": "--identifier-system"})
+
+
+def new_issuer(ctx, change, issuer_url: str, o: dict, name=FLAG, url_name: str = "ISSUER_URL") -> Issuer:
+    """`issuer add` and `config apply`: check ISSUER_URL and the options, and add the issuer
+    to the change (not committed). ``name`` says how messages name an option."""
+    url_arg(issuer_url, url_name)
+    if ctx.settings.names_service(issuer_url):
+        raise Fail(f"{url_name} is this service's own issuer URL")
+    if change.has_issuer(issuer_url):
+        raise Fail(f"issuer {printable(issuer_url)} already exists; change it with `issuer update`")
+    if change.has_client(issuer_url):
+        raise Fail(f"{printable(issuer_url)} is a registered client id; an issuer URL must not be one")
+    row = Issuer(url=issuer_url, sources=[], audiences=[], identifier_systems=[], created=utcnow())
+    apply_options(ctx, change, row, o, creating=True, name=name)
+    change.add(row)
+    return row
+
+
+def apply_options(ctx, change, row: Issuer, o: dict, creating: bool, name=FLAG):
+    """Validate the given options and set them on row; then check the whole. The one
+    home of each issuer option's rule: `issuer add|update` and `config apply` call it."""
     if o.get("discover") and o.get("jwks_uri"):
         raise Fail("give --jwks-uri URL or --discover, not both")
     if creating and not o.get("discover") and not o.get("jwks_uri"):
@@ -84,45 +104,47 @@ def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
             if o.get(attr) is None and isinstance(doc.get(key), str):
                 o[attr] = doc[key]
     if o.get("jwks_uri") is not None:
-        row.jwks_uri = url_arg(o["jwks_uri"], "--jwks-uri")
+        row.jwks_uri = url_arg(o["jwks_uri"], name("jwks_uri"))
     if o.get("sources"):
-        row.sources = [url_arg(v, "--source") for v in option_values(o["sources"])]
+        row.sources = [url_arg(v, name("sources")) for v in option_values(o["sources"])]
     if o.get("audiences"):
-        row.audiences = [_audience(ctx, v) for v in option_values(o["audiences"])]
+        row.audiences = [_audience(ctx, v, name("audiences")) for v in option_values(o["audiences"])]
     if o.get("algs") is not None:
         algs = [a.strip() for a in o["algs"].split(",") if a.strip()]
         bad = [a for a in algs if a not in jose.ASYMMETRIC_ALGS]
         if not algs or bad:
-            raise Fail(f"--algs must list asymmetric algorithms from {','.join(jose.ASYMMETRIC_ALGS)}; "
+            raise Fail(f"{name('algs')} must list asymmetric algorithms from {','.join(jose.ASYMMETRIC_ALGS)}; "
                        f"not {printable(','.join(bad)) or 'empty'}")
         row.algs = algs
-    for opt, attr in (("patient_claim", "patient_claim"), ("source_claim", "source_claim"),
-                      ("identifier_claim", "identifier_claim")):
+    for opt in ("patient_claim", "source_claim", "identifier_claim"):
         if o.get(opt) is not None:
             value = o[opt]
             if not value or len(value) > 64 or not value.isprintable() or " " in value:
-                raise Fail(f"--{opt.replace('_', '-')} must be a claim name (1-64 characters, no spaces)")
-            setattr(row, attr, value)
+                raise Fail(f"{name(opt)} must be a claim name (1-64 characters, no spaces)")
+            setattr(row, opt, value)
     if o.get("no_introspection"):
         row.introspection_endpoint = row.introspection_client_id = row.introspection_secret = None
     for opt in ("introspection_endpoint", "token_endpoint", "authorization_endpoint"):
         if o.get(opt) is not None:
             clear = o[opt] == "" and not creating  # update: '' removes it
-            setattr(row, opt, None if clear else url_arg(o[opt], "--" + opt.replace("_", "-")))
+            setattr(row, opt, None if clear else url_arg(o[opt], name(opt)))
     for opt in ("introspection_client_id", "fhir_client_id", "login_client_id", "fhir_scope"):
         if o.get(opt) is not None:
             value = o[opt]
             if value and (len(value) > 255 or not value.isprintable()):
-                raise Fail(f"--{opt.replace('_', '-')} must be 1-255 printable characters")
+                raise Fail(f"{name(opt)} must be 1-255 printable characters")
             setattr(row, opt, value or None)
     if o.get("introspection_secret_env"):
         row.introspection_secret = seal(secret_from_env(o["introspection_secret_env"], "introspection secret",
-                                                        "--introspection-secret-env"), ctx.settings.key_secret)
+                                                        name("introspection_secret_env")), ctx.settings.key_secret)
+    if o.get("no_login_secret"):  # config apply: the file names no login secret
+        row.login_secret = None
     if o.get("login_secret_env"):
         row.login_secret = seal(secret_from_env(o["login_secret_env"], "login client secret",
-                                                "--login-secret-env"), ctx.settings.key_secret)
+                                                name("login_secret_env")), ctx.settings.key_secret)
     if o.get("identifier_systems"):
-        row.identifier_systems = [identifier_system(v) for v in option_values(o["identifier_systems"])]
+        row.identifier_systems = [identifier_system(v, name("identifier_systems"))
+                                  for v in option_values(o["identifier_systems"])]
     # The whole, as it will be stored.
     if not row.sources:
         raise Fail("give at least one --source FHIR_BASE the issuer may vouch for")
@@ -134,13 +156,13 @@ def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
         _check_backend_services_key(change)
 
 
-def _audience(ctx, value):
+def _audience(ctx, value, what="--audience"):
     """An accepted access-token aud; never this service itself (a token addressed to
     the service is a grant, not an access token for a FHIR server)."""
     if not value or len(value) > 2048 or not value.isprintable():
-        raise Fail("--audience must be 1-2048 printable characters")
+        raise Fail(f"{what} must be 1-2048 printable characters")
     if ctx.settings.names_service(value):
-        raise Fail(f"--audience {printable(value)!r} names this service; only FHIR servers' audiences belong here")
+        raise Fail(f"{what} {printable(value)!r} names this service; only FHIR servers' audiences belong here")
     return value
 
 
@@ -158,17 +180,8 @@ def _check_backend_services_key(change):
 @pass_ctx
 def issuer_add(ctx, issuer_url, **o):
     """Trust ISSUER_URL (its exact iss) as a source authorization server."""
-    url_arg(issuer_url, "ISSUER_URL")
-    if ctx.settings.names_service(issuer_url):
-        raise Fail("ISSUER_URL is this service's own issuer URL")
     with ctx.store.admin.change() as change:
-        if change.has_issuer(issuer_url):
-            raise Fail(f"issuer {printable(issuer_url)} already exists; change it with `issuer update`")
-        if change.has_client(issuer_url):
-            raise Fail(f"{printable(issuer_url)} is a registered client id; an issuer URL must not be one")
-        row = Issuer(url=issuer_url, sources=[], audiences=[], identifier_systems=[], created=utcnow())
-        _apply(ctx, change, row, o, creating=True)
-        change.add(row)
+        new_issuer(ctx, change, issuer_url, o)
         commit(ctx, change, "issuer.add", issuer_url)
     click.echo(f"issuer {printable(issuer_url)} added")
 
@@ -184,7 +197,7 @@ def issuer_update(ctx, issuer_url, **o):
         raise Fail("nothing to change: give at least one option (see `issuer update --help`)")
     with ctx.store.admin.change() as change:
         row = found(change.issuer(issuer_url), "issuer", issuer_url)
-        _apply(ctx, change, row, given, creating=False)
+        apply_options(ctx, change, row, given, creating=False)
         commit(ctx, change, "issuer.update", f"{issuer_url}: {', '.join(sorted(given))}")
     click.echo(f"issuer {printable(issuer_url)} updated")
 

@@ -7,7 +7,7 @@ from ..sealing import MIN_SECRET_LENGTH
 from ..clock import utcnow
 from ..models import Target
 from ..sealing import hash_secret
-from .common import (Fail, cli, identifier_system, option_values, commit, confirm_cascade, emit, get_target, given_options, json_option,
+from .common import (Fail, cli, cli_flag, identifier_system, option_values, commit, confirm_cascade, emit, get_target, given_options, json_option,
                      options, pass_ctx, printable, secret_from_env, show, url_arg, yes_option)
 
 
@@ -38,14 +38,34 @@ def _options(update: bool):
     return options(opts)
 
 
-def _apply(ctx, change, row: Target, o: dict):
+FLAG = cli_flag({"match_identifiers": "--match-identifier"})
+
+
+def new_target(ctx, change, base_url: str, o: dict, name=FLAG, url_name: str = "BASE_URL") -> Target:
+    """`target add` and `config apply`: check BASE_URL and the options, and add the target
+    to the change (not committed)."""
+    url_arg(base_url, url_name)
+    if change.has_target(base_url):
+        raise Fail(f"target {printable(base_url)} already exists; change it with `target update`")
+    row = Target(base_url=base_url, match_identifiers=[], created=utcnow())
+    apply_options(ctx, change, row, o, name)
+    change.add(row)
+    return row
+
+
+def apply_options(ctx, change, row: Target, o: dict, name=FLAG):
+    """Validate the given options and set them on row: the one home of each target
+    option's rule (`target add|update` and `config apply`)."""
+    if o.get("no_name"):  # config apply: the file gives the target no name
+        row.name = None
     if o.get("name") is not None:
-        name = o["name"]
-        if not name or len(name) > 255 or not name.isprintable() or " " in name or ":" in name or "/" in name:
-            raise Fail("--name must be 1-255 printable characters without spaces, ':' or '/'")
-        if change.target_name_taken(name, other_than=row.id):
-            raise Fail(f"a target named {printable(name)!r} already exists")
-        row.name = name
+        value = o["name"]
+        if not value or len(value) > 255 or not value.isprintable() or " " in value or ":" in value \
+                or "/" in value:
+            raise Fail(f"{name('name')} must be 1-255 printable characters without spaces, ':' or '/'")
+        if change.target_name_taken(value, other_than=row.id):
+            raise Fail(f"a target named {printable(value)!r} already exists")
+        row.name = value
     if o.get("max_ttl") is not None:
         row.max_ttl = o["max_ttl"]
     if o.get("no_max_ttl"):
@@ -54,10 +74,11 @@ def _apply(ctx, change, row: Target, o: dict):
         row.secret_salt = row.secret_hash = None
     if o.get("introspection_secret_env"):
         row.secret_salt, row.secret_hash = hash_secret(
-            secret_from_env(o["introspection_secret_env"], "target secret", "--introspection-secret-env",
+            secret_from_env(o["introspection_secret_env"], "target secret", name("introspection_secret_env"),
                             MIN_SECRET_LENGTH), ctx.settings.key_secret)
     if o.get("match_identifiers"):
-        row.match_identifiers = [identifier_system(v) for v in option_values(o["match_identifiers"])]
+        row.match_identifiers = [identifier_system(v, name("match_identifiers"))
+                                 for v in option_values(o["match_identifiers"])]
     if o.get("match_ttl") is not None:
         row.match_ttl_days = o["match_ttl"]
     if row.secret_hash and not row.name:
@@ -70,13 +91,8 @@ def _apply(ctx, change, row: Target, o: dict):
 @pass_ctx
 def target_add(ctx, base_url, **o):
     """Register BASE_URL (the aud of tokens minted for it)."""
-    url_arg(base_url, "BASE_URL")
     with ctx.store.admin.change() as change:
-        if change.has_target(base_url):
-            raise Fail(f"target {printable(base_url)} already exists; change it with `target update`")
-        row = Target(base_url=base_url, match_identifiers=[], created=utcnow())
-        _apply(ctx, change, row, o)
-        change.add(row)
+        new_target(ctx, change, base_url, o)
         commit(ctx, change, "target.add", base_url)
     click.echo(f"target {printable(base_url)} added")
 
@@ -92,7 +108,7 @@ def target_update(ctx, target, **o):
         raise Fail("nothing to change: give at least one option (see `target update --help`)")
     with ctx.store.admin.change() as change:
         row = get_target(change, target)
-        _apply(ctx, change, row, given)
+        apply_options(ctx, change, row, given)
         commit(ctx, change, "target.update", f"{row.base_url}: {', '.join(sorted(given))}")
     click.echo(f"target {printable(row.base_url)} updated")
 

@@ -6,7 +6,7 @@ import click
 from .. import scopes
 from ..clock import utcnow
 from ..models import Trust
-from .common import (Fail, cli, commit, emit, found, get_target, given_options, json_option, options,
+from .common import (Fail, cli, cli_flag, commit, emit, found, get_target, given_options, json_option, options,
                      pass_ctx, printable, show)
 
 
@@ -48,33 +48,49 @@ def _options(update: bool):
     return options(opts)
 
 
-def _parse_scopes(text):
+FLAG = cli_flag({"scope_text": "--scopes"})
+
+
+def _parse_scopes(text, what):
     try:
         parsed = scopes.parse(text)
     except scopes.ScopeError as e:
-        raise Fail(f"--scopes: {e}") from None
+        raise Fail(f"{what}: {e}") from None
     dropped = [t for t in text.split() if scopes.parse_scope(t) is None]
     if dropped or not parsed:
-        raise Fail("--scopes must list SMART resource scopes only (e.g. patient/*.rs); "
+        raise Fail(f"{what} must list SMART resource scopes only (e.g. patient/*.rs); "
                    f"not {printable(' '.join(dropped)) or 'empty'}")
     return text.strip()
 
 
-def _apply(row: Trust, o: dict):
+def apply_options(row: Trust, o: dict, name=FLAG):
+    """Validate the given options and set them on row: the one home of each trust
+    option's rule (`trust add|update` and `config apply`)."""
     if o.get("scope_text") is not None:
-        row.scopes = _parse_scopes(o["scope_text"])
+        row.scopes = _parse_scopes(o["scope_text"], name("scope_text"))
     if o.get("upstream_client_id") is not None:
         up = o["upstream_client_id"]
         if not up.strip() or len(up) > 255 or not up.isprintable():
-            raise Fail("--upstream-client-id must be 1-255 printable characters")
+            raise Fail(f"{name('upstream_client_id')} must be 1-255 printable characters")
         row.upstream_client_id = up
     if o.get("max_ttl") is not None:
         row.max_ttl = o["max_ttl"]
     if o.get("no_max_ttl"):
         row.max_ttl = None
-    for name in ("allow_id_token", "allow_jwt_grant", "consent", "consent_max_days", "consent_signer"):
-        if o.get(name) is not None:
-            setattr(row, name, o[name])
+    for key in ("allow_id_token", "allow_jwt_grant", "consent", "consent_max_days", "consent_signer"):
+        if o.get(key) is not None:
+            setattr(row, key, o[key])
+
+
+def new_trust(change, c, i, t, o: dict, name=FLAG) -> Trust:
+    """`trust add` and `config apply`: a new trust of client c, issuer i and target t,
+    added to the change (not committed)."""
+    if change.has_trust(c, i, t):
+        raise Fail("that trust already exists; change it with `trust update`")
+    row = Trust(client_id=c.id, issuer_id=i.id, target_id=t.id, created=utcnow())
+    apply_options(row, o, name)
+    change.add(row)
+    return row
 
 
 def _find(change, client_id, issuer_url, target_ref):
@@ -91,11 +107,7 @@ def trust_add(ctx, client_id, issuer_url, target_ref, **o):
     """Let a client exchange an issuer's tokens for a target, up to some scopes."""
     with ctx.store.admin.change() as change:
         c, i, t = _find(change, client_id, issuer_url, target_ref)
-        if change.has_trust(c, i, t):
-            raise Fail("that trust already exists; change it with `trust update`")
-        row = Trust(client_id=c.id, issuer_id=i.id, target_id=t.id, created=utcnow())
-        _apply(row, o)
-        change.add(row)
+        row = new_trust(change, c, i, t, o)
         commit(ctx, change, "trust.add", f"{client_id} {issuer_url} -> {t.base_url}: {row.scopes}")
     click.echo(f"trust added: {printable(client_id)} may exchange {printable(issuer_url)} tokens for "
                f"{printable(t.base_url)}")
@@ -114,7 +126,7 @@ def trust_update(ctx, client_id, issuer_url, target_ref, **o):
         row = change.trust(c, i, t)
         if row is None:
             raise Fail("no such trust; add it with `trust add`")
-        _apply(row, given)
+        apply_options(row, given)
         commit(ctx, change, "trust.update", f"{client_id} {issuer_url} -> {t.base_url}: {', '.join(sorted(given))}")
     click.echo("trust updated")
 

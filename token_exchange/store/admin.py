@@ -175,12 +175,24 @@ class AdminChange:
     def commit(self, actor: str, action: str, detail: str) -> None:
         """Record the change (who, what, when) with a generation bump, and commit;
         a constraint broken at the commit rolls everything back (``Conflict``)."""
-        bump(self.session, actor, action, detail)
+        self.commit_all(actor, [(action, detail)])
+
+    def commit_all(self, actor: str, events: list) -> None:
+        """Several changes made together (`config apply`): an admin event for each
+        (action, detail), one generation bump, one commit; a constraint broken at the
+        commit rolls all of them back (``Conflict``)."""
+        self.session.execute(update(Generation).where(Generation.id == 1).values(value=Generation.value + 1))
+        for action, detail in events:
+            self.session.add(AdminEvent(**audit.admin(actor, action, detail)))
         try:
             self.session.commit()
         except IntegrityError:
             self.session.rollback()
-            raise Conflict(action) from None
+            raise Conflict(events[0][0] if events else "commit") from None
+
+    def rollback(self) -> None:
+        """Undo everything this change did (a dry run)."""
+        self.session.rollback()
 
 
 def _by_source_target(keys):
