@@ -179,10 +179,10 @@ def secret_from_env(var: str, what: str, option: str, min_len: int = 0) -> str:
                    f"not the secret itself; put the {what} in a variable and name it")
     value = os.environ.get(var)
     if not value:
-        raise Fail(f"the environment variable that {opt} names is not set or empty; set it to the {what} "
+        raise Fail(f"{opt}: the environment variable it names is not set or empty; set it to the {what} "
                    f"(and give {opt} the variable's NAME, not the secret)")
     if len(value) < min_len:
-        raise Fail(f"the {what} in the variable {opt} names is shorter than {min_len} characters; "
+        raise Fail(f"{opt}: the {what} in the variable it names is shorter than {min_len} characters; "
                    "use a high-entropy secret")
     return value
 
