@@ -133,13 +133,21 @@ def _apply(ctx, change, row: Issuer, o: dict, creating: bool):
         _check_backend_services_key(change)
 
 
-def _audience(ctx, value):
-    """An accepted access-token aud; never this service itself (a token addressed to
-    the service is a grant, not an access token for a FHIR server)."""
+def audience_problem(settings, value) -> str | None:
+    """Why --audience refuses value (None: it accepts it). An accepted access-token aud is
+    never this service itself (a token addressed to the service is a grant, not an access
+    token for a FHIR server). `issuer check` asks the same before it advises a value."""
     if not value or len(value) > 2048 or not value.isprintable():
-        raise Fail("--audience must be 1-2048 printable characters")
-    if ctx.settings.names_service(value):
-        raise Fail(f"--audience {printable(value)!r} names this service; only FHIR servers' audiences belong here")
+        return "--audience must be 1-2048 printable characters"
+    if settings.names_service(value):
+        return f"--audience {printable(value)!r} names this service; only FHIR servers' audiences belong here"
+    return None
+
+
+def _audience(ctx, value):
+    problem = audience_problem(ctx.settings, value)
+    if problem:
+        raise Fail(problem)
     return value
 
 
