@@ -129,6 +129,11 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         self.audit.update(outcome="granted", scope_granted=scope, jti=jti)  # with `consent`: revocable by it
         return 200, body, self.TOKEN_RESPONSE_HEADER
 
+    @classmethod
+    def advertised(cls, cfg) -> bool:
+        """Whether discovery lists this grant type under the trust snapshot cfg."""
+        return True
+
     def before_minting(self):
         """The last check before a token exists (the JWT grant spends its jti here)."""
 
