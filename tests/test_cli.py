@@ -144,16 +144,22 @@ def test_a_link_is_unique_per_source_patient_and_target_only(world):
     assert len(as_json(world, "link", "list")) == 3
 
 
-def test_a_secret_env_var_that_is_unset_or_empty_is_refused(world, env):
+def test_a_secret_env_var_that_is_unset_or_empty_is_refused_naming_the_option_not_the_value(world, env):
+    """Operators' additions: a failure names the --*-env option, never the value given to it
+    (a secret given there by mistake can look like a variable's name)."""
     env["EMPTY_VAR"] = ""
     refuse = Refusals(world)
     for var in ("NO_SUCH_VAR_0123", "EMPTY_VAR"):
-        refuse("client", "add", "new-client", "--secret-env", var, mentions=var)
-        refuse("client", "rotate-secret", "vendor", "--secret-env", var, mentions=var)
-        refuse("issuer", "add", NEW_ISSUER, "--jwks-uri", NEW_ISSUER + "/jwks", "--source", SOURCE,
-               "--introspection-endpoint", NEW_ISSUER + "/introspect", "--introspection-client-id", "te",
-               "--introspection-secret-env", var, mentions=var)
-        refuse("target", "add", NEW_TARGET, "--name", "new", "--introspection-secret-env", var, mentions=var)
+        for args, option in (
+                (("client", "add", "new-client", "--secret-env", var), "--secret-env"),
+                (("client", "rotate-secret", "vendor", "--secret-env", var), "--secret-env"),
+                (("issuer", "add", NEW_ISSUER, "--jwks-uri", NEW_ISSUER + "/jwks", "--source", SOURCE,
+                  "--introspection-endpoint", NEW_ISSUER + "/introspect", "--introspection-client-id", "te",
+                  "--introspection-secret-env", var), "--introspection-secret-env"),
+                (("target", "add", NEW_TARGET, "--name", "new", "--introspection-secret-env", var),
+                 "--introspection-secret-env")):
+            line = refuse(*args, mentions=option)
+            assert var not in line
 
 
 def test_secrets_shorter_than_32_characters_are_refused(world, env):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import audit_rows
-from fakes import SOURCE, TARGET
+from fakes import SOURCE, TARGET, UPSTREAM, FakeFHIR
 
 STEP_NAMES = ["client", "grant type", "parameters", "target", "client has a trust", "tokens (rules 1, 2, 4)",
               "trust for issuer and target (rule 5)", "grant allowed by the trust", "upstream client (rule 3)",
@@ -112,3 +114,58 @@ def test_explain_never_prints_the_tokens(world, ehr, tmp_path):
         assert at not in r.output and idt not in r.output
         assert at.split(".")[2] not in r.output
     assert SOURCE in explain(world, tmp_path, "--resource", TARGET, subject=at, actor=idt).stdout
+
+
+# -- a dry run where matching would search (issue 25, item 1) --------------------------------------
+SSN = "urn:oid:2.16.840.1.113883.4.1"
+
+
+@pytest.fixture
+def fhir():
+    f = FakeFHIR()
+    yield f
+    f.stop()
+
+
+@pytest.fixture
+def matching(world, ehr, fhir):
+    """Issuer A vouches for SSN; target `matching-b` (the fake) matches on it."""
+    world("issuer", "update", ehr.issuer, "--identifier-system", SSN)
+    world("target", "add", fhir.base, "--name", "matching-b", "--match-identifier", SSN)
+    world("trust", "add", "--client", "vendor", "--issuer", ehr.issuer, "--target", fhir.base,
+          "--scopes", "patient/*.rs user/*.rs", "--upstream-client-id", UPSTREAM)
+    return world
+
+
+def test_explain_never_claims_a_refusal_where_the_token_endpoint_would_match_by_identifier(
+        matching, ehr, fhir, tmp_path, exchange):
+    fhir.add("c-777", (SSN, "123-45-6789"))
+    at, idt = ehr.access_token(), ehr.id_token(patient_identifier=[f"{SSN}|123-45-6789"])
+    args = ("--resource", fhir.base, "--scope", "patient/Observation.rs")
+    text = explain(matching, tmp_path, *args, subject=at, actor=idt)
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert not any(ln.startswith("FAIL") for ln in lines), text.output
+    (patient,) = [ln for ln in lines if "patient (rule 7)" in ln]
+    assert "would search the target for 1 identifier(s) of " + SSN in patient
+    assert lines[-1].startswith("decision: granted if the search finds exactly one patient: patient/Observation.rs")
+    assert "otherwise refused with 400 invalid_scope" in lines[-1]
+    report = as_report(explain(matching, tmp_path, *args, "--json", subject=at, actor=idt))
+    step = {s["step"]: s for s in report["steps"]}["patient (rule 7)"]
+    d = report["decision"]
+    assert step["outcome"] == "would search" and d["outcome"] == "granted if matched"
+    assert d["scope"] == "patient/Observation.rs" and d["otherwise"]["error"] == "invalid_scope"
+    assert fhir.searches == []  # explain searched nothing; POST /token then does, and grants
+    real = exchange(subject_token=at, actor_token=idt, resource=fhir.base, scope="patient/Observation.rs")
+    assert real.status_code == 200 and real.get_json()["patient"] == "c-777"
+
+
+def test_explain_of_a_would_search_with_other_scopes_says_what_remains_without_a_match(
+        matching, ehr, fhir, tmp_path):
+    idt = ehr.id_token(patient_identifier=[f"{SSN}|1"])
+    r = explain(matching, tmp_path, "--resource", fhir.base, "--scope",
+                "patient/Observation.rs user/Observation.rs", "--json", subject=ehr.access_token(), actor=idt)
+    d = as_report(r)["decision"]
+    assert r.exit_code == 0 and d["outcome"] == "granted if matched"
+    assert d["scope"] == "patient/Observation.rs user/Observation.rs"
+    assert d["otherwise"] == {"outcome": "granted", "scope": "user/Observation.rs"}

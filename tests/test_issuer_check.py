@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fakes import SOURCE
+from fakes import SOURCE, UPSTREAM
 
 
 def check(cli, ehr, tmp_path, at=None, idt=None, issuer=None):
@@ -86,7 +86,10 @@ def test_a_discovered_authorization_endpoint_that_is_not_a_valid_url_fails_and_s
     from fakes import Scripted
     ehr.replies[".well-known/openid-configuration"] = Scripted(
         body=json.dumps(dict(ehr.discovery(), authorization_endpoint=endpoint)).encode())
-    code, report = check(world, ehr, tmp_path)
+    try:
+        code, report = check(world, ehr, tmp_path)
+    finally:
+        ehr.reset_hostile()  # the session's EHR: later tests need its real discovery
     outcome, detail = outcomes(report)["authorization_endpoint"]
     assert code == 1 and outcome == "fail" and "sign-in" in detail and "--authorization-endpoint" in detail
 
@@ -110,3 +113,52 @@ def test_a_discovery_field_of_the_wrong_json_type_is_a_finding_not_a_crash(cli, 
             assert r.exit_code == 1 and r.stderr.startswith("error: ") and "jwks_uri" in r.stderr
     finally:
         ehr.reset_hostile()
+
+
+# -- advice the CLI accepts; an ID token's aud against the trusts (issue 25, item 9) -------------------
+def advised_commands(report):
+    """Every `token-exchange ...` command a check's detail advises, as argv lists."""
+    import re
+    import shlex
+    found = []
+    for c in report["checks"]:
+        for cmd in re.findall(r"`([^`]+)`", c["detail"]):
+            argv = shlex.split(cmd)
+            if argv and argv[0] == "token-exchange":
+                found.append(argv[1:])
+    return found
+
+
+def test_issuer_check_never_advises_an_audience_the_cli_would_refuse(world, ehr, tmp_path):
+    from conftest import SERVICE
+    code, report = check(world, ehr, tmp_path, at=ehr.sign(ehr.access_claims(aud=SERVICE + "/token")))
+    outcome, detail = outcomes(report)["access token aud"]
+    assert code == 1 and outcome == "fail" and "this service" in detail
+    assert "--audience" not in detail and advised_commands(report) == []
+
+
+def test_issuer_check_advises_a_command_the_cli_accepts_and_that_keeps_the_sources(world, ehr, tmp_path):
+    at = ehr.sign(ehr.access_claims(aud="https://api.a.example/fhir"))
+    code, report = check(world, ehr, tmp_path, at=at)
+    assert code == 1 and outcomes(report)["access token aud"][0] == "fail"
+    (argv,) = advised_commands(report)
+    assert argv[:3] == ["issuer", "update", ehr.issuer]
+    assert world(*argv, check=False).exit_code == 0
+    code, report = check(world, ehr, tmp_path, at=at)
+    assert code == 0 and outcomes(report)["access token aud"][0] == "ok"
+    assert json.loads(world("issuer", "show", ehr.issuer, "--json").stdout)["sources"] == [SOURCE]
+
+
+def test_issuer_check_marks_an_id_token_ok_only_when_its_aud_names_a_trusts_upstream_client(world, ehr, tmp_path):
+    code, report = check(world, ehr, tmp_path, idt=ehr.id_token(client="someone-else"))
+    outcome, detail = outcomes(report)["ID token aud"]
+    assert code == 1 and outcome == "fail" and "someone-else" in detail and UPSTREAM in detail
+    assert "--upstream-client-id" in detail
+    code, report = check(world, ehr, tmp_path, idt=ehr.id_token())
+    assert code == 0 and outcomes(report)["ID token aud"] == ("ok", UPSTREAM)
+
+
+def test_issuer_check_of_an_id_token_without_any_trust_for_the_issuer_notes_it_is_unchecked(cli, ehr, tmp_path):
+    code, report = check(cli, ehr, tmp_path, idt=ehr.id_token())
+    outcome, detail = outcomes(report)["ID token aud"]
+    assert code == 0 and outcome == "note" and "no trust" in detail, report

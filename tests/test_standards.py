@@ -89,6 +89,33 @@ def test_smart_configuration_lists_grants_methods_algorithms_endpoints_and_capab
             "client-confidential-asymmetric"} <= set(doc["capabilities"])
 
 
+def test_smart_configuration_lists_s256_pkce_and_the_scope_forms_a_client_may_ask_for(http, exchange):
+    """SMART App Launch 2.2 §2.1.2 (what the Inferno SMART discovery checks): code_challenge_methods_supported
+    is REQUIRED with S256; scopes_supported lists scope forms this service reads and can grant."""
+    from token_exchange import scopes
+    doc = http.get("/.well-known/smart-configuration").get_json()
+    assert doc["code_challenge_methods_supported"] == ["S256"]
+    assert doc["scopes_supported"] and all(scopes.parse_scope(s) is not None for s in doc["scopes_supported"])
+    assert {s.split("/")[0] for s in doc["scopes_supported"]} == {"patient", "user", "system"}
+    assert http.get("/.well-known/oauth-authorization-server").get_json()["scopes_supported"] == \
+        doc["scopes_supported"]
+    granted = exchange(scope="patient/Observation.rs").get_json()["scope"]
+    assert scopes.parse(" ".join(doc["scopes_supported"])).covers(scopes.parse(granted))
+
+
+def test_unsupported_grant_type_names_only_the_grants_discovery_lists(http, world, ehr, exchange):
+    from test_jwt_grant import JWT_BEARER
+    for allow in (False, True):
+        if allow:
+            world("trust", "update", "--client", "vendor", "--issuer", ehr.issuer, "--target", TARGET,
+                  "--allow-jwt-grant")
+        listed = http.get("/.well-known/smart-configuration").get_json()["grant_types_supported"]
+        assert (JWT_BEARER in listed) is allow
+        text = error_of(exchange(grant_type="client_credentials"), 400, "unsupported_grant_type")["error_description"]
+        named = [g.strip() for g in text.split(":", 1)[1].rstrip(".").split(",")]
+        assert named == listed
+
+
 def test_introspection_returns_fhir_user(exchange, http):
     token = exchange().get_json()["access_token"]
     basic = base64.b64encode(f"hospital-b:{TARGET_SECRET}".encode()).decode()

@@ -15,10 +15,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import keys, lifecycle, logs, urns
+from . import keys, lifecycle, logs
 from .client_auth import CLIENT_ASSERTION_ALGS
 from .errors import OAuth2Error, RequestTooLarge, TemporarilyUnavailable
 from .forms import read_form
+from .grants import advertised_grant_types
 from .metrics import CONTENT_TYPE
 from .pipeline import TokenRequest
 
@@ -163,17 +164,23 @@ def jwks():
     ext = _ext()
     cfg = ext.store.config()
     body = {"keys": keys.published(cfg.key_rows, ext.settings.key_grace)}
-    # Short enough that a rotation reaches verifiers well inside the grace period.
-    return respond(json_answer(200, body, [("Cache-Control",
-                                            f"public, max-age={min(300, max(1, ext.settings.key_grace // 4))}")]))
+    max_age = keys.jwks_max_age(ext.settings.key_grace)
+    return respond(json_answer(200, body, [("Cache-Control", f"public, max-age={max_age}")]))
 
 
 def _grant_types():
-    """Token exchange always; the JWT authorization grant only while some trust allows it."""
-    grants = [urns.TOKEN_EXCHANGE]
-    if _ext().store.config().any_jwt_grant_trust:
-        grants.append(urns.JWT_BEARER)
-    return grants
+    """Token exchange always; the JWT authorization grant only while some trust allows it
+    (grants.advertised_grant_types, which names the same in unsupported_grant_type)."""
+    return advertised_grant_types(_ext().store.config())
+
+
+# scopes_supported (RFC 8414 §2; SMART App Launch 2.2 §2.1.2): the scope forms a client may
+# ask for here. The service reads SMART resource scopes of the three contexts (scopes.py:
+# patient/, user/ and system/, v2 letters or the v1 read/write/*, any resource type, with
+# ?params) and grants what the subject token and the client's trust both allow; these are
+# the widest of those forms. openid, fhirUser, launch/* and offline_access are never passed
+# on, so they are not listed.
+SCOPES_SUPPORTED = ["patient/*.cruds", "user/*.cruds", "system/*.cruds"]
 
 
 def _metadata():
@@ -192,7 +199,7 @@ def _metadata():
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
         "revocation_endpoint_auth_signing_alg_values_supported": list(CLIENT_ASSERTION_ALGS),
         "response_types_supported": [],
-        "scopes_supported": [],
+        "scopes_supported": SCOPES_SUPPORTED,
     }
 
 
@@ -211,7 +218,10 @@ def smart_configuration():
                                   "revocation_endpoint", "grant_types_supported",
                                   "token_endpoint_auth_methods_supported",
                                   "token_endpoint_auth_signing_alg_values_supported")}
-    body.update(capabilities=caps, scopes_supported=[], response_types_supported=[])
+    # SMART 2.2 requires code_challenge_methods_supported with S256 (PKCE); this service has no
+    # authorization endpoint, and its consent sign-in at an EHR uses S256.
+    body.update(capabilities=caps, scopes_supported=SCOPES_SUPPORTED, response_types_supported=[],
+                code_challenge_methods_supported=["S256"])
     return respond(json_answer(200, body, [("Cache-Control", "public, max-age=60")]))
 
 

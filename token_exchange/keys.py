@@ -98,6 +98,13 @@ def _b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
+def jwks_max_age(grace: int) -> int:
+    """The Cache-Control max-age of /jwks, in seconds: short enough that a rotation reaches
+    verifiers well inside the grace period. A key staged less than this long ago may be
+    missing from a verifier's cached JWKS (`keys rotate` warns)."""
+    return min(300, max(1, grace // 4))
+
+
 def published(rows, grace: int, now: datetime | None = None, twins: bool = True) -> list[dict]:
     """Public JWKs to publish: staged, active, and retired keys inside the grace period;
     with ``twins``, each RSA key also as its RS384 twin (``client_kid``) for the

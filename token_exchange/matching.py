@@ -34,8 +34,11 @@ class Mapped:
     """How the patient was mapped: ``target_patient`` (None: no patient scopes), the
     audit's ``link`` value, and a sentence for `explain`."""
     target_patient: str | None
-    origin: str | None  # table | matched | matched-stored | none | ambiguous | unavailable
+    origin: str | None  # table | matched | matched-stored | none | ambiguous | unavailable | would-search
     explain: str
+
+
+WOULD_SEARCH = "would-search"  # a dry run (explain) stopped where the exchange would search the target
 
 
 class MatchingUnavailable(TemporarilyUnavailable):
@@ -223,8 +226,8 @@ class Decision:
     def mapped(self) -> Mapped:
         if self.outcome in ("matched", "table"):
             return Mapped(self.target_patient, self.outcome, self.explain)
-        if self.outcome == "would-search":
-            return Mapped(None, None, self.explain)
+        if self.outcome == WOULD_SEARCH:
+            return Mapped(None, WOULD_SEARCH, self.explain)
         return Mapped(None, "none" if self.outcome == "blocked" else self.outcome, self.explain)
 
 
@@ -293,7 +296,7 @@ class Matcher:
             reader = next((i for i in issuers if i.fhir_client_id), None)
             if not ids and reader is not None:
                 if not search:
-                    return Decision("would-search", explain=(
+                    return Decision(WOULD_SEARCH, explain=(
                         f"no link yet; the token carries no usable identifier, so the service would read "
                         f"Patient/{patient} at {source} (SMART Backend Services) and search the target for its "
                         f"identifiers of {_systems(allowed)}; explain reads and searches nothing"))
@@ -315,7 +318,7 @@ class Matcher:
                     f"the last search (within {MEMORY_SECONDS // 60} minutes) found "
                     f"{'no patient' if remembered == 'none' else 'several patients'} for these identifiers"))
         if not search:
-            return Decision("would-search", searched=systems, explain=(
+            return Decision(WOULD_SEARCH, searched=systems, explain=(
                 f"no link yet; the service would search the target for {len(ids)} identifier(s) of "
                 f"{', '.join(systems)} and link on exactly one match; explain searches nothing"))
         found, system, ambiguous = self._search(cfg, target, ids, deadline, actor)

@@ -20,7 +20,7 @@ from werkzeug.datastructures import MultiDict
 from . import audit, logs
 from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .forms import read_form, reject_duplicates
-from .grants import GRANTS
+from .grants import GRANTS, advertised_grant_types
 
 decision_log = logging.getLogger("token_exchange.decision")
 AUTH_PARAMS = ("client_id", "client_secret", "client_assertion", "client_assertion_type")
@@ -123,7 +123,9 @@ class TokenPipeline:
             raise InvalidRequest("The grant_type parameter is required.")
         grant = self.grants.get(grant_type)
         if grant is None:
-            raise UnsupportedGrantType("Supported grant types here: " + ", ".join(self.grants) + ".")
+            # The ones discovery lists (a grant no trust allows is not named).
+            raise UnsupportedGrantType("Supported grant types here: "
+                                       + ", ".join(advertised_grant_types(self.deps.config())) + ".")
         return grant
 
     def dry_run(self, grant_cls, client, form, trace: list):

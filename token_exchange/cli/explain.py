@@ -4,7 +4,9 @@ It runs every check of a token request through the same grant code as
 POST /token, rule by rule, with nothing written, searched or spent (no audit
 record, no patient search, no consent ticket, no jti), and prints each rule's
 outcome and the decision. Client authentication is not checked: the client is
-named, not authenticated.
+named, not authenticated. Where the exchange would search the target for the
+patient, explain does not: the patient step says what it would search for, and the
+decision is "granted if matched", with what the service decides otherwise.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def explain(client_id, subject_token, subject_token_type, actor_token, assertion
             as_json):
     """Run every check of a token request and say, rule by rule, what held, what
     failed and why, and what the service would decide. Exits 0 when it would be
-    granted, 1 when refused. Writes nothing, searches nothing, spends nothing."""
+    granted (also when that depends on a patient search explain does not make),
+    1 when refused. Writes nothing, searches nothing, spends nothing."""
     if bool(subject_token) == bool(assertion):
         raise click.UsageError("give --subject-token FILE (with --actor-token FILE if any) or --assertion FILE")
     if assertion and actor_token:
@@ -78,7 +81,7 @@ def explain(client_id, subject_token, subject_token_type, actor_token, assertion
         click.echo(json.dumps(report, indent=2))
     else:
         _print(report)
-    sys.exit(0 if report["decision"]["outcome"] == "granted" else 1)
+    sys.exit(0 if report["decision"]["outcome"] in ("granted", "granted if matched") else 1)
 
 
 def run(client_id: str, form: MultiDict) -> dict:
@@ -134,6 +137,8 @@ def run(client_id: str, form: MultiDict) -> dict:
                         "expires_in": grant.lifetime(now), "target": grant.target.base_url}
             if grant.target_patient is not None:
                 decision["patient"] = grant.target_patient
+            if grant.would_search:
+                decision.update(outcome="granted if matched", otherwise=_without_match(grant.granted))
             return {"client": client_id, "steps": steps, "decision": decision}
     finally:
         logger.setLevel(level)
@@ -141,8 +146,21 @@ def run(client_id: str, form: MultiDict) -> dict:
         ext.engine.dispose()
 
 
+def _without_match(granted) -> dict:
+    """What POST /token decides when the search it would make finds no patient, or several
+    (rule 7: no patient at the target, no patient/ scopes)."""
+    from .. import policy
+    from ..errors import OAuth2Error
+    try:
+        rest = policy.without_patient(granted)
+    except OAuth2Error as e:
+        return {"outcome": "refused", "status": e.status_code, "error": e.error, "error_description": e.description}
+    return {"outcome": "granted", "scope": rest.format()}
+
+
 def _step(t) -> dict:
-    out = {"step": t.step, "outcome": "held" if t.ok else "failed", "detail": t.detail}
+    outcome = "would search" if t.pending else "held" if t.ok else "failed"
+    out = {"step": t.step, "outcome": outcome, "detail": t.detail}
     if t.error:
         out["error"] = t.error
     if t.reason:
@@ -150,7 +168,7 @@ def _step(t) -> dict:
     return out
 
 
-_MARK = {"held": "ok  ", "failed": "FAIL", "not checked": " -  "}
+_MARK = {"held": "ok  ", "failed": "FAIL", "not checked": " -  ", "would search": " ?  "}
 
 
 def _print(report):
@@ -163,5 +181,11 @@ def _print(report):
         extra = f", patient {d['patient']}" if "patient" in d else ""
         click.echo(f"decision: granted: {printable(d['scope'])} for {d['target']}{extra}, "
                    f"{d['expires_in']} s")
+    elif d["outcome"] == "granted if matched":
+        o = d["otherwise"]
+        otherwise = (f"granted: {printable(o['scope'])}" if o["outcome"] == "granted" else
+                     f"refused with {o['status']} {o['error']}: {printable(o['error_description'])}")
+        click.echo(f"decision: granted if the search finds exactly one patient: {printable(d['scope'])} for "
+                   f"{d['target']}, {d['expires_in']} s; otherwise {otherwise}")
     else:
         click.echo(f"decision: refused with {d['status']} {d['error']}: {printable(d['error_description'])}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import time
 
@@ -17,7 +18,7 @@ import click
 from .. import jose, scopes
 from ..consent.signin import web_origin
 from .common import Ctx, printable
-from .issuers import issuer
+from .issuers import audience_problem, issuer
 
 _PAIRWISE = re.compile(r"[A-Za-z0-9_\-+/=.]{32,}\Z")
 
@@ -65,7 +66,8 @@ def issuer_check(issuer_url, id_token, access_token, as_json):
             "jwks_uri": row.jwks_uri, "algs": list(row.algs), "sources": list(row.sources),
             "audiences": list(row.audiences or ()), "patient_claim": row.patient_claim,
             "source_claim": row.source_claim, "identifier_claim": row.identifier_claim,
-            "identifier_systems": list(row.identifier_systems or ())}
+            "identifier_systems": list(row.identifier_systems or ()),
+            "upstream_clients": sorted({t.upstream_client_id for _, url, _, t in change.trusts() if url == issuer_url})}
     report = check(issuer_url, registered, id_text, at_text, ctx.settings)
     if as_json:
         click.echo(json.dumps({"issuer": issuer_url, "registered": registered is not None, "ok": report.passed,
@@ -87,7 +89,7 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
         r.note("registration", "not registered yet: checking against the defaults of `issuer add`")
     cfg = registered or {"jwks_uri": None, "algs": list(jose.DEFAULT_ISSUER_ALGS), "sources": [], "audiences": [],
                          "patient_claim": "patient", "source_claim": "source",
-                         "identifier_claim": "patient_identifier", "identifier_systems": []}
+                         "identifier_claim": "patient_identifier", "identifier_systems": [], "upstream_clients": []}
     doc = None
     try:
         doc = discover(issuer_url, settings.http_timeout, upstream)
@@ -118,7 +120,7 @@ def check(issuer_url, registered, id_token, access_token, settings) -> Report:
         r.fail("jwks", "no JWKS URL: neither registered nor discovered")
     for text, what in ((access_token, "access token"), (id_token, "ID token")):
         if text:
-            _check_token(r, text, what, issuer_url, keys, cfg, doc)
+            _check_token(r, text, what, issuer_url, keys, cfg, doc, settings)
     if not (access_token or id_token):
         r.note("sample tokens", "give --id-token FILE and --access-token FILE to check their claims too")
     return r
@@ -159,7 +161,7 @@ def _check_jwks(r: Report, uri, cfg, upstream) -> dict:
     return {k.kid: k.jwk for k in keys}
 
 
-def _check_token(r: Report, text, what, issuer_url, keys, cfg, doc):
+def _check_token(r: Report, text, what, issuer_url, keys, cfg, doc, settings):
     try:
         parsed = jose.parse(text)
     except jose.MalformedToken:
@@ -194,21 +196,24 @@ def _check_token(r: Report, text, what, issuer_url, keys, cfg, doc):
         r.note(f"{what} sub", "looks pairwise (long and opaque): the same user may have another sub at another "
                               "client; consents are given per sub")
     if what == "access token":
-        _check_access_claims(r, c, cfg)
+        _check_access_claims(r, c, cfg, issuer_url, settings)
     else:
         _check_id_claims(r, c, cfg)
     _check_patient_claims(r, c, what, cfg)
 
 
-def _check_access_claims(r, c, cfg):
+def _check_access_claims(r, c, cfg, issuer_url, settings):
     aud = c.get("aud")
     auds = [aud] if isinstance(aud, str) else [a for a in aud if isinstance(a, str)] if isinstance(aud, list) else []
     accepted = set(cfg["sources"]) | set(cfg["audiences"])
     if not auds:
         r.fail("access token aud", "missing: it must name the FHIR server it is for (a source)")
+    elif any(settings.names_service(a) for a in auds):
+        r.fail("access token aud", f"{auds} names this service: the service refuses a subject token addressed to "
+                                   "it; the EHR must issue the access token for its FHIR server (a source)")
     elif accepted and not accepted.intersection(auds):
-        r.fail("access token aud", f"{auds} names none of the registered sources or audiences; add one with "
-                                   "`issuer update --source` or `--audience`")
+        r.fail("access token aud", f"{auds} names none of the registered sources or audiences"
+                                   + _audience_advice(issuer_url, auds, cfg, settings))
     else:
         r.ok("access token aud", ", ".join(auds))
     if not isinstance(c.get("client_id", c.get("azp")), str):
@@ -226,11 +231,35 @@ def _check_access_claims(r, c, cfg):
         r.ok("access token scope", found.format())
 
 
+def _audience_advice(issuer_url, auds, cfg, settings) -> str:
+    """The `issuer update` that would accept this token, if the CLI accepts it: --audience
+    replaces the whole list, so the advice repeats the registered ones."""
+    usable = [a for a in auds if audience_problem(settings, a) is None]
+    if not usable:
+        return "; if the token is meant for a FHIR server, the EHR must name it in aud"
+    argv = ["token-exchange", "issuer", "update", issuer_url]
+    for a in list(cfg["audiences"]) + usable[:1]:
+        argv += ["--audience", a]
+    return f"; if {usable[0]} is the FHIR server it is for, accept it with `{shlex.join(argv)}`"
+
+
 def _check_id_claims(r, c, cfg):
-    if not c.get("aud"):
+    """OpenID Connect Core 3.1.3.7: aud names the app's client id at the EHR, which the
+    exchange checks against the trust's upstream client (rule 3): ok only when some trust
+    of this issuer names it."""
+    auds = jose.audiences(c) if c.get("aud") else []
+    upstream = cfg["upstream_clients"]
+    if not auds:
         r.fail("ID token aud", "missing: it must name the app's client id at the EHR")
+    elif not upstream:
+        r.note("ID token aud", f"{', '.join(map(str, auds))}: no trust names an upstream client for this issuer yet, "
+                               "so it is unchecked; `trust add --upstream-client-id` names the app's client id there")
+    elif not set(upstream).intersection(auds):
+        r.fail("ID token aud", f"{', '.join(map(str, auds))} is no trust's upstream client (trusts name "
+                               f"{', '.join(upstream)}): the EHR issued it to another app, or a trust needs "
+                               "`trust update --upstream-client-id` with this app's client id at the EHR")
     else:
-        r.ok("ID token aud", str(c.get("aud")))
+        r.ok("ID token aud", ", ".join(a for a in auds if a in upstream))
     if any(n in c for n in ("scope", "scp", "client_id")):
         r.fail("ID token shape", "carries scope or client_id: this looks like an access token")
     if not isinstance(c.get("fhirUser"), str):

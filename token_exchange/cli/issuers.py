@@ -156,13 +156,21 @@ def apply_options(ctx, change, row: Issuer, o: dict, creating: bool, name=FLAG):
         _check_backend_services_key(change)
 
 
-def _audience(ctx, value, what="--audience"):
-    """An accepted access-token aud; never this service itself (a token addressed to
-    the service is a grant, not an access token for a FHIR server)."""
+def audience_problem(settings, value, what="--audience") -> str | None:
+    """Why --audience refuses value (None: it accepts it). An accepted access-token aud is
+    never this service itself (a token addressed to the service is a grant, not an access
+    token for a FHIR server). `issuer check` asks the same before it advises a value."""
     if not value or len(value) > 2048 or not value.isprintable():
-        raise Fail(f"{what} must be 1-2048 printable characters")
-    if ctx.settings.names_service(value):
-        raise Fail(f"{what} {printable(value)!r} names this service; only FHIR servers' audiences belong here")
+        return f"{what} must be 1-2048 printable characters"
+    if settings.names_service(value):
+        return f"{what} {printable(value)!r} names this service; only FHIR servers' audiences belong here"
+    return None
+
+
+def _audience(ctx, value, what="--audience"):
+    problem = audience_problem(ctx.settings, value, what)
+    if problem:
+        raise Fail(problem)
     return value
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import click
 
@@ -65,7 +66,26 @@ def keys_rotate(ctx, alg):
         staged.state, staged.activated = "active", now
         change.flush()
         commit(ctx, change, "keys.rotate", f"{staged.kid} ({staged.alg})")
+        warning = _cache_warning(ctx, staged, now)
     click.echo(f"active key is now {staged.kid} ({staged.alg})")
+    if warning:
+        click.echo(warning, err=True)
+
+
+def _cache_warning(ctx, staged, now) -> str | None:
+    """A verifier may hold /jwks for its max-age: a key published (by every worker within
+    the reload interval of its staging) less than that long ago may be missing from its
+    copy, and the tokens signed with it fail there until then."""
+    max_age = keymod.jwks_max_age(ctx.settings.key_grace)
+    safe = aware(staged.created) + timedelta(seconds=ctx.settings.reload_interval + max_age)
+    if safe <= now:
+        return None
+    safe = (safe + timedelta(microseconds=999_999)).replace(microsecond=0)  # a whole second, not earlier
+    return (f"warning: key {staged.kid} was staged {int((now - aware(staged.created)).total_seconds())} s ago and "
+            f"targets may cache /jwks for {max_age} s (its Cache-Control max-age): it is safe to use from "
+            f"{safe.strftime('%Y-%m-%dT%H:%M:%SZ')} (in {int((safe - now).total_seconds())} s); until then a "
+            f"target holding an older copy may refuse tokens it signs. Stage keys at least {max_age} s before "
+            "rotating.")
 
 
 @keys.command("list")

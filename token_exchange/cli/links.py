@@ -59,7 +59,28 @@ def link_add(ctx, source, patient, target_ref, target_patient):
                                origin="table"))
         commit(ctx, change, "link.add", f"{source} {patient} -> {t.base_url} {target_patient}"
                + (" (replaced a matched link)" if old is not None else ""))
+        warning = _unvouched_warning(_vouched(change), {source: 1})
     click.echo("link added" + (" (it replaced a matched link)" if old is not None else ""))
+    if warning:
+        click.echo(warning, err=True)
+
+
+def _vouched(change) -> set:
+    """The sources some issuer vouches for (its --source list)."""
+    return {s for i in change.issuers() for s in (i.sources or ())}
+
+
+def _unvouched_warning(vouched: set, counts: dict) -> str | None:
+    """A link is used only when a token places its patient at its source, which only an
+    issuer vouching for that source can do: links for other sources are never used."""
+    unvouched = {s: n for s, n in counts.items() if s not in vouched}
+    if not unvouched:
+        return None
+    n = sum(unvouched.values())
+    names = ", ".join(printable(s) for s in sorted(unvouched)[:5]) + (" ..." if len(unvouched) > 5 else "")
+    return (f"warning: no issuer vouches for {names} ({n} link{'s' if n != 1 else ''}): no exchange will use "
+            f"{'these links' if n != 1 else 'this link'} until an issuer lists the source with `issuer update "
+            "ISSUER --source ...`")
 
 
 @link.command("block")
@@ -113,6 +134,7 @@ def link_import(ctx, file):
             targets[t.base_url] = t.id
             if t.name:
                 targets.setdefault(t.name, t.id)
+        vouched = _vouched(change)
     name = "<stdin>" if file == "-" else file
     try:
         if file == "-":  # the same bytes as a file would give, not the terminal's decoding
@@ -123,12 +145,15 @@ def link_import(ctx, file):
         raise Fail(f"cannot read {printable(name)}: {e.strerror}") from None
     try:
         with stream if file != "-" else _no_close(stream):
-            total, replaced = _import_links(ctx, stream, name, targets)
+            total, replaced, per_source = _import_links(ctx, stream, name, targets)
     except UnicodeDecodeError:
         raise Fail(f"{printable(name)}: not UTF-8 text") from None
     except csv.Error as e:
         raise Fail(f"{printable(name)}: not a readable CSV ({e})") from None
     click.echo(f"imported {total} links" + (f" ({replaced} replaced matched links)" if replaced else ""))
+    warning = _unvouched_warning(vouched, per_source)
+    if warning:
+        click.echo(warning, err=True)
 
 
 class _no_close:
@@ -187,7 +212,10 @@ def _import_links(ctx, stream, name, targets):
         total, replaced = _flush(links, batch, name, has_other, total, replaced)
         links.finish(ctx.actor, "link.import", f"{total} links from {os.path.basename(name)}"
                      + (f", {replaced} matched links replaced" if replaced else ""))
-    return total, replaced
+    per_source = {}  # source -> how many links of the file
+    for (source, _tid), patients in seen.items():
+        per_source[source] = per_source.get(source, 0) + len(patients)
+    return total, replaced, per_source
 
 
 def _flush(links, batch, name, has_other, total, replaced):

@@ -109,8 +109,11 @@ def trust_add(ctx, client_id, issuer_url, target_ref, **o):
         c, i, t = _find(change, client_id, issuer_url, target_ref)
         row = new_trust(change, c, i, t, o)
         commit(ctx, change, "trust.add", f"{client_id} {issuer_url} -> {t.base_url}: {row.scopes}")
+        warning = _consent_warning(i, o)
     click.echo(f"trust added: {printable(client_id)} may exchange {printable(issuer_url)} tokens for "
                f"{printable(t.base_url)}")
+    if warning:
+        click.echo(warning, err=True)
 
 
 @trust.command("update")
@@ -128,7 +131,20 @@ def trust_update(ctx, client_id, issuer_url, target_ref, **o):
             raise Fail("no such trust; add it with `trust add`")
         apply_options(row, given)
         commit(ctx, change, "trust.update", f"{client_id} {issuer_url} -> {t.base_url}: {', '.join(sorted(given))}")
+        warning = _consent_warning(i, given)
     click.echo("trust updated")
+    if warning:
+        click.echo(warning, err=True)
+
+
+def _consent_warning(issuer, o: dict) -> str | None:
+    """Consent is signed after signing in at the issuer: without the service's login client
+    there, the consent page says sign-in is unavailable and no consent can be given."""
+    if o.get("consent") != "required" or issuer.login_client_id:
+        return None
+    return (f"warning: {printable(issuer.url)} has no login client, so nobody can sign in to give consent and "
+            "exchanges under this trust are refused consent_required; add one with `issuer update "
+            f"{printable(issuer.url)} --login-client-id ID`")
 
 
 @trust.command("list")

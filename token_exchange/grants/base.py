@@ -27,7 +27,7 @@ from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 from .. import audit, policy, scopes, urns
 from ..errors import InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable, UnauthorizedClient
 from ..forms import reject_duplicates
-from ..matching import MatchingUnavailable
+from ..matching import WOULD_SEARCH, MatchingUnavailable
 
 MAX_TOKEN_LENGTH = 16 * 1024
 
@@ -45,12 +45,18 @@ class Collaborators:
 
 @dataclass
 class StepOutcome:
-    """One rule's outcome, for `explain`: held (ok), failed (the error), or not reached."""
+    """One rule's outcome, for `explain`: held (ok), failed (the error), or not reached;
+    ``pending``: held so far, the outcome left to a search a dry run does not make."""
     step: str
     ok: bool
     detail: str
     error: str | None = None
     reason: str | None = None  # the private detail of a refusal (never a token)
+    pending: bool = False
+
+
+class Pending(str):
+    """A step's detail when a dry run stops where the exchange would ask the target."""
 
 
 class ExchangeGrant(BaseGrant, TokenEndpointMixin):
@@ -79,6 +85,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         self.presented = self.target = self.trust = self.granted = None
         self.target_patient = self.consent = None
         self.requested_scopes = None
+        self.would_search = False  # a dry run left the patient to a search at the target
         self.audit = record
         record["grant"] = self.GRANT_NAME
 
@@ -93,7 +100,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
                                                   getattr(e, "error", None), getattr(e, "detail", None)))
                 raise
             if self.trace is not None:
-                self.trace.append(StepOutcome(name, True, detail or "held"))
+                self.trace.append(StepOutcome(name, True, str(detail or "held"), pending=isinstance(detail, Pending)))
 
     def create_token_response(self):
         p = self.presented
@@ -121,6 +128,11 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
             body["patient"] = self.target_patient
         self.audit.update(outcome="granted", scope_granted=scope, jti=jti)  # with `consent`: revocable by it
         return 200, body, self.TOKEN_RESPONSE_HEADER
+
+    @classmethod
+    def advertised(cls, cfg) -> bool:
+        """Whether discovery lists this grant type under the trust snapshot cfg."""
+        return True
 
     def before_minting(self):
         """The last check before a token exists (the JWT grant spends its jti here)."""
@@ -203,6 +215,11 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
             except MatchingUnavailable:
                 self.audit["link"] = MatchingUnavailable.LINK
                 raise
+        if mapped is not None and mapped.origin == WOULD_SEARCH:  # only in a dry run
+            # POST /token would search now and grant patient/ scopes on exactly one match:
+            # explain keeps them and says the outcome depends on that search.
+            self.would_search = True
+            return Pending(mapped.explain)
         if mapped is None or mapped.target_patient is None:
             self.audit["link"] = mapped.origin if mapped is not None else None
             self.granted = policy.without_patient(self.granted)

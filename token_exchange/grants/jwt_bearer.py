@@ -44,6 +44,11 @@ class JWTAuthorizationGrant(ExchangeGrant):
     STEPS = tuple(("assertion (invalid_grant)", m) if m == "check_presented" else (n, m)
                   for n, m in ExchangeGrant.STEPS)
 
+    @classmethod
+    def advertised(cls, cfg) -> bool:
+        """Listed only while some trust allows it (--allow-jwt-grant)."""
+        return cfg.any_jwt_grant_trust
+
     def parse_parameters(self, form):
         for name in EXCHANGE_ONLY:
             if name in form:
