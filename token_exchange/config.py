@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import keys as keymod
+from .revocation import RuleSet
 from .scopes import ScopeSet
 
 
@@ -73,6 +74,7 @@ class ClientCfg:
     jwks_uri: str | None = None
     name: str | None = None
     redirect_uris: tuple = ()
+    disabled: bool = False  # `client disable`: refused at every endpoint
 
     def get_client_id(self):
         return self.client_id
@@ -100,6 +102,7 @@ class Config:
     trusts_by_client: dict[str, list[TrustCfg]]  # client_id -> [TrustCfg]
     active_key: keymod.ActiveKey | None
     key_rows: list[PublicKey]  # for /jwks
+    revocations: RuleSet = field(default_factory=RuleSet)  # `token revoke` and the removals that revoke
 
     @property
     def any_id_token_trust(self) -> bool:

@@ -11,6 +11,7 @@ import click
 
 from ..models import PatientLink
 from ..store.admin import DuplicateLink
+from .tokens import revoke_on_remove
 from .common import (Fail, check_id, cli, commit, emit, get_target, iso, json_option, options, pass_ctx,
                      printable, show, url_arg)
 
@@ -95,6 +96,8 @@ def link_remove(ctx, source, patient, target_ref):
         if old is None:
             raise Fail("no such link")
         change.remove(old)
+        if old.origin != "blocked":  # the tokens minted on the link (MATCHING: a wrong link)
+            revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
         commit(ctx, change, "link.remove", f"{source} {patient} -> {t.base_url} ({old.origin})")
     click.echo(f"{'block' if old.origin == 'blocked' else 'link'} removed")
 

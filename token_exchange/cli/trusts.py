@@ -6,6 +6,7 @@ import click
 from .. import scopes
 from ..clock import utcnow
 from ..models import Trust
+from .tokens import revoke_on_remove
 from .common import (Fail, cli, commit, emit, found, get_target, given_options, json_option, options,
                      pass_ctx, printable)
 
@@ -143,5 +144,6 @@ def trust_remove(ctx, client_id, issuer_url, target_ref):
         c, i, t = _find(change, client_id, issuer_url, target_ref)
         if not change.remove_trust(c, i, t):
             raise Fail("no such trust")
+        revoke_on_remove(change, "trust", client_id=client_id, issuer=issuer_url, target=t.base_url)
         commit(ctx, change, "trust.remove", f"{client_id} {issuer_url} -> {t.base_url}")
     click.echo("trust removed")
