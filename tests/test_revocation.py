@@ -175,6 +175,16 @@ def test_link_remove_revokes_the_tokens_minted_on_the_link(http, wider, mint):
     assert not active(http, on_link) and active(http, other_patient)
 
 
+def test_link_block_of_a_matched_link_revokes_the_tokens_minted_on_it(http, world, app, mint):
+    store = app.extensions["token_exchange"].store
+    target_id = store.config().targets_by_url[TARGET].id
+    store.store_matched_link(SOURCE, "a-555", target_id, "b-wrong", "urn:mrn", False, "service", "a wrong match")
+    on_wrong_link, other_patient = mint(patient="a-555"), mint()
+    assert introspect(http, on_wrong_link).get_json()["patient"] == "b-wrong"
+    world("link", "block", "--source", SOURCE, "--patient", "a-555", "--target", TARGET)
+    assert not active(http, on_wrong_link) and active(http, other_patient)
+
+
 def test_disabled_client_is_refused_everywhere_and_its_tokens_are_inactive(http, world, exchange, mint):
     token = mint()
     assert "disabled" in world("client", "disable", "vendor").output

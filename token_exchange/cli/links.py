@@ -56,6 +56,8 @@ def link_add(ctx, source, patient, target_ref, target_patient):
         if old is not None:
             change.remove(old)
             change.flush()
+            if old.target_patient != target_patient:  # the tokens minted on the matched link it corrects
+                revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
         change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=target_patient,
                                origin="table"))
         commit(ctx, change, "link.add", f"{source} {patient} -> {t.base_url} {target_patient}"
@@ -79,6 +81,7 @@ def link_block(ctx, source, patient, target_ref):
         if old is not None:
             change.remove(old)
             change.flush()
+            revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
         change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=None,
                                origin="blocked"))
         commit(ctx, change, "link.block", f"{source} {patient} -> {t.base_url}")
