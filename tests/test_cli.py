@@ -443,7 +443,8 @@ def test_every_list_and_show_takes_json_with_the_documented_fields(world, ehr):
     assert [c["client_id"] for c in clients] == ["other", "vendor"]
     vendor = as_json(world, "client", "show", "vendor")
     assert vendor == clients[1]
-    assert set(vendor) == {"client_id", "name", "auth_methods", "jwks_uri", "jwks_kids", "redirect_uris", "created"}
+    assert set(vendor) == {"client_id", "name", "auth_methods", "jwks_uri", "jwks_kids", "redirect_uris", "created",
+                           "disabled"}
     assert vendor["auth_methods"] == "client_secret_basic,client_secret_post"
     assert vendor["jwks_uri"] is None and vendor["jwks_kids"] is None
     assert datetime.fromisoformat(vendor["created"])

@@ -65,6 +65,31 @@ def withdrawn(base: dict, consent_id: str, scopes: str, **row_fields) -> dict:
                 **row_fields)
 
 
+# -- revocations -------------------------------------------------------------------------------
+def revocation(request_id: str | None) -> dict:
+    """POST /revoke's record (RFC 7009) as the endpoint opens it: refused until the
+    client is known and its token revoked (``revoked``)."""
+    return {"event": "revoke", "grant": None, "outcome": "refused", "request_id": request_id}
+
+
+def revoked(record: dict, client_id: str) -> None:
+    """The client revoked its token (the record names the token's jti, when it was one of ours)."""
+    record.update(client_id=client_id, outcome="granted")
+
+
+def token_revoke(actor: str, kind: str, fields: dict, time: datetime, covered: int) -> dict:
+    """`token revoke`'s record: what the rule names (``fields``: client_id, issuer,
+    target, source, patient, fhir_user, jti), when, by whom, and how many audited
+    grants it covers. The source FHIR base and the user's URL go in the reason (the
+    record has no column of its own for them)."""
+    names = {k: v for k, v in fields.items() if v is not None}
+    return {"time": time, "event": "token-revoke", "grant": None, "client_id": clip(fields.get("client_id")),
+            "issuer": fields.get("issuer"), "target": fields.get("target"),
+            "source_patient": clip(fields.get("patient")), "jti": fields.get("jti"), "outcome": "granted",
+            "reason": clip(f"by {actor}: {kind} " + " ".join(f"{k}={v}" for k, v in names.items())
+                           + f"; covers {covered} audited grant(s) issued before {time.isoformat()}", REASON_LENGTH)}
+
+
 # -- admin events ------------------------------------------------------------------------------
 def admin(actor: str, action: str, detail: str, time: datetime | None = None) -> dict:
     """An admin_event row: who (an admin, or the service itself), what, on what."""

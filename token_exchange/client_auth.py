@@ -120,7 +120,21 @@ class Authenticator:
             raise InvalidClient("Client authentication failed: unknown client, wrong secret or invalid assertion.") from None
         if form_client is not None and form_client != client.client_id:
             raise InvalidClient("The client_id parameter does not match the authenticated client.")
+        if client.cfg.disabled:  # `client disable`: at every endpoint, after authentication
+            raise InvalidClient("The client is disabled; ask an administrator.", detail="client is disabled")
         return client
+
+
+def presented_client_id(request) -> str | None:
+    """The client id a request claims (HTTP Basic's user, else client_id), for the log
+    of a failed authentication; None when it names none readably."""
+    header = request.headers.get("Authorization")
+    if header:
+        try:
+            return parse_basic(header)[0]
+        except InvalidClient:
+            return None
+    return request.form.get("client_id")
 
 
 class ClientJWKS:

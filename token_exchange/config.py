@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import keys as keymod
+from .revocation import RuleSet
 from .scopes import ScopeSet
 
 
@@ -73,6 +74,7 @@ class ClientCfg:
     jwks_uri: str | None = None
     name: str | None = None
     redirect_uris: tuple = ()
+    disabled: bool = False  # `client disable`: refused at every endpoint
 
     def get_client_id(self):
         return self.client_id
@@ -103,6 +105,7 @@ class Config:
     # What TOKEN_EXCHANGE_KEY_SECRET could not unseal (e.g. "signing key K"): `serve` refuses
     # to start and /readyz answers 503 while it is not empty.
     unsealable: tuple = ()
+    revocations: RuleSet = field(default_factory=RuleSet)  # `token revoke` and the removals that revoke
 
     @property
     def any_id_token_trust(self) -> bool:

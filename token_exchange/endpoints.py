@@ -15,13 +15,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import keys, lifecycle, logs
-from .client_auth import CLIENT_ASSERTION_ALGS
+from . import audit, keys, lifecycle, logs
+from .client_auth import CLIENT_ASSERTION_ALGS, presented_client_id
 from .errors import OAuth2Error, RequestTooLarge, TemporarilyUnavailable
 from .forms import read_form
 from .grants import advertised_grant_types
 from .metrics import CONTENT_TYPE
-from .pipeline import TokenRequest
+from .pipeline import TokenRequest, log_lifecycle
 
 log = logging.getLogger(__name__)
 bp = Blueprint("token_exchange", __name__)
@@ -138,7 +138,11 @@ def introspect_endpoint():
     try:
         form = read_form(request.environ, ext.settings.max_body)
         cfg = ext.store.config()
-        target = lifecycle.authenticate_target(request, cfg, ext.settings.key_secret)
+        try:
+            target = lifecycle.authenticate_target(request, cfg, ext.settings.key_secret)
+        except OAuth2Error as e:
+            log_lifecycle("introspect", {"target": lifecycle.presented_name(request)}, e)
+            raise
         body = lifecycle.introspect(form, target, cfg, ext.store, ext.settings)
     except OAuth2Error as e:
         return respond(error_answer(e, ext))
@@ -147,13 +151,30 @@ def introspect_endpoint():
 
 @bp.post("/revoke")
 def revoke_endpoint():
-    """RFC 7009, by the client the token was issued to."""
+    """RFC 7009, by the client the token was issued to: logged once, and audited
+    (``revoke``) once the client is known."""
     ext = _ext()
+    record = audit.revocation(logs.current_request_id())
     try:
         form = read_form(request.environ, ext.settings.max_body)
         req = TokenRequest(request.method, ext.settings.issuer + "/revoke", request.headers, form)
-        client = ext.authenticator(req)
-        lifecycle.revoke(form, client.client_id, ext.store.config(), ext.store, ext.settings)
+        try:
+            client = ext.authenticator(req)
+        except OAuth2Error as e:
+            log_lifecycle("revoke", {"client_id": presented_client_id(req)}, e)
+            raise
+        try:
+            lifecycle.revoke(form, client.client_id, ext.store.config(), ext.store, ext.settings, record)
+        except OAuth2Error as e:
+            record["client_id"] = client.client_id
+            audit.refused(record, e)
+            ext.store.record_audit(record)
+            log_lifecycle("revoke", {"client_id": client.client_id, "jti": record.get("jti")}, e)
+            raise
+        audit.revoked(record, client.client_id)
+        if record.get("jti"):  # a token of ours, now revoked (else nothing was done, RFC 7009 §2.2)
+            ext.store.record_audit(record)
+        log_lifecycle("revoke", {"client_id": client.client_id, "jti": record.get("jti")}, None)
     except OAuth2Error as e:
         return respond(error_answer(e, ext))
     return respond(json_answer(200, {}, [("Cache-Control", "no-store")]))

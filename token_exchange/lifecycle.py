@@ -43,9 +43,19 @@ def authenticate_target(request, cfg, key_secret):
         raise InvalidClient("Introspection requires HTTP Basic with the target's name and secret.")
     name, password = parse_basic(header)
     target = cfg.targets_by_name.get(name)
-    if target is None or not check_secret(password, target.secret_salt, target.secret_hash, key_secret):
-        raise InvalidClient("Target authentication failed.")
+    if target is None:
+        raise InvalidClient("Target authentication failed.", detail="no target of that name")
+    if not check_secret(password, target.secret_salt, target.secret_hash, key_secret):
+        raise InvalidClient("Target authentication failed.", detail="wrong secret for the target")
     return target
+
+
+def presented_name(request) -> str | None:
+    """The name an introspection request authenticates as (for the log), or None."""
+    try:
+        return parse_basic(request.headers.get("Authorization") or "")[0]
+    except InvalidClient:
+        return None
 
 
 def _presented_claims(form, cfg, settings) -> dict | None:
@@ -65,6 +75,13 @@ def introspect(form, target, cfg, store, settings) -> dict:
     # "Consent for patient-facing apps": withdrawal revokes).
     if store.consents.lapsed(claims["jti"], datetime.now(timezone.utc)):
         return dict(INACTIVE)
+    # `client disable` / `client remove`, and the rules of `token revoke` and of the
+    # removals that revoke: loaded with the snapshot, so every instance sees a new one
+    # within the reload interval (at once with Redis).
+    client = cfg.clients.get(claims.get("client_id"))
+    if client is None or client.disabled or cfg.revocations.covers(
+            claims, lambda: store.token_origin(claims["jti"], claims["iat"])):
+        return dict(INACTIVE)
     out = {"active": True, "token_type": "Bearer"}
     out.update({k: claims[k] for k in _FIELDS if k in claims})
     for k in ("idp", "fhirUser", "act"):
@@ -73,10 +90,13 @@ def introspect(form, target, cfg, store, settings) -> dict:
     return out
 
 
-def revoke(form, client_id, cfg, store, settings) -> None:
+def revoke(form, client_id, cfg, store, settings, record: dict) -> None:
+    """Revoke the presented token, naming it (its jti) in ``record``, the decision's
+    audit record (a valid token of another client: named, and refused)."""
     claims = _presented_claims(form, cfg, settings)
     if claims is None or claims["exp"] < time.time():
         return  # RFC 7009 §2.2: invalid tokens need no action and get 200
+    record["jti"] = claims["jti"]
     if claims.get("client_id") != client_id:
         raise UnauthorizedClient("This token was issued to another client; only that client may revoke it.")
     store.revoke(claims["jti"], int(claims["exp"]))

@@ -71,6 +71,8 @@ class Client(Base):
     jwks_uri: Mapped[str | None] = mapped_column(URL)
     name: Mapped[str | None] = mapped_column(ID)  # shown on the consent page
     redirect_uris: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    # `client disable`: refused at every endpoint (401 invalid_client) until `client enable`.
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -180,6 +182,25 @@ class Revocation(Base):
     __tablename__ = "revocation"
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     exp: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class RevocationRule(Base):
+    """`token revoke` (and the removals that revoke): every minted token it covers and
+    issued before ``time`` introspects inactive. One row per command, not per token;
+    the fields its kind names (``revocation.KINDS``) are set, the others null.
+    Names are as the tokens carry them (client_id, the issuer URL as ``idp``, the
+    target's base URL as ``aud``, the user's ``fhirUser``), so a rule outlives the
+    rows it was made from."""
+    __tablename__ = "revocation_rule"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # client | trust | patient | user
+    client_id: Mapped[str | None] = mapped_column(ID)
+    issuer: Mapped[str | None] = mapped_column(URL)
+    target: Mapped[str | None] = mapped_column(URL)
+    source: Mapped[str | None] = mapped_column(URL)
+    patient: Mapped[str | None] = mapped_column(ID)
+    fhir_user: Mapped[str | None] = mapped_column(URL)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class AssertionJti(Base):

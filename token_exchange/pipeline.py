@@ -173,5 +173,19 @@ def log_decision(record: dict, error) -> None:
         logs.info_line(decision_log, "refused", fields)
 
 
+def log_lifecycle(endpoint: str, fields: dict, error) -> None:
+    """/introspect and /revoke: one decision line for a revocation (``revoked``; a null
+    jti: the token was not one to revoke, RFC 7009 §2.2) and for a refused request
+    there (``refused``: failed client or target authentication, another client's
+    token), naming the endpoint, the client or target and the error's internal reason."""
+    fields = dict(fields, endpoint=endpoint)
+    if error is None:
+        logs.info_line(decision_log, "revoked", fields)
+    else:
+        fields["error"] = error.error
+        fields["reason"] = getattr(error, "detail", None) or error.description
+        logs.info_line(decision_log, "refused", fields)
+
+
 _GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "consent", "jti")
 _REFUSED_FIELDS = ("client_id", "grant", "issuer", "target")

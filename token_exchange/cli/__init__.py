@@ -11,6 +11,7 @@ from . import (  # noqa: F401
                keys,
                links,
                targets,  # each module registers its commands
+               tokens,
                trusts,
 )
 from .common import cli, main

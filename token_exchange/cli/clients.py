@@ -1,4 +1,4 @@
-"""`client add|update|rotate-secret|list|show|remove`: vendor backends."""
+"""`client add|update|rotate-secret|list|show|remove|disable|enable`: vendor backends."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from ..sealing import generate_secret, hash_secret
 from .common import (Fail, check_id, cli, cli_flag, option_values, commit, emit, found, given_options, json_option,
                      options, pass_ctx, printable, remove_with_trusts, secret_from_env, show, url_arg,
                      yes_option)
+from .tokens import revoke_on_remove
 
 
 @cli.group()
@@ -192,7 +193,7 @@ def client_row(c: Client) -> dict:
     return {"client_id": c.client_id, "name": c.name, "auth_methods": method, "jwks_uri": c.jwks_uri,
             "jwks_kids": [k.get("kid") for k in (c.jwks or {}).get("keys", [])] or None,
             "redirect_uris": c.redirect_uris or [],
-            "created": c.created.isoformat() if c.created else None}
+            "created": c.created.isoformat() if c.created else None, "disabled": bool(c.disabled)}
 
 
 @client.command("list")
@@ -202,7 +203,7 @@ def client_list(ctx, as_json):
     """List the clients (never their secrets)."""
     with ctx.store.admin.change() as change:
         rows = [client_row(c) for c in change.clients()]
-    emit(rows, as_json, ["client_id", "name", "auth_methods", "jwks_uri"])
+    emit(rows, as_json, ["client_id", "name", "auth_methods", "jwks_uri", "disabled"])
 
 
 @client.command("show")
@@ -220,5 +221,38 @@ def client_show(ctx, client_id, as_json):
 @yes_option
 @pass_ctx
 def client_remove(ctx, client_id, yes):
-    """Remove a client (with --yes, also its trusts)."""
-    remove_with_trusts(ctx, client_id, "client", yes)
+    """Remove a client (with --yes, also its trusts); the tokens minted for it are revoked."""
+    remove_with_trusts(ctx, client_id, "client", yes,
+                       also=lambda change: revoke_on_remove(change, "client", client_id=client_id))
+
+
+@client.command("disable")
+@click.argument("client_id")
+@pass_ctx
+def client_disable(ctx, client_id):
+    """Refuse CLIENT_ID at every endpoint (401 invalid_client) and revoke the tokens
+    minted for it, until `client enable`."""
+    with ctx.store.admin.change() as change:
+        row = found(change.client(client_id), "client", client_id)
+        if row.disabled:
+            click.echo(f"client {printable(client_id)} is already disabled")
+            return
+        row.disabled = True
+        revoke_on_remove(change, "client", client_id=client_id)
+        commit(ctx, change, "client.disable", client_id)
+    click.echo(f"client {printable(client_id)} disabled; the tokens minted for it are revoked")
+
+
+@client.command("enable")
+@click.argument("client_id")
+@pass_ctx
+def client_enable(ctx, client_id):
+    """Let a disabled CLIENT_ID ask again (the tokens revoked stay revoked)."""
+    with ctx.store.admin.change() as change:
+        row = found(change.client(client_id), "client", client_id)
+        if not row.disabled:
+            click.echo(f"client {printable(client_id)} is not disabled")
+            return
+        row.disabled = False
+        commit(ctx, change, "client.enable", client_id)
+    click.echo(f"client {printable(client_id)} enabled")

@@ -294,14 +294,16 @@ def confirm_cascade(what: str, counts: dict, yes: bool):
         raise Fail(f"removing {what} would also delete {listed}; run again with --yes to do it")
 
 
-def remove_with_trusts(ctx, key: str, noun: str, yes: bool) -> None:
+def remove_with_trusts(ctx, key: str, noun: str, yes: bool, also=None) -> None:
     """`issuer remove` and `client remove`: the issuer or client named ``key`` and (with
-    --yes) every trust that names it, in one audited transaction."""
+    --yes) every trust that names it, in one audited transaction (with ``also(change)``)."""
     with ctx.store.admin.change() as change:
         row = found(getattr(change, noun)(key), noun, key)
         n = change.trust_count(row)
         confirm_cascade(f"{noun} {printable(key)}", {"trust(s)": n}, yes)
         change.remove_with_trusts(row)
+        if also is not None:
+            also(change)
         commit(ctx, change, f"{noun}.remove", f"{key} (and {n} trusts)")
     click.echo(f"{noun} {printable(key)} removed" + (f" with {n} trust(s)" if n else ""))
 

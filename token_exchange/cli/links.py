@@ -11,6 +11,7 @@ import click
 
 from ..models import PatientLink
 from ..store.admin import DuplicateLink
+from .tokens import revoke_on_remove
 from .common import (Fail, check_id, cli, commit, emit, get_target, iso, json_option, options, pass_ctx,
                      printable, show, url_arg)
 
@@ -55,6 +56,8 @@ def link_add(ctx, source, patient, target_ref, target_patient):
         if old is not None:
             change.remove(old)
             change.flush()
+            if old.target_patient != target_patient:  # the tokens minted on the matched link it corrects
+                revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
         change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=target_patient,
                                origin="table"))
         commit(ctx, change, "link.add", f"{source} {patient} -> {t.base_url} {target_patient}"
@@ -99,6 +102,7 @@ def link_block(ctx, source, patient, target_ref):
         if old is not None:
             change.remove(old)
             change.flush()
+            revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
         change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=None,
                                origin="blocked"))
         commit(ctx, change, "link.block", f"{source} {patient} -> {t.base_url}")
@@ -116,6 +120,8 @@ def link_remove(ctx, source, patient, target_ref):
         if old is None:
             raise Fail("no such link")
         change.remove(old)
+        if old.origin != "blocked":  # the tokens minted on the link (MATCHING: a wrong link)
+            revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
         commit(ctx, change, "link.remove", f"{source} {patient} -> {t.base_url} ({old.origin})")
     click.echo(f"{'block' if old.origin == 'blocked' else 'link'} removed")
 

@@ -8,6 +8,7 @@ from ..clock import utcnow
 from ..models import Trust
 from .common import (Fail, cli, cli_flag, commit, emit, found, get_target, given_options, json_option, options,
                      pass_ctx, printable, show)
+from .tokens import revoke_on_remove
 
 
 @cli.group()
@@ -188,5 +189,6 @@ def trust_remove(ctx, client_id, issuer_url, target_ref):
         c, i, t = _find(change, client_id, issuer_url, target_ref)
         if not change.remove_trust(c, i, t):
             raise Fail("no such trust")
+        revoke_on_remove(change, "trust", client_id=client_id, issuer=issuer_url, target=t.base_url)
         commit(ctx, change, "trust.remove", f"{client_id} {issuer_url} -> {t.base_url}")
     click.echo("trust removed")

@@ -91,6 +91,10 @@ class Store:
     def is_revoked(self, jti: str) -> bool:
         return self.revocations.is_revoked(jti)
 
+    def token_origin(self, jti: str, iat: int) -> tuple | None:
+        """(issuer, source patient) of a minted token, from its audit record, or None."""
+        return self.audit_log.origin(jti, iat)
+
     def assertion_jti_spent(self, client_id: str, jti: str) -> bool:
         """Whether (client, jti) was spent and is still remembered (a read; nothing spent)."""
         return self.replay.spent(client_id, jti)

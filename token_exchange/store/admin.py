@@ -16,8 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import audit
-from ..models import (AdminEvent, Client, Consent, Generation, Issuer, PatientLink, SigningKey, Target,
-                      Trust)
+from ..models import (AdminEvent, AuditEvent, Client, Consent, Generation, Issuer, PatientLink, Revocation,
+                      RevocationRule, SigningKey, Target, Trust)
+from .requests import dialect_insert
 
 
 class Conflict(Exception):
@@ -171,6 +172,44 @@ class AdminChange:
         """The trust's row deleted: 1, or 0 when there is none."""
         return self.session.execute(delete(Trust).where(Trust.client_id == client.id, Trust.issuer_id == issuer.id,
                                                         Trust.target_id == target.id)).rowcount
+
+    # -- revocation (`token revoke`, and the removals that revoke) -------------------
+    def add_rule(self, kind: str, time, **fields) -> None:
+        """A revocation rule: tokens it covers issued before ``time`` introspect inactive
+        (``revocation.RuleSet``; every instance loads it with the snapshot)."""
+        self.session.add(RevocationRule(kind=kind, time=time, **fields))
+
+    def revoke_jti(self, jti: str, exp: int) -> None:
+        """One token by its jti, as POST /revoke does (kept until ``exp``)."""
+        self.session.execute(dialect_insert(self.session.get_bind().dialect.name, Revocation)
+                             .on_conflict_do_nothing(index_elements=["jti"]).values(jti=jti, exp=exp))
+
+    def vouching_issuers(self, source: str) -> list:
+        """The URLs of the issuers that vouch for this source FHIR base."""
+        return [url for url, sources in self.session.execute(select(Issuer.url, Issuer.sources))
+                if source in (sources or ())]
+
+    def grants_covered(self, before, *, jti=None, client_id=None, issuer=None, target=None, issuers=None,
+                       patient=None, fhir_user=None) -> int | None:
+        """How many granted exchange records (tokens minted) a rule covers: issued before
+        ``before`` and matching the fields given (``issuers``: any of these issuers).
+        The audit does not record ``fhirUser``: for a user rule, None (not counted)."""
+        q = select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.event == "exchange", AuditEvent.outcome == "granted", AuditEvent.time < before)
+        for column, value in ((AuditEvent.jti, jti), (AuditEvent.client_id, client_id),
+                              (AuditEvent.issuer, issuer), (AuditEvent.target, target),
+                              (AuditEvent.source_patient, patient)):
+            if value is not None:
+                q = q.where(column == value)
+        if issuers is not None:
+            q = q.where(AuditEvent.issuer.in_(issuers))
+        if fhir_user is not None:
+            return None
+        return self.session.execute(q).scalar()
+
+    def record(self, event: dict) -> None:
+        """An audit record (``audit.py`` built it), in this command's transaction."""
+        self.session.add(AuditEvent(**event))
 
     def commit(self, actor: str, action: str, detail: str) -> None:
         """Record the change (who, what, when) with a generation bump, and commit;

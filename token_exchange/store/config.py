@@ -7,14 +7,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 
 from sqlalchemy import select
 
 from .. import keys as keymod
 from .. import scopes
-from ..clock import utcnow
+from ..clock import aware, utcnow
 from ..config import ClientCfg, Config, IssuerCfg, PublicKey, TargetCfg, TrustCfg
-from ..models import Client, Generation, Issuer, SigningKey, Target, Trust
+from ..models import Client, Generation, Issuer, RevocationRule, SigningKey, Target, Trust
+from ..revocation import Rule, RuleSet
 from ..sealing import SealError, unseal
 
 log = logging.getLogger("token_exchange.store")
@@ -88,7 +90,7 @@ class ConfigSnapshot:
         clients, client_by_id = {}, {}
         for r in conn.execute(select(Client)).all():
             c = ClientCfg(r.client_id, r.auth_method, r.secret_salt, r.secret_hash, r.jwks, r.jwks_uri, r.name,
-                          tuple(r.redirect_uris or ()))
+                          tuple(r.redirect_uris or ()), bool(r.disabled))
             clients[r.client_id] = c
             client_by_id[r.id] = c
         trusts, by_client = {}, {}
@@ -112,4 +114,16 @@ class ConfigSnapshot:
         return Config(gen, issuers, {t.base_url: t for t in targets},
                       {t.name: t for t in targets if t.name}, {t.id: t for t in targets},
                       clients, trusts, by_client, active,
-                      [PublicKey(k.kid, k.alg, k.state, k.public_jwk, k.retired) for k in key_rows], tuple(failed))
+                      [PublicKey(k.kid, k.alg, k.state, k.public_jwk, k.retired) for k in key_rows],
+                      tuple(failed), RuleSet(self._rules(conn), issuers))
+
+    def _rules(self, conn) -> list:
+        """The revocation rules that may still cover a token: those newer than the
+        longest a token lives (the TTL, and at least a day: an instance with a longer
+        TTL may have minted it). Rules are few (one per command), so they come with
+        the snapshot, and a new one bumps the generation like any admin change."""
+        horizon = max(86400, self.settings.token_ttl + 60, self.settings.key_grace)
+        since = utcnow() - timedelta(seconds=horizon)
+        rows = conn.execute(select(RevocationRule).where(RevocationRule.time > since)).all()
+        return [Rule(r.kind, aware(r.time).timestamp(), r.client_id, r.issuer, r.target, r.source, r.patient,
+                     r.fhir_user) for r in rows]
