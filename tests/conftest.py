@@ -10,7 +10,7 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
-from fakes import SOURCE, TARGET, TARGET2, UPSTREAM, FakeEHR
+from fakes import SOURCE, TARGET, TARGET2, UPSTREAM, FakeEHR, FakeFHIR
 from fhirserver import MedplumFHIRServer, require_all
 from fhirserver import unavailable as fhir_server_unavailable
 from oidc_provider import OIDCProvider
@@ -286,6 +286,14 @@ def _reset_ehrs(request):
             e.down, e.hang, e.opaque, e.extra_keys, e.introspection_auth = False, 0.0, {}, [], []
     if "op" in request.fixturenames:
         request.getfixturevalue("op").reset()
+
+
+@pytest.fixture
+def fhir():
+    """A fake target FHIR server for patient matching (tests/fakes.py FakeFHIR)."""
+    f = FakeFHIR()
+    yield f
+    f.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import audit_rows
-from fakes import SOURCE, TARGET, UPSTREAM, FakeFHIR
+from fakes import SOURCE, TARGET, UPSTREAM
 
 STEP_NAMES = ["client", "grant type", "parameters", "target", "client has a trust", "tokens (rules 1, 2, 4)",
               "trust for issuer and target (rule 5)", "grant allowed by the trust", "upstream client (rule 3)",
@@ -118,13 +118,6 @@ def test_explain_never_prints_the_tokens(world, ehr, tmp_path):
 
 # -- a dry run where matching would search (issue 25, item 1) --------------------------------------
 SSN = "urn:oid:2.16.840.1.113883.4.1"
-
-
-@pytest.fixture
-def fhir():
-    f = FakeFHIR()
-    yield f
-    f.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text, update
 
 from conftest import AT, IDT, SERVICE, TE, VENDOR_SECRET, audit_rows, post_token
-from fakes import SOURCE, TARGET, UPSTREAM, FakeFHIR, free_port
+from fakes import SOURCE, TARGET, UPSTREAM, free_port
 from test_jwt_grant import JWT_BEARER, make_grant
 from test_token import error_of
 from token_exchange import fhir_client
@@ -33,13 +33,6 @@ INS = "urn:example:insurer-member"  # both too
 MRN = "urn:example:mrn"  # the issuer vouches for it; the target does not list it
 OTHER = "urn:example:other"  # the target lists it; the issuer does not vouch for it
 SEARCH_CLAIMS = {"iss", "aud", "sub", "client_id", "scope", "iat", "exp", "jti"}
-
-
-@pytest.fixture
-def fhir():
-    f = FakeFHIR()
-    yield f
-    f.stop()
 
 
 @pytest.fixture
