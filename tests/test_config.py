@@ -175,6 +175,37 @@ def test_prune_with_yes_removes_what_the_file_does_not_name_and_audits_it(world)
         ("client.remove", "config apply: other")]
 
 
+def test_prune_revokes_the_tokens_minted_under_the_trusts_and_clients_it_removes(world, http, exchange):
+    from test_revocation import active
+    r = exchange()
+    assert r.status_code == 200, r.get_json()
+    _, doc = export(world)
+    doc["trusts"] = []
+    assert apply(with_secrets(world, doc), doc, "--prune", "--yes").stdout.startswith("- trust vendor/")
+    assert not active(http, r.get_json()["access_token"])
+
+
+def test_a_disabled_client_is_exported_and_applied_as_disabled(world, http, exchange, tmp_path):
+    from test_revocation import active
+    from test_token import error_of
+    token = exchange().get_json()["access_token"]
+    _, doc = export(world)
+    assert {c["client_id"]: c["disabled"] for c in doc["clients"]} == {"other": False, "vendor": False}
+    vendor = next(c for c in doc["clients"] if c["client_id"] == "vendor")
+    vendor["disabled"] = True
+    c = with_secrets(world, doc)
+    assert apply(c, doc).stdout.splitlines() == ["~ client vendor: disabled false → true"]
+    error_of(exchange(), 401, "invalid_client")
+    assert not active(http, token)  # as `client disable`: its tokens revoked
+    assert export(world)[1]["clients"][1]["disabled"] is True
+    fresh = with_secrets(fresh_cli(tmp_path), doc)  # a fresh database takes it as it is
+    assert "+ client vendor (disabled)" in apply(fresh, doc).stdout.splitlines()
+    assert export(fresh)[0] == export(world)[0]
+    vendor["disabled"] = False
+    assert apply(c, doc).stdout.splitlines() == ["~ client vendor: disabled true → false"]
+    assert exchange().status_code == 200
+
+
 def test_one_transaction_a_file_whose_last_trust_is_invalid_changes_nothing(world):
     _, doc = export(world)
     c = with_secrets(world, doc)

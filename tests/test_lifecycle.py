@@ -251,13 +251,20 @@ def test_audit_list_filters_by_time_client_and_outcome(exchange, world):
 
 
 def test_key_sealed_under_another_key_secret_fails_cleanly_with_503(world, env, exchange_factory):
+    """Client secrets are peppered, not sealed, so the CLI cannot tell which key secret
+    hashed them: a client can authenticate under one key secret while the active key
+    was sealed under another. The exchange is then a clean 503, and `keys reseal`
+    with the old key secret is the remedy."""
     from token_exchange import create_app
-    env["TOKEN_EXCHANGE_KEY_SECRET"] = "first-key-secret-0123456789abcdef"
+    first, another = "first-key-secret-0123456789abcdef", "another-key-secret-0123456789abcdef"
+    env["TOKEN_EXCHANGE_KEY_SECRET"] = another
+    world("client", "rotate-secret", "vendor", "--secret-env", "VENDOR_SECRET")  # peppered with another
+    env["TOKEN_EXCHANGE_KEY_SECRET"] = first
     world("keys", "rotate")  # the active key is sealed under the first secret
-    env["TOKEN_EXCHANGE_KEY_SECRET"] = "another-key-secret-0123456789abcdef"
-    world("client", "rotate-secret", "vendor", "--secret-env", "VENDOR_SECRET")  # peppered anew
+    env["TOKEN_EXCHANGE_KEY_SECRET"] = another
     error_of(exchange_factory(create_app(env=env).test_client()), 503, "temporarily_unavailable")
-    world("keys", "rotate")  # the documented remedy: a key sealed under the new secret
+    env["OLD_KEY_SECRET"] = first
+    world("keys", "reseal", "--old-secret-env", "OLD_KEY_SECRET")  # the documented remedy
     assert exchange_factory(create_app(env=env).test_client()).status_code == 200
 
 

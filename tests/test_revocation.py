@@ -169,6 +169,19 @@ def test_client_remove_revokes_its_tokens_even_if_added_again(http, world, mint)
     assert not active(http, token)
 
 
+def test_issuer_remove_revokes_the_tokens_minted_under_the_trusts_it_deletes(http, wider, ehr, mint):
+    at_b, at_c = mint(), mint(target=TARGET2)
+    wider("issuer", "remove", ehr.issuer, "--yes")
+    assert not active(http, at_b) and not introspect_at(http, at_c, TARGET2)
+
+
+def test_target_remove_revokes_the_tokens_minted_for_it_even_if_added_again(http, wider, mint):
+    at_b, at_c = mint(), mint(target=TARGET2)
+    wider("target", "remove", "clinic-c", "--yes")
+    wider("target", "add", TARGET2, "--name", "clinic-c", "--introspection-secret-env", "TARGET2_SECRET")
+    assert not introspect_at(http, at_c, TARGET2) and active(http, at_b)
+
+
 def test_link_remove_revokes_the_tokens_minted_on_the_link(http, wider, mint):
     on_link, other_patient = mint(), mint(patient="a-999")
     wider("link", "remove", "--source", SOURCE, "--patient", "a-123", "--target", TARGET)

@@ -109,7 +109,7 @@ def test_serve_warns_when_it_listens_beyond_loopback_with_an_http_issuer(env, wo
 def test_serve_with_a_secret_and_a_matching_https_issuer_warns_of_nothing(env, world, tmp_path, cli):
     env = dict(env, TOKEN_EXCHANGE_KEY_SECRET="k" * 40)
     from conftest import CLI
-    CLI(env)("keys", "rotate")  # a key sealed under the secret
+    CLI(env)("keys", "reseal")  # the key and the EHR's secret sealed under it
     env["TOKEN_EXCHANGE_ISSUER"] = "https://te.example"
     _, _, lines = _serve_once(env, tmp_path)
     assert _warnings(lines) == []

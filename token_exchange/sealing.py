@@ -54,6 +54,15 @@ def unseal(value: str, key_secret: str | None) -> str:
         raise SealError("a stored secret cannot be decrypted: is TOKEN_EXCHANGE_KEY_SECRET the one it was sealed with?") from None
 
 
+def opens(value: str, key_secret: str | None) -> bool:
+    """Whether ``value`` unseals under ``key_secret`` (a value stored unsealed always does)."""
+    try:
+        unseal(value, key_secret)
+    except (SealError, ValueError):  # ValueError: not base64 at all
+        return False
+    return True
+
+
 def hash_secret(secret: str, key_secret: str | None, salt: str | None = None) -> tuple[str, str]:
     """-> (salt, hex digest) of HMAC-SHA256(salt [+ pepper], secret)."""
     salt = salt or secrets.token_hex(16)

@@ -62,7 +62,7 @@ def credentials(ctx, o, required: bool, name=FLAG):
     if o.get("secret_env") or o.get("generate"):
         secret = generate_secret() if o.get("generate") else secret_from_env(
             o["secret_env"], "client secret", name("secret_env"), MIN_SECRET_LENGTH)
-        out["secret_salt"], out["secret_hash"] = hash_secret(secret, ctx.settings.key_secret)
+        out["secret_salt"], out["secret_hash"] = hash_secret(secret, ctx.sealing_secret())
         shown = secret if o.get("generate") else None
     elif o.get("jwks_file"):
         out["auth_method"] = "private_key_jwt"

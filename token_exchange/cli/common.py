@@ -48,6 +48,24 @@ class Ctx:
         if click_ctx is not None:
             click_ctx.call_on_close(self.engine.dispose)  # no connection outlives the command
 
+    def sealing_secret(self) -> str | None:
+        """The key secret a command seals keys and outbound secrets (and peppers inbound
+        secret hashes) under: refused, in one line, when it cannot unseal what is
+        already stored, so one database never holds values under two key secrets
+        (whichever the service started with, the others would lock it out)."""
+        from ..sealing import opens
+        key = self.settings.key_secret
+        if not getattr(self, "_sealing_checked", False):
+            with self.store.admin.change() as change:
+                foreign = [what for what, row, attr in change.sealed() if not opens(getattr(row, attr), key)]
+            if foreign:
+                raise Fail(f"TOKEN_EXCHANGE_KEY_SECRET cannot unseal {len(foreign)} stored key(s) or secret(s) "
+                           f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), so nothing new is "
+                           "stored under it: run with the key secret they were sealed under, or re-seal them "
+                           "with `token-exchange keys reseal --old-secret-env VAR`")
+            self._sealing_checked = True
+        return key
+
     def announce(self):
         """Tell running workers (through Redis, when configured) to reload now."""
         self.accel.publish_change()

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from ..sealing import SealError, check_secret, unseal
 from . import clients, issuers, targets, trusts
 from .common import Fail, printable, secret_from_env
+from .tokens import revoke_on_remove
 from .config_file import FIELDS, LISTS, default
 
 # (noun, field) -> (what the commands call the secret, column(s) it is stored in)
@@ -46,7 +47,8 @@ def fields_of(noun: str, row, keys=None) -> dict:
                 "match_identifiers": row.match_identifiers or [], "match_ttl_days": row.match_ttl_days}
     if noun == "clients":
         return {"client_id": row.client_id, "name": row.name, "redirect_uris": row.redirect_uris or [],
-                "jwks": row.jwks if row.auth_method == "private_key_jwt" else None, "jwks_uri": row.jwks_uri}
+                "jwks": row.jwks if row.auth_method == "private_key_jwt" else None, "jwks_uri": row.jwks_uri,
+                "disabled": bool(row.disabled)}
     client_id, issuer_url, base_url = keys
     return {"client": client_id, "issuer": issuer_url, "target": base_url, "scopes": row.scopes,
             "upstream_client_id": row.upstream_client_id, "max_ttl": row.max_ttl,
@@ -153,12 +155,14 @@ class Plan:
         for client_id, issuer_url, base_url, row in change.trusts():
             if (client_id, issuer_url, base_url) not in keys:
                 change.remove(row)
+                revoke_on_remove(change, "trust", client_id=client_id, issuer=issuer_url, target=base_url)
                 self.say("-", "trust", f"{client_id}/{issuer_url}/{base_url}")
         change.flush()
         named = {noun: {e[FIELDS[noun][0][0]] for e in self.entries[noun]} for noun in FIELDS}
         for row in change.clients():
             if row.client_id not in named["clients"]:
                 change.remove_with_trusts(row)
+                revoke_on_remove(change, "client", client_id=row.client_id)
                 self.say("-", "client", row.client_id)
         for row in change.targets():
             if row.base_url not in named["targets"]:
@@ -273,8 +277,10 @@ class Plan:
         creds, _ = clients.credentials(self.ctx, given, required=True, name=name)  # checks them either way
         o, said = self.options("clients", want, None if row is None else fields_of("clients", row))
         if row is None:
-            clients.new_client(self.ctx, change, client_id, {**o, **given}, name=name, id_name=name("client_id"))
-            self.say("+", "client", client_id)
+            row, _ = clients.new_client(self.ctx, change, client_id, {**o, **given}, name=name,
+                                        id_name=name("client_id"))
+            row.disabled = want["disabled"]
+            self.say("+", "client", client_id + (" (disabled)" if row.disabled else ""))
             return
         have = fields_of("clients", row)
         if "secret_env" in given:
@@ -294,6 +300,11 @@ class Plan:
             said.append(words)
         if o:
             clients.apply_options(self.ctx, row, o, name)
+        if bool(row.disabled) != want["disabled"]:  # as `client disable|enable` does
+            said.append(f"disabled {show(bool(row.disabled))} → {show(want['disabled'])}")
+            row.disabled = want["disabled"]
+            if row.disabled:
+                revoke_on_remove(change, "client", client_id=client_id)
         for words in said:
             self.say("~", "client", f"{client_id}: {words}")
 

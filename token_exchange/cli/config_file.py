@@ -36,7 +36,7 @@ FIELDS = {
                 ("introspection_secret_env", "introspection_secret_env"),
                 ("match_identifiers", "match_identifiers"), ("match_ttl_days", "match_ttl")],
     "clients": [("client_id", None), ("name", "name"), ("redirect_uris", "redirect_uris"),
-                ("secret_env", "secret_env"), ("jwks", "jwks"), ("jwks_uri", "jwks_uri")],
+                ("secret_env", "secret_env"), ("jwks", "jwks"), ("jwks_uri", "jwks_uri"), ("disabled", None)],
     "trusts": [("client", None), ("issuer", None), ("target", None), ("scopes", "scope_text"),
                ("upstream_client_id", "upstream_client_id"), ("max_ttl", "max_ttl"),
                ("allow_id_token", "allow_id_token"), ("allow_jwt_grant", "allow_jwt_grant"),
@@ -68,6 +68,8 @@ def default(noun: str, field: str):
     value = None if p is None or p.multiple else p.default
     if not isinstance(value, (str, int, bool)):
         value = None  # no default (click 8.3 marks it with a sentinel)
+    if field == "disabled":
+        return False  # `client disable|enable`, not an option of `client add`
     if field == "algs":
         return value.split(",")
     if field in LISTS:
@@ -80,6 +82,8 @@ def _field_schema(noun: str, field: str, key: str | None) -> dict:
         return {"type": "array", "items": {"type": "string"}}
     if field == "jwks":
         return {"type": ["object", "null"]}
+    if field == "disabled":
+        return {"type": "boolean"}
     p = option(noun, key) if key else None
     t = p.type if p is not None else None
     if isinstance(t, click.Choice):

@@ -97,7 +97,7 @@ def ensure_signing_key(ctx: Ctx):
 def new_key(change, ctx, state, alg=keymod.DEFAULT_ALG):
     kid, pem, jwk = keymod.generate(alg)
     now = utcnow()
-    row = SigningKey(kid=kid, alg=alg, state=state, private_key=seal(pem, ctx.settings.key_secret),
+    row = SigningKey(kid=kid, alg=alg, state=state, private_key=seal(pem, ctx.sealing_secret()),
                      public_jwk=jwk, created=now, activated=now if state == "active" else None)
     change.add(row)
     return row
@@ -166,10 +166,11 @@ def serve_warnings(ctx, host: str, port: int) -> list[str]:
     else:
         try:
             with ctx.store.admin.change() as change:
-                unsealed = [k for k in change.keys_in_use() if not k.private_key.startswith(SEALED_PREFIX)]
+                unsealed = [what for what, row, attr in change.sealed()
+                            if not getattr(row, attr).startswith(SEALED_PREFIX)]
         except OperationalError:
             unsealed = []
         if unsealed:
-            out.append(f"{len(unsealed)} signing key(s) were stored before TOKEN_EXCHANGE_KEY_SECRET was set and sit "
-                       "unencrypted: run `token-exchange keys rotate` and then `keys prune`")
+            out.append(f"{len(unsealed)} stored key(s) or secret(s) ({', '.join(unsealed[:3])}) were stored before "
+                       "TOKEN_EXCHANGE_KEY_SECRET was set and sit unencrypted: run `token-exchange keys reseal`")
     return out

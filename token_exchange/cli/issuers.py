@@ -136,12 +136,12 @@ def apply_options(ctx, change, row: Issuer, o: dict, creating: bool, name=FLAG):
             setattr(row, opt, value or None)
     if o.get("introspection_secret_env"):
         row.introspection_secret = seal(secret_from_env(o["introspection_secret_env"], "introspection secret",
-                                                        name("introspection_secret_env")), ctx.settings.key_secret)
+                                                        name("introspection_secret_env")), ctx.sealing_secret())
     if o.get("no_login_secret"):  # config apply: the file names no login secret
         row.login_secret = None
     if o.get("login_secret_env"):
         row.login_secret = seal(secret_from_env(o["login_secret_env"], "login client secret",
-                                                name("login_secret_env")), ctx.settings.key_secret)
+                                                name("login_secret_env")), ctx.sealing_secret())
     if o.get("identifier_systems"):
         row.identifier_systems = [identifier_system(v, name("identifier_systems"))
                                   for v in option_values(o["identifier_systems"])]

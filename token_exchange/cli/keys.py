@@ -8,7 +8,8 @@ import click
 
 from .. import keys as keymod
 from ..clock import aware, utcnow
-from .common import Fail, cli, commit, emit, iso, json_option, pass_ctx
+from ..sealing import SEALED_PREFIX, opens, seal, unseal
+from .common import Fail, cli, commit, emit, iso, json_option, pass_ctx, secret_from_env
 from .database import new_key
 
 
@@ -114,3 +115,41 @@ def keys_prune(ctx):
         if removed:
             commit(ctx, change, "keys.prune", ",".join(removed))
     click.echo(f"pruned {len(removed)} key(s)")
+
+
+@keys.command("reseal")
+@click.option("--old-secret-env", metavar="VAR",
+              help="Environment variable holding the key secret the stored values were sealed under "
+                   "(omit it to seal values stored before any key secret was set).")
+@pass_ctx
+def keys_reseal(ctx, old_secret_env):
+    """Seal every stored private key and outbound secret under the current
+    TOKEN_EXCHANGE_KEY_SECRET: after changing it (give the old one), or after
+    setting it for the first time. All or nothing."""
+    new = ctx.settings.key_secret
+    if not new:
+        raise Fail("TOKEN_EXCHANGE_KEY_SECRET is not set: set it to the key secret to seal under")
+    old = secret_from_env(old_secret_env, "old key secret", "--old-secret-env") if old_secret_env else None
+    moved, stuck = [], []
+    with ctx.store.admin.change() as change:
+        for what, row, attr in change.sealed():
+            value = getattr(row, attr)
+            if value.startswith(SEALED_PREFIX) and opens(value, new):
+                continue  # sealed under the current key secret already
+            key = next((k for k in (old, None) if opens(value, k)), False)  # None: stored unsealed
+            if key is False:
+                stuck.append(what)
+                continue
+            setattr(row, attr, seal(unseal(value, key), new))
+            moved.append(what)
+        if stuck:
+            raise Fail(f"{len(stuck)} stored key(s) or secret(s) open under neither key secret "
+                       f"({', '.join(stuck[:3])}{', ...' if len(stuck) > 3 else ''}); nothing was changed: "
+                       "give --old-secret-env the variable holding the key secret they were sealed under")
+        if moved:
+            commit(ctx, change, "keys.reseal", f"{len(moved)} key(s) and secret(s)")
+    click.echo(f"re-sealed {len(moved)} key(s) and secret(s) under the current TOKEN_EXCHANGE_KEY_SECRET")
+    if old is not None:
+        click.echo("warning: client and target secrets are hashed with the key secret as pepper and cannot be "
+                   "re-sealed: give each a new one (`client rotate-secret`, `target update "
+                   "--introspection-secret-env`)", err=True)

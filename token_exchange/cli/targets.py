@@ -75,7 +75,7 @@ def apply_options(ctx, change, row: Target, o: dict, name=FLAG):
     if o.get("introspection_secret_env"):
         row.secret_salt, row.secret_hash = hash_secret(
             secret_from_env(o["introspection_secret_env"], "target secret", name("introspection_secret_env"),
-                            MIN_SECRET_LENGTH), ctx.settings.key_secret)
+                            MIN_SECRET_LENGTH), ctx.sealing_secret())
     if o.get("match_identifiers"):
         row.match_identifiers = [identifier_system(v, name("match_identifiers"))
                                  for v in option_values(o["match_identifiers"])]

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import audit
+from ..clock import utcnow
 from ..models import (AdminEvent, AuditEvent, Client, Consent, Generation, Issuer, PatientLink, Revocation,
                       RevocationRule, SigningKey, Target, Trust)
 from .requests import dialect_insert
@@ -110,12 +111,17 @@ class AdminChange:
             q = q.where(SigningKey.state == state)
         return list(self.session.scalars(q))
 
-    def keys_in_use(self) -> list:
-        """The staged and active signing keys (not retired)."""
-        return list(self.session.scalars(select(SigningKey).where(SigningKey.state != "retired")))
-
     def issuers(self) -> list:
         return list(self.session.scalars(select(Issuer).order_by(Issuer.url)))
+
+    def sealed(self) -> list:
+        """(what, row, attribute) of every stored value sealed under the key secret: the
+        signing keys' private keys and the issuers' outbound secrets."""
+        out = [(f"signing key {k.kid}", k, "private_key") for k in self.keys()]
+        for i in self.issuers():
+            out += [(f"issuer {i.url}{what}", i, attr) for attr, what in
+                    (("introspection_secret", ""), ("login_secret", " login secret")) if getattr(i, attr)]
+        return out
 
     def clients(self) -> list:
         return list(self.session.scalars(select(Client).order_by(Client.client_id)))
@@ -125,12 +131,16 @@ class AdminChange:
 
     def trusts(self, client_id: str | None = None) -> list:
         """(client id, issuer URL, target base URL, Trust) of every trust (of one client)."""
-        q = (select(Client.client_id, Issuer.url, Target.base_url, Trust)
-             .join(Client, Trust.client_id == Client.id).join(Issuer, Trust.issuer_id == Issuer.id)
-             .join(Target, Trust.target_id == Target.id).order_by(Client.client_id, Issuer.url, Target.base_url))
+        q = self.trusts_query().order_by(Client.client_id, Issuer.url, Target.base_url)
         if client_id:
             q = q.where(Client.client_id == client_id)
         return list(self.session.execute(q))
+
+    @staticmethod
+    def trusts_query():
+        return (select(Client.client_id, Issuer.url, Target.base_url, Trust)
+                .join(Client, Trust.client_id == Client.id).join(Issuer, Trust.issuer_id == Issuer.id)
+                .join(Target, Trust.target_id == Target.id))
 
     @staticmethod
     def _trust_column(row):
@@ -158,12 +168,16 @@ class AdminChange:
         self.session.flush()
 
     def remove_with_trusts(self, row: Issuer | Client) -> None:
-        """An issuer or a client and every trust that names it."""
+        """An issuer or a client and every trust that names it (the tokens minted under
+        those trusts revoked)."""
+        self.revoke_trusts(self._trust_column(row) == row.id)
         self.session.execute(delete(Trust).where(self._trust_column(row) == row.id))
         self.session.delete(row)
 
     def remove_target(self, target: Target) -> None:
-        """A target and its trusts, patient links and consents."""
+        """A target and its trusts (the tokens minted under them revoked), patient links
+        and consents."""
+        self.revoke_trusts(Trust.target_id == target.id)
         for model in (Trust, PatientLink, Consent):
             self.session.execute(delete(model).where(model.target_id == target.id))
         self.session.delete(target)
@@ -178,6 +192,14 @@ class AdminChange:
         """A revocation rule: tokens it covers issued before ``time`` introspect inactive
         (``revocation.RuleSet``; every instance loads it with the snapshot)."""
         self.session.add(RevocationRule(kind=kind, time=time, **fields))
+
+    def revoke_trusts(self, where) -> None:
+        """A `trust` rule, now, for each trust ``where`` selects: what `trust remove` adds
+        for one, added by every removal that deletes trusts with it."""
+        now = utcnow()
+        for client_id, issuer, target, _ in self.session.execute(
+                self.trusts_query().where(where)):
+            self.add_rule("trust", now, client_id=client_id, issuer=issuer, target=target)
 
     def revoke_jti(self, jti: str, exp: int) -> None:
         """One token by its jti, as POST /revoke does (kept until ``exp``)."""
