@@ -93,6 +93,16 @@ def test_explain_of_an_unknown_client_is_a_refusal_not_a_crash(world, ehr, tmp_p
     assert r.exit_code == 1 and as_report(r)["decision"]["error"] == "invalid_client"
 
 
+def test_explain_of_a_disabled_client_is_the_refusal_the_token_endpoint_gives(world, ehr, tmp_path, exchange):
+    world("client", "disable", "vendor")
+    r = explain(world, tmp_path, "--resource", TARGET, "--json", subject=ehr.access_token(), actor=ehr.id_token())
+    report = as_report(r)
+    assert r.exit_code == 1 and report["steps"][0]["outcome"] == "failed" and "disabled" in report["steps"][0]["detail"]
+    real = exchange()
+    assert (report["decision"]["status"], report["decision"]["error"], report["decision"]["error_description"]) == (
+        real.status_code, real.get_json()["error"], real.get_json()["error_description"])
+
+
 def test_explain_reads_a_token_from_standard_input(world, ehr):
     r = world("explain", "--client", "vendor", "--subject-token", "-", "--resource", TARGET, "--scope",
               "user/Patient.rs", input=ehr.access_token() + "\n", check=False)

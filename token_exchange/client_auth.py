@@ -120,9 +120,14 @@ class Authenticator:
             raise InvalidClient("Client authentication failed: unknown client, wrong secret or invalid assertion.") from None
         if form_client is not None and form_client != client.client_id:
             raise InvalidClient("The client_id parameter does not match the authenticated client.")
-        if client.cfg.disabled:  # `client disable`: at every endpoint, after authentication
-            raise InvalidClient("The client is disabled; ask an administrator.", detail="client is disabled")
+        check_enabled(client)
         return client
+
+
+def check_enabled(client) -> None:
+    """`client disable`: refused at every endpoint, after authentication (and by `explain`)."""
+    if client.cfg.disabled:
+        raise InvalidClient("The client is disabled; ask an administrator.", detail="client is disabled")
 
 
 def presented_client_id(request) -> str | None:

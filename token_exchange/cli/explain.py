@@ -87,6 +87,7 @@ def explain(client_id, subject_token, subject_token_type, actor_token, assertion
 def run(client_id: str, form: MultiDict) -> dict:
     """The rule-by-rule report of what POST /token would decide for this client and form."""
     from .. import create_app
+    from ..client_auth import check_enabled
     from ..errors import OAuth2Error
     from ..settings import SettingsError
     try:
@@ -108,6 +109,14 @@ def run(client_id: str, form: MultiDict) -> dict:
                 return {"client": client_id, "steps": steps, "decision": {
                     "outcome": "refused", "status": 401, "error": "invalid_client",
                     "error_description": "Client authentication failed: unknown client."}}
+            try:
+                check_enabled(client)
+            except OAuth2Error as e:
+                steps.append({"step": "client", "outcome": "failed", "detail": "the client is disabled "
+                              "(`token-exchange client enable` lets it ask again)", "error": e.error})
+                return {"client": client_id, "steps": steps, "decision": {
+                    "outcome": "refused", "status": e.status_code, "error": e.error,
+                    "error_description": e.description}}
             steps.append({"step": "client", "outcome": "held",
                           "detail": f"registered ({client.cfg.auth_method}); explain does not authenticate it"})
             grant = None
