@@ -57,7 +57,7 @@ def test_a_wheel_in_a_fresh_venv_migrates_serves_and_grants_from_another_directo
             try:
                 if requests.get(base + "/readyz", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or not answering yet
                 pass
             assert server.poll() is None, server.stderr.read()
             time.sleep(0.1)  # polling the server's start, not papering over a race
