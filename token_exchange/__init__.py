@@ -25,7 +25,7 @@ def create_app(settings=None, env=None, *, group_commit=False):
     from . import consent, endpoints, logs
     from .client_auth import Authenticator, ClientJWKS, PrivateKeyJWT, client_lookup
     from .issuers import JWKSCache
-    from .matching import PatientMapper, make_matcher
+    from .mapping.patients import PatientMapper, make_matcher
     from .grants import Collaborators
     from .metrics import Metrics
     from .pipeline import TokenPipeline

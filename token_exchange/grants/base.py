@@ -27,7 +27,8 @@ from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 from .. import audit, policy, scopes, urns
 from ..errors import InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable, UnauthorizedClient
 from ..forms import reject_duplicates
-from ..matching import WOULD_SEARCH, MatchingUnavailable
+from ..mapping.patients import MatchingUnavailable
+from ..mapping.search import WOULD_SEARCH
 
 MAX_TOKEN_LENGTH = 16 * 1024
 
