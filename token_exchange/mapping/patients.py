@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from ..errors import TemporarilyUnavailable
 from ..fhir_client import FHIRClient, FHIRUnavailable
 from ..upstream import Slots
-from .search import (BUSY_RETRY_AFTER, MEMORY_SECONDS, SERVICE_ACTOR, WOULD_SEARCH, Searcher, expired,
+from .search import (BUSY_RETRY_AFTER, MEMORY_SECONDS, SERVICE_ACTOR, WOULD_SEARCH, Searcher, deadline_of, expired,
                      memory_key, systems_text, usable_identifiers)
 
 log = logging.getLogger("token_exchange.matching")
@@ -40,7 +40,7 @@ class PatientMapper:
         self.store = store
         self.matcher = matcher
 
-    def map(self, p, target, cfg, dry_run: bool = False) -> Mapped:
+    def map(self, p, target, cfg, dry_run: bool = False, shared: dict | None = None) -> Mapped:
         """The presented patient (``p``: subject.Presented) at ``target`` under the
         trust snapshot ``cfg``: a stored link, else a match (not stored in a dry run)."""
         row = self.store.find_link(p.source, p.patient, target.id)
@@ -55,7 +55,7 @@ class PatientMapper:
         if self.matcher is None or not target.match_identifiers:
             return Mapped(None, "none", "no patient link maps it to this target, and the target is not set up "
                                         "for matching")
-        return self.matcher.match(p, target, cfg, stale=row is not None, dry_run=dry_run)
+        return self.matcher.match(p, target, cfg, stale=row is not None, dry_run=dry_run, shared=shared)
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Matcher:
         self.slots = slots
         self.searcher = Searcher(settings, store, fhir, metrics)
 
-    def match(self, p, target, cfg, stale: bool, dry_run: bool) -> Mapped:
+    def match(self, p, target, cfg, stale: bool, dry_run: bool, shared: dict | None = None) -> Mapped:
         """For an exchange: the identifiers of the token that supplied the patient;
         the 10-minute memory honoured; ``dry_run`` (explain) searches and writes nothing.
         At most ``slots`` exchanges of this process match at once; one more is refused
@@ -99,7 +99,8 @@ class Matcher:
                                       detail="every matching slot of this worker is waiting on an upstream")
         try:
             decision = self.run(cfg, [p.issuer], target, p.source, p.patient,
-                                claims=p.patient_claims or {}, stale=stale, search=not dry_run, store=not dry_run)
+                                claims=p.patient_claims or {}, stale=stale, search=not dry_run, store=not dry_run,
+                                shared=shared)
         except FHIRUnavailable as e:
             raise self.unavailable(e, target) from None
         finally:
@@ -118,15 +119,16 @@ class Matcher:
                                    retry_after=e.retry_after, detail=f"matching: {e}")
 
     def run(self, cfg, issuers, target, source: str, patient: str, *, claims=None, given=None, stale=False,
-            search=True, store=True, memory=True, replace_any=False, actor=SERVICE_ACTOR) -> Decision:
+            search=True, store=True, memory=True, replace_any=False, actor=SERVICE_ACTOR, shared=None) -> Decision:
         """One match of (source, patient) at target. Identifiers: ``given`` (an
         admin's), else the issuer's identifier claim in ``claims``, else the source
         Patient read at the EHR (Backend Services). ``search`` False: nothing leaves
         the service; ``store`` False: nothing is written; ``memory`` False: the
         10-minute memory is not consulted; ``replace_any``: any matched row is
-        replaced, not only one past its TTL. Raises FHIRUnavailable."""
+        replaced, not only one past its TTL; ``shared``: the exchange's state shared with
+        user matching (one deadline for both). Raises FHIRUnavailable."""
         allowed = set(target.match_identifiers) & {s for i in issuers for s in i.identifier_systems}
-        deadline = self.fhir.upstream.deadline()  # one for every call of this match
+        deadline = deadline_of(self.fhir.upstream, shared)  # one for every call of this exchange's matching
         if given is not None:
             ids, whence = usable_identifiers(given, allowed), "the identifiers given"
         else:

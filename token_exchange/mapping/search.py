@@ -176,6 +176,16 @@ def expired(matched_at, ttl_days) -> bool:
     return utcnow() - aware(matched_at) > timedelta(days=ttl_days or 30)
 
 
+def deadline_of(upstream, shared: dict | None):
+    """The one deadline of an exchange's matching (patient, then user): made by the first
+    step that reaches outside, kept in ``shared`` for the next."""
+    if shared is None:
+        return upstream.deadline()
+    if "deadline" not in shared:
+        shared["deadline"] = upstream.deadline()
+    return shared["deadline"]
+
+
 def systems_text(systems) -> str:
     return ", ".join(sorted(systems)) or "a system both the issuer and the target list (none is)"
 
