@@ -365,3 +365,25 @@ def test_target_and_issuer_show_and_config_export_carry_the_user_options(users, 
     assert "users" in out and "user_identifier_claim" in out
     assert json.loads(users("target", "show", "medplum", "--json").output)["users"] == "as-is"
     assert apply("config", "apply", str(tmp_path / "c.json")).output.strip() == "no changes"
+
+
+def test_user_link_failures_are_one_error_line_and_change_nothing(world, tmp_path):
+    from fakes import TARGET
+    r = world("user-link", "remove", "--user", DOCTOR, "--target", "hospital-b", check=False)
+    assert r.exit_code == 1 and r.stderr == "error: no such user link\n"
+    r = world("user-link", "add", "--user", DOCTOR, "--target", "nowhere", "--target-user", "Practitioner/1",
+              check=False)
+    assert r.exit_code == 1 and r.stderr.startswith("error: no target")
+    world("user-link", "add", "--user", DOCTOR, "--target", "hospital-b", "--target-user", "Practitioner/1")
+    r = world("user-link", "add", "--user", DOCTOR, "--target", TARGET, "--target-user", "Practitioner/2",
+              check=False)
+    assert r.exit_code == 1 and "already exists" in r.stderr
+    r = world("user-link", "import", "-", input="user,target\n", check=False)
+    assert r.exit_code == 1 and "first line must be user,target,target_user" in r.stderr
+    r = world("user-link", "import", "-", input=f"user,target,target_user\n{SOURCE}/Practitioner/p9,hospital-b,"
+                                                  "Practitioner/9\n=cmd,hospital-b,Practitioner/1\n", check=False)
+    assert r.exit_code == 1 and r.stderr.startswith("error: <stdin>:3: user") and len(rows(world)) == 1
+    r = world("target", "remove", "hospital-b", check=False)
+    assert r.exit_code == 1 and "1 user link(s)" in r.stderr
+    world("target", "remove", "hospital-b", "--yes")
+    assert rows(world) == []

@@ -167,7 +167,8 @@ class Plan:
             if row.base_url not in named["targets"]:
                 deps = change.target_dependents(row)
                 extra = ", ".join(f"{n} {what}" for what, n in (("patient link(s)", deps["links"]),
-                                                                 ("consent(s)", deps["consents"])) if n)
+                                                                 ("consent(s)", deps["consents"]),
+                                                                 ("user link(s)", deps["user_links"])) if n)
                 change.remove_target(row)
                 self.say("-", "target", row.base_url + (f" (and {extra})" if extra else ""))
         for row in change.issuers():
