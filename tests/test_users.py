@@ -387,3 +387,28 @@ def test_user_link_failures_are_one_error_line_and_change_nothing(world, tmp_pat
     assert r.exit_code == 1 and "1 user link(s)" in r.stderr
     world("target", "remove", "hospital-b", "--yes")
     assert rows(world) == []
+
+
+def test_practitioner_role_users_are_mapped_from_the_table_only(users, medplum, service, ehr):
+    role = SOURCE + "/PractitionerRole/r-1"
+    seed(medplum, practitioner("pr-1", (NPI, "8")))
+    r = exchange(service, ehr, medplum.base, [f"{NPI}|8"], fhirUser=role)
+    assert r.status_code == 400 and "not known to the target" in r.json()["error_description"]
+    assert medplum.requests() == [] and last(users)["user_link"] == "none"
+    users("user-link", "add", "--user", role, "--target", "medplum", "--target-user", "PractitionerRole/b-r1")
+    r = exchange(service, ehr, medplum.base, [f"{NPI}|8"], fhirUser=role)
+    assert r.status_code == 200 and claims(r)["fhirUser"] == medplum.base + "/PractitionerRole/b-r1"
+
+
+def test_the_ehr_failing_the_backend_services_token_is_503_and_stores_nothing(users, medplum, service, ehr):
+    b = ehr.backend
+    b.reset()
+    try:
+        b.client_id, b.token_fault = "te-at-ehr", 500
+        users("issuer", "update", ehr.issuer, "--fhir-client-id", "te-at-ehr", "--token-endpoint", b.token_endpoint)
+        r = exchange(service, ehr, medplum.base)  # no identifier in the token: the user's resource is read
+        assert r.status_code == 503 and r.json()["error"] == "temporarily_unavailable"
+        assert "EHR" in r.json()["error_description"] and r.headers["Retry-After"] == "30"
+        assert last(users)["user_link"] == "unavailable" and rows(users) == [] and medplum.requests() == []
+    finally:
+        b.reset()
