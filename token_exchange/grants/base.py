@@ -4,7 +4,7 @@ type with a ``GRANT_TYPE`` constant, ``validate_token_request()`` then
 
 Authlib ships no RFC 8693 grant. ``ExchangeGrant`` holds the steps every grant here
 runs, named and in the contract's order (parameters, target, trust, the presented
-tokens, upstream client, scopes, consent, patient), and the minting of the RFC 9068
+tokens, upstream client, scopes, consent, patient, user), and the minting of the RFC 9068
 token. A grant adds its own parameters and the validation of what it presents (the
 EHR's tokens, or a JWT authorization grant).
 
@@ -40,7 +40,7 @@ class Collaborators:
     settings: object
     config: Callable  # () -> config.Config, the current trust snapshot
     validator: object  # subject.TokenValidator: the presented tokens (rules 1, 2, 4)
-    patients: object  # matching.PatientMapper: who the patient is at the target (rule 7)
+    patients: object  # mapping.patients.PatientMapper: who the patient is at the target (rule 7)
     consent: object | None  # consent.service.ConsentService, None without the consent flow
     replay: object  # store.requests.Replay: spent assertion jtis, shared by every instance
     users: object = None  # mapping.users.UserMapper: who the user is at a `mapped` target
