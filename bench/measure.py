@@ -111,12 +111,12 @@ class Runs:
 
     def phase(self, phase: str, links: int, sets: dict, warm: Path, rounds: int, variants=()):
         """Rounds of floor, service, then each variant's service run, on the round's bodies
-        (the consent and match variants on their own)."""
+        (the consent, match and user variants on their own)."""
         for rnd in range(1, rounds + 1):
             bodies = sets[f"{phase}-r{rnd}"]
             for kind in ("floor", "service", *(f"service-{v}" for v in variants)):
                 v = kind.removeprefix("service-")
-                if v in ("consent", "match"):
+                if f"{v}-r{rnd}" in sets:  # a variant with bodies of its own (consent, match, user-...)
                     self.measure_clean(kind, phase, links, rnd, sets[f"{v}-r{rnd}"], sets[f"warmup-{v}"])
                 else:
                     self.measure_clean(kind, phase, links, rnd, bodies, warm)

@@ -322,6 +322,15 @@ def _setup(args, imports, sizes, variants) -> list[str]:
           f"http://127.0.0.1:PORT/fhir --name hospital-m --match-identifier {MATCH_SYSTEM}`, a trust for it. Its "
           "ID tokens name patients no link or earlier match knows (a distinct range per round and for the "
           "warm-up), with `patient_identifier` of that system.")
+    if {"user-as-is", "user-mapped", "user-match"} & set(variants):
+        w("- Variants user-as-is and user-mapped: `target add https://fhir.d.example/fhir` (as-is) and "
+          "`target add https://fhir.e.example/fhir --users mapped`, trusts with `patient/*.rs user/*.rs`, the "
+          "same patient links for each, and for the mapped one `user-link import` of 997 table user links (the "
+          "Practitioners pr-0..pr-996 the ID tokens name); their requests ask `patient/Observation.rs "
+          "user/Observation.rs`. Variant user-match: `issuer update EHR --user-identifier-system "
+          "http://hl7.org/fhir/sid/us-npi`, `target add http://127.0.0.1:PORT/fhir-u --users mapped "
+          "--user-match-identifier ...`; its ID tokens name users no link knows, with `fhirUser_identifier`, "
+          "and ask `user/Observation.rs`.")
     if "es256" in variants:
         w("- Variant es256: a copy of the set-up database (SQLite backup), then `keys stage --alg ES256` and "
           "`keys rotate` on it; the service run with `TOKEN_EXCHANGE_DATABASE_URL` pointing at the copy.")
@@ -371,7 +380,13 @@ def end_checks(args, info, bench, counts, ehr, fhir) -> list[str]:
     checks.append(f"patient links for {TARGET} at the end: {table_links:,} (expected {args.big_links:,}).")
     if table_links != args.big_links:
         bench.problems.append(f"patient_link holds {table_links} rows for {TARGET}, not {args.big_links}")
-    if fhir:
+    if fhir and "user-match" in args.variants:
+        users = counts["links"].get(f"users {fhir.user_base} matched", 0)
+        checks.append(f"variant user-match: {fhir.user_searches:,} Practitioner searches at the fake target, "
+                      f"{users:,} user links stored with origin matched.")
+        if users != fhir.user_searches:
+            bench.problems.append(f"variant user-match: {fhir.user_searches} searches but {users} matched user links")
+    if fhir and "match" in args.variants:
         matched = counts["links"].get(f"{fhir.base} matched", 0)
         match_ok = sum(r["ok"] for r in bench.runs if r["app"] == "service-match")
         checks.append(f"variant match: {fhir.searches:,} searches at the fake target, {matched:,} links "

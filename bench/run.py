@@ -16,8 +16,10 @@ What it does (see bench/README.md):
    worker. The headline is service / floor; both are also set against the
    crypto-only ceiling = cores / (2 RS256 verify + 1 RS256 sign), measured here.
 4. Variants, in the same rounds as step 3 and against the same floor: the service
-   signing with an ES256 key, exchanges under a user's existing consent, and
-   exchanges that each match a new patient at a target (`--variants`).
+   signing with an ES256 key, exchanges under a user's existing consent,
+   exchanges that each match a new patient at a target, user/ scopes at an as-is
+   target, at a mapped target whose users are all mapped already, and for users
+   each matched for the first time (`--variants`).
 5. The service again at 1,000,000 links (100,000 with --quick).
 6. bench/RESULTS.md (--quick: bench/out/RESULTS-quick.md) and raw JSON in bench/out/.
 
@@ -112,7 +114,7 @@ def main(argv=None):
     log(f"{info['nproc']} cores, {info['cpu_model']}, Python {info['python']}; load avg {os.getloadavg()[0]:.2f}")
     tmp = Path(tempfile.mkdtemp(prefix="te-bench-"))
     ehr = fake_ehr()
-    fhir = FakeFHIR() if "match" in args.variants else None
+    fhir = FakeFHIR() if {"match", "user-match"} & set(args.variants) else None
     world = World(tmp, ehr, fhir)
     bench = Runs(args, world)
     try:
@@ -133,7 +135,7 @@ def main(argv=None):
 
         sizes, sets = body_sets(args, crypto["ceiling_per_s"])
         log(f"signing request bodies: {sizes['per_run']} pairs per round, {sizes['warmup']} for warm-ups")
-        files = make_bodies(ehr, sets, tmp, fhir.base if fhir else None)
+        files = make_bodies(ehr, sets, tmp, fhir.base if fhir else None, fhir.user_base if fhir else None)
 
         log(f"phase 1: {args.links:,} links, {args.rounds} rounds of floor then service"
             + (f", then the variants {', '.join(args.variants)}" if args.variants else ""))

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from fakes import FakeEHR
 
-from bench.common import (AT, CLIENT_ID, IDT, MATCH_SYSTEM, REQ_SCOPE, SOURCE, TARGET, TARGET_CONSENT, TE,
+from bench.common import (AT, CLIENT_ID, IDT, MATCH_SYSTEM, REQ_SCOPE, SOURCE, TARGET, TARGET_CONSENT,
+                          TARGET_USER_ASIS, TARGET_USER_MAPPED, TE, USER_SCOPE, USER_SYSTEM, USERS,
                           TOKEN_TTL, log)
 
 EHR_NAME = "bench-ehr"  # the fake EHR's path on loopback; its key id is bench-ehr-k1
@@ -24,6 +25,7 @@ EHR_NAME = "bench-ehr"  # the fake EHR's path on loopback; its key id is bench-e
 # Set in the parent before forking the signing pool; read by _sign_chunk.
 _EHR: FakeEHR | None = None
 _MATCH_TARGET = None
+_USER_MATCH_TARGET = None
 
 
 def fake_ehr() -> FakeEHR:
@@ -37,14 +39,16 @@ def patient_id(n: int) -> str:
 
 def _sign_chunk(task):
     """(tag, first index, patient numbers, kind) -> form bodies, one pair of tokens each.
-    kind: "std" (linked patients), "consent" (each patient's consenting user) or
-    "match" (patients with no link, carrying an identifier the target is searched by)."""
+    kind: "std" (linked patients), "consent" (each patient's consenting user),
+    "match" (patients with no link, carrying an identifier the target is searched by),
+    "user-as-is" / "user-mapped" (linked patients, user/ scopes too, at those targets) or
+    "user-match" (users with no user link, carrying an NPI the target is searched by)."""
     tag, first, patients, kind = task
     out = []
     for i, pn in enumerate(patients, start=first):
         sub = f"user-{tag}-{i}"  # distinct per pair: no two ID tokens alike either
-        ident = {"fhirUser": f"{SOURCE}/Practitioner/pr-{i % 997}", "patient": patient_id(pn)}
-        resource = TARGET
+        ident = {"fhirUser": f"{SOURCE}/Practitioner/pr-{i % USERS}", "patient": patient_id(pn)}
+        resource, scope = TARGET, REQ_SCOPE
         if kind == "consent":
             sub = f"consent-user-{pn}"  # the user who consented for this patient
             ident["nonce"] = uuid.uuid4().hex  # keeps this user's ID tokens distinct
@@ -53,6 +57,13 @@ def _sign_chunk(task):
             ident["patient"] = f"m-{pn:09d}"  # never linked, never matched before
             ident["patient_identifier"] = [f"{MATCH_SYSTEM}|{pn:09d}"]
             resource = _MATCH_TARGET
+        elif kind in ("user-as-is", "user-mapped"):
+            resource = TARGET_USER_ASIS if kind == "user-as-is" else TARGET_USER_MAPPED
+            scope = f"{REQ_SCOPE} {USER_SCOPE}"
+        elif kind == "user-match":
+            ident["fhirUser"] = f"{SOURCE}/Practitioner/u-{pn:09d}"  # never linked, never matched before
+            ident["fhirUser_identifier"] = [f"{USER_SYSTEM}|{pn:09d}"]
+            resource, scope = _USER_MATCH_TARGET, USER_SCOPE
         out.append(urlencode([
             ("grant_type", TE),
             ("subject_token", _EHR.access_token(sub=sub, ttl=TOKEN_TTL)),
@@ -60,18 +71,19 @@ def _sign_chunk(task):
             ("actor_token", _EHR.id_token(sub=sub, ttl=TOKEN_TTL, **ident)),
             ("actor_token_type", IDT),
             ("resource", resource),
-            ("scope", REQ_SCOPE),
+            ("scope", scope),
         ]))
     return out
 
 
-def make_bodies(ehr: FakeEHR, sets: list[tuple], tmp: Path, match_target: str | None = None) -> dict[str, Path]:
+def make_bodies(ehr: FakeEHR, sets: list[tuple], tmp: Path, match_target: str | None = None,
+                user_match_target: str | None = None) -> dict[str, Path]:
     """sets: (tag, count, patients, kind) -> {tag: file of form bodies, one per line}.
     patients is a number N (each pair's patient drawn at random from the first N) or a
     range (used in order, each once). Signed in a pool of processes, one per core
     (before any run, so it disturbs none)."""
-    global _EHR, _MATCH_TARGET
-    _EHR, _MATCH_TARGET = ehr, match_target
+    global _EHR, _MATCH_TARGET, _USER_MATCH_TARGET
+    _EHR, _MATCH_TARGET, _USER_MATCH_TARGET = ehr, match_target, user_match_target
     files = {}
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(os.cpu_count() or 1) as pool:
@@ -113,6 +125,15 @@ def body_sets(args, ceiling_per_s: float) -> tuple[dict, list[tuple]]:
         match_n = max(1000, per_run // 2)
         sets.append(("warmup-match", warm_n, range(0, warm_n), "match"))
         sets += [(f"match-r{r}", match_n, range(r * 10_000_000, r * 10_000_000 + match_n), "match")
+                 for r in range(1, args.rounds + 1)]
+    for kind in ("user-as-is", "user-mapped"):
+        if kind in args.variants:
+            sets.append((f"warmup-{kind}", warm_n, args.links, kind))
+            sets += [(f"{kind}-r{r}", per_run, args.links, kind) for r in range(1, args.rounds + 1)]
+    if "user-match" in args.variants:  # as match: every exchange a user's first
+        match_n = max(1000, per_run // 2)
+        sets.append(("warmup-user-match", warm_n, range(0, warm_n), "user-match"))
+        sets += [(f"user-match-r{r}", match_n, range(r * 10_000_000, r * 10_000_000 + match_n), "user-match")
                  for r in range(1, args.rounds + 1)]
     return {"per_run": per_run, "warmup": warm_n}, sets
 

@@ -22,22 +22,24 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from fakes import FakeEHR, free_port
 
-from bench.common import (BIN, CLIENT_ID, CLIENT_SECRET, MATCH_SYSTEM, SOURCE, TARGET, TARGET_CONSENT, UPSTREAM,
-                          log)
+from bench.common import (BIN, CLIENT_ID, CLIENT_SECRET, MATCH_SYSTEM, SOURCE, TARGET, TARGET_CONSENT,
+                          TARGET_USER_ASIS, TARGET_USER_MAPPED, UPSTREAM, USER_SYSTEM, USERS, log)
 from bench.workload import patient_id
 
 
 class FakeFHIR:
     """A target FHIR server as far as matching needs one: GET /fhir/Patient?identifier=
     SYSTEM|VALUE answers a searchset Bundle with exactly one matching Patient (id
-    m-VALUE). It does not check the search token: what is measured is the service's
+    m-VALUE); under ``user_base`` (/fhir-u), GET /fhir-u/Practitioner?identifier=...
+    one matching Practitioner, for user matching. It does not check the search token: what is measured is the service's
     side of a first-time match. (Not tests/fakes.py's FakeFHIR, which records every
     request and closes every connection: this one keeps them alive, as a real server does.)"""
 
     def __init__(self):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
-        self.searches = 0
+        self.user_base = f"http://127.0.0.1:{self.port}/fhir-u"
+        self.searches = self.user_searches = 0
         fhir = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,13 +53,17 @@ class FakeFHIR:
                 path, _, query = self.path.partition("?")
                 ident = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("identifier", "")
                 system, _, value = urllib.parse.unquote(ident).partition("|")
-                if path != "/fhir/Patient" or not value:
+                kind = {"/fhir/Patient": "Patient", "/fhir-u/Practitioner": "Practitioner"}.get(path)
+                if kind is None or not value:
                     self.send_error(404)
                     return
-                fhir.searches += 1
+                if kind == "Patient":
+                    fhir.searches += 1
+                else:
+                    fhir.user_searches += 1
                 body = json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [{
-                    "fullUrl": f"{fhir.base}/Patient/m-{value}", "search": {"mode": "match"},
-                    "resource": {"resourceType": "Patient", "id": f"m-{value}", "active": True,
+                    "fullUrl": f"{path}/m-{value}", "search": {"mode": "match"},
+                    "resource": {"resourceType": kind, "id": f"m-{value}", "active": True,
                                  "identifier": [{"system": system, "value": value}]}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/fhir+json")
@@ -145,6 +151,24 @@ class World:
             self.cli("issuer", "update", self.ehr.issuer, "--identifier-system", MATCH_SYSTEM)
             self.cli("target", "add", self.fhir.base, "--name", "hospital-m", "--match-identifier", MATCH_SYSTEM)
             self.cli(*trust, "--target", self.fhir.base)
+        user_trust = [*trust[:-4], "--scopes", "patient/*.rs user/*.rs", "--upstream-client-id", UPSTREAM]
+        if "user-as-is" in variants:
+            self.cli("target", "add", TARGET_USER_ASIS, "--name", "hospital-d")
+            self.cli(*user_trust, "--target", TARGET_USER_ASIS)
+            imports.append(self.import_links(0, links, TARGET_USER_ASIS))
+        if "user-mapped" in variants:
+            self.cli("target", "add", TARGET_USER_MAPPED, "--name", "hospital-e", "--users", "mapped")
+            self.cli(*user_trust, "--target", TARGET_USER_MAPPED)
+            imports.append(self.import_links(0, links, TARGET_USER_MAPPED))
+            path = self.tmp / "user-links.csv"
+            path.write_text("user,target,target_user\n" + "".join(
+                f"{SOURCE}/Practitioner/pr-{k},{TARGET_USER_MAPPED},Practitioner/e-{k}\n" for k in range(USERS)))
+            log(f"  token-exchange user-link import: {self.cli('user-link', 'import', str(path))!r}")
+        if "user-match" in variants:
+            self.cli("issuer", "update", self.ehr.issuer, "--user-identifier-system", USER_SYSTEM)
+            self.cli("target", "add", self.fhir.user_base, "--name", "hospital-u", "--users", "mapped",
+                     "--user-match-identifier", USER_SYSTEM)
+            self.cli(*user_trust, "--target", self.fhir.user_base)
         if "es256" in variants:
             # The same world in a second database file, whose active signing key is ES256.
             src, dst = sqlite3.connect(self.db), sqlite3.connect(self.es_db)
@@ -202,6 +226,9 @@ class World:
                 if db == self.db:
                     links = dict(con.execute(
                         "SELECT t.base_url || ' ' || l.origin, count(*) FROM patient_link l "
+                        "JOIN target t ON t.id = l.target_id GROUP BY t.base_url, l.origin").fetchall())
+                    links.update(con.execute(
+                        "SELECT 'users ' || t.base_url || ' ' || l.origin, count(*) FROM user_link l "
                         "JOIN target t ON t.id = l.target_id GROUP BY t.base_url, l.origin").fetchall())
             finally:
                 con.close()

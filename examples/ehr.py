@@ -9,7 +9,9 @@ serves, at http://127.0.0.1:8001 (its issuer URL):
 - ``GET /tokens?patient=ID``: what a SMART launch for patient ID would give the app
   (upstream client ``--client``): ``{"access_token", "id_token", "patient", "source", ...}``,
   both RS256 JWTs valid for 10 minutes; the access token's ``aud`` is ``--source``, the
-  FHIR server the patient id belongs to, and the ID token names the patient and that source;
+  FHIR server the patient id belongs to, and the ID token names the patient and that source,
+  and the user (``fhirUser`` = ``{source}/Practitioner/{--user}``); ``&npi=N`` adds the user's
+  NPI as ``fhirUser_identifier`` (user matching at a target);
 - ``GET /grant?patient=ID&audience=URL&client_id=C``: a JWT authorization grant (identity
   chaining, ``typ`` ``oauth-id-jag+jwt``) for the service at URL and its client C, valid for
   4 minutes: ``{"assertion": ...}``.
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")  # FHIR R4 id
 SCOPE = "patient/*.rs user/*.rs openid fhirUser"
+NPI = "http://hl7.org/fhir/sid/us-npi"  # the user's identifier system, with ?npi=
 
 
 class StandInEHR:
@@ -54,14 +57,18 @@ class StandInEHR:
         headers = {"kid": self.kid} | ({"typ": typ} if typ else {})
         return jwt.encode(claims, self.key, algorithm="RS256", headers=headers)
 
-    def tokens(self, patient: str) -> dict:
-        """A SMART launch's access token (for the source FHIR server) and ID token (for the app)."""
+    def tokens(self, patient: str, npi: str | None = None) -> dict:
+        """A SMART launch's access token (for the source FHIR server) and ID token (for the app);
+        with ``npi``, the ID token carries the user's NPI in ``fhirUser_identifier`` (for user
+        matching at a target, docs/USERS.md)."""
         now = int(time.time())
         access = {"iss": self.issuer, "sub": self.user, "aud": self.source, "client_id": self.client,
                   "scope": SCOPE, "iat": now, "exp": now + 600, "jti": uuid.uuid4().hex}
         ident = {"iss": self.issuer, "sub": self.user, "aud": self.client, "azp": self.client, "iat": now,
                  "exp": now + 600, "fhirUser": f"{self.source}/Practitioner/{self.user}",
                  "patient": patient, "source": self.source}
+        if npi:
+            ident["fhirUser_identifier"] = [{"system": NPI, "value": npi}]
         return {"access_token": self.sign(access), "id_token": self.sign(ident), "token_type": "Bearer",
                 "expires_in": 600, "scope": SCOPE, "patient": patient, "source": self.source}
 
@@ -101,7 +108,7 @@ def handler(ehr: StandInEHR):
                 if not FHIR_ID.match(patient):
                     return self.answer(400, {"error": "give ?patient=ID (a FHIR id)"})
                 if url.path == "/tokens":
-                    return self.answer(200, ehr.tokens(patient))
+                    return self.answer(200, ehr.tokens(patient, q.get("npi")))
                 if not q.get("audience") or not q.get("client_id"):
                     return self.answer(400, {"error": "give ?audience=the service's issuer URL&client_id=C"})
                 return self.answer(200, ehr.grant(patient, q["audience"], q["client_id"]))

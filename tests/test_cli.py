@@ -434,9 +434,9 @@ def test_every_list_and_show_takes_json_with_the_documented_fields(world, ehr):
     assert as_json(world, "issuer", "show", ehr.issuer) == issuer
     assert as_json(world, "issuer", "list") == [issuer]
     target_b = {"base_url": TARGET, "name": "hospital-b", "max_ttl": None, "introspection_secret": "set",
-                "match_identifiers": [], "match_ttl_days": 30}
+                "match_identifiers": [], "match_ttl_days": 30, **AS_IS}
     target_c = {"base_url": TARGET2, "name": "clinic-c", "max_ttl": None, "introspection_secret": "set",
-                "match_identifiers": [], "match_ttl_days": 30}
+                "match_identifiers": [], "match_ttl_days": 30, **AS_IS}
     assert as_json(world, "target", "show", TARGET) == target_b
     assert as_json(world, "target", "list") == [target_b, target_c]
     clients = as_json(world, "client", "list")
@@ -475,7 +475,10 @@ def test_plain_lists_are_a_table_and_shows_are_key_value_lines(world, ehr, cli):
     assert as_json(world, "link", "list") == []
 
 
-NO_MATCHING_OR_LOGIN = {"identifier_systems": [], "identifier_claim": "patient_identifier", "fhir_client_id": None,
+AS_IS = {"users": "as-is", "user_match_identifiers": []}
+NO_MATCHING_OR_LOGIN = {"identifier_systems": [], "identifier_claim": "patient_identifier",
+                        "user_identifier_systems": [], "user_identifier_claim": "fhirUser_identifier",
+                        "fhir_client_id": None,
                         "fhir_scope": None, "token_endpoint": None, "authorization_endpoint": None,
                         "login_client_id": None, "login_secret": None}
 
@@ -496,7 +499,7 @@ def test_target_add_stores_name_and_max_ttl(cli):
     cli("target", "add", NEW_TARGET, "--max-ttl", "60")
     assert as_json(cli, "target", "show", NEW_TARGET) == {
         "base_url": NEW_TARGET, "name": None, "max_ttl": 60, "introspection_secret": None,
-        "match_identifiers": [], "match_ttl_days": 30}
+        "match_identifiers": [], "match_ttl_days": 30, **AS_IS}
 
 
 def test_client_add_with_public_keys_registers_private_key_jwt(cli, tmp_path):
@@ -516,7 +519,7 @@ def test_audit_list_json_has_the_contract_fields_and_filters(world, exchange, eh
     assert exchange(scope="patient/Observation.c").status_code == 400
     fields = {"time", "client_id", "issuer", "subject", "target", "source_patient", "target_patient",
               "scope_requested", "scope_granted", "outcome", "error", "jti", "event", "grant", "consent", "link",
-              "assertion_jti", "request_id", "reason"}
+              "assertion_jti", "request_id", "reason", "user_link", "source_user", "target_user"}
     rows = audit_rows(world)
     assert [r["outcome"] for r in rows] == ["granted", "refused"]
     for r in rows:

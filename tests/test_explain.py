@@ -13,7 +13,7 @@ from fakes import SOURCE, TARGET, UPSTREAM
 
 STEP_NAMES = ["client", "grant type", "parameters", "target", "client has a trust", "tokens (rules 1, 2, 4)",
               "trust for issuer and target (rule 5)", "grant allowed by the trust", "upstream client (rule 3)",
-              "scopes (rule 6)", "consent", "patient (rule 7)"]
+              "scopes (rule 6)", "consent", "patient (rule 7)", "user"]
 
 
 def explain(cli, tmp_path, *args, subject=None, actor=None, check=False):

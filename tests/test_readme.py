@@ -43,7 +43,7 @@ def run_readme(tmp_path, *blocks, script=None, **extra_env):
     env.update(extra_env)
     script = script if script is not None else "\n".join(readme_example(b) for b in blocks)
     return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
 
 
 def json_lines(stdout: str) -> list[dict]:
@@ -53,12 +53,15 @@ def json_lines(stdout: str) -> list[dict]:
 
 
 def test_readme_worked_example_runs_as_written_with_the_stand_in_ehr(tmp_path):
-    """Every shell block of the section, in order: the exchange, issuer check and explain, the JWT grant."""
+    """Every shell block of the section, in order: the exchange, issuer check and explain, the JWT
+    grant, the user at the target."""
     blocks = worked_example_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     r = run_readme(tmp_path, script="\n".join(blocks))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    exchanged, granted = json_lines(r.stdout)
+    exchanged, granted, user = json_lines(r.stdout)
+    assert user["scope"] == "user/Observation.rs", user
+    assert _claims(user)["fhirUser"] == "https://fhir.b.example/fhir/Practitioner/789"
     for body in (exchanged, granted):
         assert body["patient"] == "b-456" and body["scope"] == "patient/Observation.rs", body
         assert body["token_type"] == "Bearer" and body["access_token"].count(".") == 2
@@ -92,6 +95,21 @@ def test_readme_explain_and_issuer_check_examples_run_on_the_worked_example(tmp_
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "the service can use this issuer" in r.stdout
     assert "decision: granted: patient/Observation.rs for https://fhir.b.example/fhir, patient b-456" in r.stdout
+
+
+def _claims(body):
+    import jwt
+    return jwt.decode(body["access_token"], options={"verify_signature": False})
+
+
+def test_readme_user_example_maps_the_user_onto_the_target(tmp_path, db_url):
+    r = run_readme(tmp_path, "example", "user-example", TOKEN_EXCHANGE_DATABASE_URL=db_url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    body = json.loads(r.stdout.strip().splitlines()[-1])
+    assert body["scope"] == "user/Observation.rs" and "patient" not in body, body
+    claims = _claims(body)
+    assert claims["fhirUser"] == "https://fhir.b.example/fhir/Practitioner/789"
+    assert "fhir.a.example" not in json.dumps(claims)
 
 
 def test_readme_jwt_grant_example_mints_a_token(tmp_path, db_url):

@@ -25,7 +25,8 @@ def create_app(settings=None, env=None, *, group_commit=False):
     from . import consent, endpoints, logs
     from .client_auth import Authenticator, ClientJWKS, PrivateKeyJWT, client_lookup
     from .issuers import JWKSCache
-    from .matching import PatientMapper, make_matcher
+    from .mapping.patients import PatientMapper, make_matcher
+    from .mapping.users import UserMapper, make_user_matcher
     from .grants import Collaborators
     from .metrics import Metrics
     from .pipeline import TokenPipeline
@@ -46,9 +47,11 @@ def create_app(settings=None, env=None, *, group_commit=False):
     assertion = PrivateKeyJWT(settings, store, ClientJWKS(settings, upstream, metrics))
     authenticator = Authenticator(client_lookup(store.config, settings.key_secret), assertion)
     consents = consent.init_app(app, settings, store, upstream)
-    patients = PatientMapper(store, make_matcher(settings, store, upstream, metrics))
+    matcher = make_matcher(settings, store, upstream, metrics)
+    patients = PatientMapper(store, matcher)
+    users = UserMapper(store, make_user_matcher(settings, store, upstream, metrics, matcher.slots))
     deps = Collaborators(settings=settings, config=store.config, validator=validator, patients=patients,
-                         consent=consents, replay=store.replay)
+                         consent=consents, replay=store.replay, users=users)
     pipeline = TokenPipeline(settings, store, authenticator, deps, metrics)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["token_exchange"] = Extension(settings, engine, store, pipeline, authenticator, consents,

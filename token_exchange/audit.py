@@ -17,7 +17,7 @@ from . import urns
 # The audit_event columns a record may carry (models.AuditEvent, without its id).
 FIELDS = ("time", "event", "grant", "client_id", "issuer", "subject", "target", "source_patient", "target_patient",
           "scope_requested", "scope_granted", "outcome", "error", "jti", "consent", "link", "assertion_jti",
-          "request_id", "reason")
+          "request_id", "reason", "user_link", "source_user", "target_user")
 ID_LENGTH, SCOPE_TEXT_LENGTH, REASON_LENGTH = 255, 2000, 1000
 
 
@@ -144,9 +144,17 @@ def audit_event(e: dict, service: str) -> dict:
     if e.get("target_patient"):
         mapped = f" (mapped by a {e['link']} link)" if e.get("link") else ""
         entities.append(_patient(e.get("target") or "urn:unknown", e["target_patient"], "target patient" + mapped))
+    if e.get("source_user"):  # the user as the source knows them, and as the target does (a mapped target)
+        entities.append(_user(e["source_user"], "source user"))
+    if e.get("target_user"):
+        mapped = f" (mapped by {e['user_link']})" if e.get("user_link") else ""
+        entities.append(_user(f"{(e.get('target') or 'urn:unknown').rstrip('/')}/{e['target_user']}",
+                              "target user" + mapped))
     detail = [{"type": k, "valueString": e[k]} for k in ("scope_requested", "scope_granted", "target") if e.get(k)]
     if e.get("link"):  # how the patient was mapped: table, matched, matched-stored, none, ambiguous, unavailable
         detail.append({"type": "patient-mapping", "valueString": e["link"]})
+    if e.get("user_link"):  # how the user was mapped: table, matched, patient, none, blocked, ...
+        detail.append({"type": "user-mapping", "valueString": e["user_link"]})
     if detail:
         entities.append({"type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                          "what": {"display": "token request"}, "detail": detail})
@@ -159,6 +167,14 @@ def _patient(system, value, description):
     return {"what": {"identifier": {"system": system, "value": value}},
             "type": {"system": ENTITY_TYPE, "code": "1", "display": "Person"},
             "role": {"system": OBJ_ROLE, "code": "1", "display": "Patient"},
+            "description": description}
+
+
+def _user(url, description):
+    """A user as an entity: a reference to their FHIR resource (Practitioner, RelatedPerson, ...)."""
+    return {"what": {"reference": url},
+            "type": {"system": ENTITY_TYPE, "code": "1", "display": "Person"},
+            "role": {"system": OBJ_ROLE, "code": "6", "display": "User"},
             "description": description}
 
 

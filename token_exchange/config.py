@@ -34,6 +34,8 @@ class IssuerCfg:
     authorization_endpoint: str | None = None
     login_client_id: str | None = None
     login_secret: str | None = field(default=None, repr=False)
+    user_identifier_systems: tuple = ()
+    user_identifier_claim: str = "fhirUser_identifier"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class TargetCfg:
     secret_hash: str | None = field(repr=False)
     match_identifiers: tuple = ()
     match_ttl_days: int = 30
+    users: str = "as-is"  # as-is | mapped (contract, "The user at the target")
+    user_match_identifiers: tuple = ()
 
 
 @dataclass(frozen=True)

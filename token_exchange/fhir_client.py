@@ -1,5 +1,6 @@
-"""Outbound FHIR for patient matching (contract, "Patient matching at the target"):
-the identifier search at a target, and the source Patient read at an EHR with a
+"""Outbound FHIR for matching patients and users (contract, "Patient matching at the
+target", "The user at the target"): the identifier search at a target, and the read of
+the source Patient (or the user's own resource) at an EHR with a
 SMART Backend Services token the service obtains itself.
 
 Every call goes through ``upstream.Upstream`` (a total deadline shared by the
@@ -61,11 +62,16 @@ def fhir_escape(value: str) -> str:
     return value
 
 
-def search_url(base: str, system: str, value: str) -> str:
-    """GET {base}/Patient?identifier={system}|{value}&_count=2, the value escaped
+def search_url(base: str, system: str, value: str, resource_type: str = "Patient") -> str:
+    """GET {base}/{Type}?identifier={system}|{value}&_count=2, the value escaped
     (FHIR) and the whole token percent-encoded (RFC 3986)."""
     token = quote(f"{system}|{fhir_escape(value)}", safe="")
-    return f"{base.rstrip('/')}/Patient?identifier={token}&_count=2"
+    return f"{base.rstrip('/')}/{resource_type}?identifier={token}&_count=2"
+
+
+def search_scope(resource_type: str) -> str:
+    """SMART v2: search and read that type, nothing else (system/Patient.rs, system/Practitioner.rs)."""
+    return f"system/{resource_type}.rs"
 
 
 def _call(upstream, party: str, method: str, url: str, deadline, headers=None, data=None):
@@ -105,12 +111,12 @@ def retry_after(value) -> int:
     return max(1, min(seconds, MAX_RETRY_AFTER))
 
 
-def search_token(key, issuer: str, target: str) -> tuple[str, str]:
+def search_token(key, issuer: str, target: str, scope: str = SEARCH_SCOPE) -> tuple[str, str]:
     """The bearer token the service mints for its own search (RFC 9068 at+jwt, signed
     with the active key, so the target verifies it with the service's JWKS): exactly
     iss, aud, sub = client_id = the service, scope, iat, exp (60 s), jti -> (token, jti)."""
     now, jti = int(time.time()), uuid.uuid4().hex
-    claims = {"iss": issuer, "aud": target, "sub": issuer, "client_id": issuer, "scope": SEARCH_SCOPE,
+    claims = {"iss": issuer, "aud": target, "sub": issuer, "client_id": issuer, "scope": scope,
               "iat": now, "exp": now + SEARCH_TOKEN_LIFETIME, "jti": jti}
     return key.mint(claims), jti
 
@@ -122,9 +128,9 @@ class FHIRClient:
         self.upstream = upstream
         self.backend = BackendServices(upstream)
 
-    def search(self, base: str, token: str, system: str, value: str, deadline) -> dict:
+    def search(self, base: str, token: str, system: str, value: str, deadline, resource_type: str = "Patient") -> dict:
         """One identifier search -> the searchset Bundle (anything else: FHIRUnavailable)."""
-        reply = _call(self.upstream, "target", "GET", search_url(base, system, value), deadline,
+        reply = _call(self.upstream, "target", "GET", search_url(base, system, value, resource_type), deadline,
                       headers={"Accept": FHIR_JSON, "Prefer": "handling=strict", "Authorization": f"Bearer {token}"})
         if reply.status != 200:
             raise _refused("target", reply)
@@ -136,19 +142,26 @@ class FHIRClient:
     def read_patient(self, issuer, key, source: str, patient: str, deadline) -> dict | None:
         """GET {source}/Patient/{patient} with a Backend Services token -> the Patient
         (its resourceType and id checked); None when the id cannot name a FHIR read."""
-        if not FHIR_ID.match(patient):
+        return self.read(issuer, key, source, "Patient", patient, deadline)
+
+    def read(self, issuer, key, source: str, resource_type: str, rid: str, deadline,
+             scope: str | None = None) -> dict | None:
+        """GET {source}/{Type}/{id} with a Backend Services token (scope: the issuer's
+        --fhir-scope, else ``scope``, else system/Patient.rs) -> the resource (its
+        resourceType and id checked); None when the id cannot name a FHIR read."""
+        if not FHIR_ID.match(rid):
             return None  # RFC 3986 §5.2.4: a dot segment, even as %2E, would be removed and read {source}/
-        token = self.backend.token(issuer, key, deadline)
-        url = f"{source.rstrip('/')}/Patient/{quote(patient, safe='')}"
+        token = self.backend.token(issuer, key, deadline, scope)
+        url = f"{source.rstrip('/')}/{resource_type}/{quote(rid, safe='')}"
         reply = _call(self.upstream, "EHR", "GET", url, deadline,
                       headers={"Accept": FHIR_JSON, "Authorization": f"Bearer {token}"})
         if reply.status == 401:
-            self.backend.forget(issuer, key)  # revoked or expired early: the next match asks again
+            self.backend.forget(issuer, key, scope)  # revoked or expired early: the next match asks again
         if reply.status != 200:
             raise _refused("EHR", reply)
         doc = reply.json
-        if not isinstance(doc, dict) or doc.get("resourceType") != "Patient" or doc.get("id") != patient:
-            raise FHIRUnavailable("EHR", reply.url, f"the answer is not Patient/{patient}", reply.status)
+        if not isinstance(doc, dict) or doc.get("resourceType") != resource_type or doc.get("id") != rid:
+            raise FHIRUnavailable("EHR", reply.url, f"the answer is not {resource_type}/{rid}", reply.status)
         return doc
 
 
@@ -167,15 +180,19 @@ class BackendServices:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(issuer, key) -> tuple:
-        return (issuer.url, issuer.fhir_client_id, issuer.fhir_scope or BACKEND_SCOPE, issuer.token_endpoint,
-                key.kid)
+    def scope(issuer, wanted: str | None = None) -> str:
+        """The scope asked for: the issuer's --fhir-scope, else ``wanted``, else system/Patient.rs."""
+        return issuer.fhir_scope or wanted or BACKEND_SCOPE
 
-    def forget(self, issuer, key) -> None:
-        self._tokens.pop(self._key(issuer, key), None)
+    @classmethod
+    def _key(cls, issuer, key, wanted=None) -> tuple:
+        return (issuer.url, issuer.fhir_client_id, cls.scope(issuer, wanted), issuer.token_endpoint, key.kid)
 
-    def token(self, issuer, key, deadline) -> str:
-        k = self._key(issuer, key)
+    def forget(self, issuer, key, wanted: str | None = None) -> None:
+        self._tokens.pop(self._key(issuer, key, wanted), None)
+
+    def token(self, issuer, key, deadline, wanted: str | None = None) -> str:
+        k = self._key(issuer, key, wanted)
         hit = self._tokens.get(k)
         if hit is not None and time.monotonic() < hit[1]:
             return hit[0]
@@ -185,12 +202,12 @@ class BackendServices:
             hit = self._tokens.get(k)
             if hit is not None and time.monotonic() < hit[1]:
                 return hit[0]
-            token, lifetime = self._request(issuer, key, deadline)
+            token, lifetime = self._request(issuer, key, deadline, self.scope(issuer, wanted))
             margin = min(TOKEN_REFRESH_MARGIN, lifetime // 4)
             self._tokens[k] = (token, time.monotonic() + lifetime - margin)
             return token
 
-    def _request(self, issuer, key, deadline) -> tuple[str, int]:
+    def _request(self, issuer, key, deadline, scope: str) -> tuple[str, int]:
         endpoint = self.token_endpoint(issuer, deadline)
         if key.alg not in BACKEND_SERVICES_ALGS:  # SMART Backend Services: RS384 or ES384 only
             raise FHIRUnavailable("EHR", redact(endpoint), f"a {key.alg} signing key cannot sign Backend Services "
@@ -198,7 +215,7 @@ class BackendServices:
         assertion = key.client_assertion(issuer.fhir_client_id, endpoint)
         # RFC 6749 §4.4 client_credentials; RFC 7523 §2.2 client_assertion.
         reply = _call(self.upstream, "EHR", "POST", endpoint, deadline, data={
-            "grant_type": "client_credentials", "scope": issuer.fhir_scope or BACKEND_SCOPE,
+            "grant_type": "client_credentials", "scope": scope,
             "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             "client_assertion": assertion})
         if reply.status != 200:

@@ -49,6 +49,9 @@ class Metrics:
         self._events = {name: Counter(f"token_exchange_{name}", help_, registry=registry)
                         for name, help_ in EVENTS.items()}
         self._by_decision = {}  # (outcome, error) -> the labelled child, looked up once
+        self._users = Counter("token_exchange_user_mappings", "Users mapped onto a `mapped` target, by how "
+                              "(table, matched, matched-stored, patient, none, ambiguous, blocked, unavailable).",
+                              ["outcome"], registry=registry)
 
     def exchange(self, outcome, error):
         key = (outcome, error or "")
@@ -56,6 +59,9 @@ class Metrics:
         if child is None:
             child = self._by_decision[key] = self._decisions.labels(*key)
         child.inc()
+
+    def user_mapping(self, outcome):
+        self._users.labels(outcome).inc()
 
     def inc(self, name, n=1):
         self._events[name].inc(n)

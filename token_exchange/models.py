@@ -35,6 +35,10 @@ class Issuer(Base):
                                                   server_default="patient_identifier")
     # SMART Backend Services at this EHR (reading the source Patient), and the
     # consent sign-in (OpenID Connect): the service's own client ids there.
+    # The user at the target: the identifier systems it may vouch for about its users, and their claim.
+    user_identifier_systems: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    user_identifier_claim: Mapped[str] = mapped_column(String(64), default="fhirUser_identifier",
+                                                       server_default="fhirUser_identifier")
     fhir_client_id: Mapped[str | None] = mapped_column(ID)
     fhir_scope: Mapped[str | None] = mapped_column(String(255))
     login_client_id: Mapped[str | None] = mapped_column(ID)
@@ -56,6 +60,9 @@ class Target(Base):
     # Patient matching: identifier systems that name one patient here, and how long a match holds.
     match_identifiers: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     match_ttl_days: Mapped[int] = mapped_column(Integer, default=30, server_default="30")
+    # The user at the target: as-is (fhirUser passed on) or mapped; the systems naming one user here.
+    users: Mapped[str] = mapped_column(String(16), default="as-is", server_default="as-is")
+    user_match_identifiers: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -113,6 +120,22 @@ class PatientLink(Base):
     matched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class UserLink(Base):
+    """(source user URL, target) -> the target's reference for that user (``Practitioner/789``).
+
+    origin: ``table`` (an admin's), ``matched`` (found at the target by an identifier,
+    with the system that matched and when), or ``blocked`` (never match: no user)."""
+    __tablename__ = "user_link"
+    __table_args__ = (UniqueConstraint("user", "target_id", name="uq_user_link"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(URL)
+    target_id: Mapped[int] = mapped_column(ForeignKey("target.id", ondelete="CASCADE"), index=True)
+    target_user: Mapped[str | None] = mapped_column(String(320))
+    origin: Mapped[str] = mapped_column(String(16), default="table", server_default="table")
+    system: Mapped[str | None] = mapped_column(URL)
+    matched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class MatchMemory(Base):
     """A match that found no patient or several, remembered for 10 minutes by every
     instance: key = SHA-256 of (source, patient, target, the usable identifiers)."""
@@ -165,6 +188,9 @@ class AuditEvent(Base):
     assertion_jti: Mapped[str | None] = mapped_column(String(255))
     request_id: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(Text)  # internal reason of a refusal; never a token
+    user_link: Mapped[str | None] = mapped_column(String(16))  # how the user was mapped
+    source_user: Mapped[str | None] = mapped_column(URL)  # the user's URL at the source
+    target_user: Mapped[str | None] = mapped_column(String(320))  # the target's reference (Practitioner/789)
 
 
 class AdminEvent(Base):

@@ -108,9 +108,11 @@ class TokenPipeline:
         except OAuth2Error as e:
             audit.refused(record, e)
             self.store.record_audit(record)  # committed before the answer
+            self._count_user(record)
             self._refused(record, e)
             raise
         self.store.record_audit(record)
+        self._count_user(record)
         self.metrics.exchange("granted", None)
         log_decision(record, None)
         return answer
@@ -156,6 +158,12 @@ class TokenPipeline:
             raise TemporarilyUnavailable("Too many exchanges for this client; retry after the indicated delay.",
                                          status_code=429, retry_after=max(1, int(60 - now % 60)))
 
+    def _count_user(self, record):
+        """The user step's outcome at a `mapped` target, when user/ scopes were at stake."""
+        outcome = record.get("user_link")
+        if outcome is not None:
+            self.metrics.user_mapping(outcome)
+
     def _refused(self, record, error):
         self.metrics.exchange("refused", error.error)
         log_decision(record, error)
@@ -187,5 +195,5 @@ def log_lifecycle(endpoint: str, fields: dict, error) -> None:
         logs.info_line(decision_log, "refused", fields)
 
 
-_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "consent", "jti")
+_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "user_link", "consent", "jti")
 _REFUSED_FIELDS = ("client_id", "grant", "issuer", "target")

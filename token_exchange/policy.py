@@ -73,6 +73,21 @@ def without_patient(granted: scopes.ScopeSet) -> scopes.ScopeSet:
     return rest
 
 
+def has_user(granted: scopes.ScopeSet) -> bool:
+    """Whether a user/ scope is at stake (contract, "The user at the target")."""
+    return any(s.context == "user" for s in granted.scopes)
+
+
+def without_user(granted: scopes.ScopeSet) -> scopes.ScopeSet:
+    """A mapped target and no user mapped onto it: no user/ scopes."""
+    rest = scopes.ScopeSet(tuple(s for s in granted.scopes if s.context != "user"), granted.v1)
+    if not rest:
+        raise InvalidScope("user/ scopes need a user known to the target: the signed-in user is not known to "
+                           "the target FHIR server (no user link maps them there, and no identifier matched "
+                           "exactly one user).")
+    return rest
+
+
 def lifetime(ttl: int, trust, target, expires: int | None, now: int, consent_expires: int | None = None) -> int:
     """The smallest of the service TTL, the trust's and the target's caps, what
     remains of every presented token (None: nothing presented caps it), and what

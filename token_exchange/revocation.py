@@ -12,7 +12,10 @@ in the same second as the command is covered too) that matches on
   the source patient and the issuer come from the token's audit record (by its
   ``jti``), and the rule's source FHIR base is matched through the issuers that
   vouch for it; ``aud`` too when the rule names a target;
-- ``user``: ``fhirUser`` (the user's FHIR URL at the source, as the token carries it).
+- ``user``: the user's FHIR URL at the source: the token's ``fhirUser`` at an as-is
+  target; at a ``mapped`` target the token names the target's own URL, so the source
+  user comes from the token's audit record (``source_user``); ``aud`` too when the rule
+  names a target (`user-link remove`).
 
 Single tokens (`token revoke --jti`, POST /revoke) are revoked by jti, not here.
 """
@@ -44,7 +47,8 @@ class RuleSet:
     def __init__(self, rules=(), issuers: dict | None = None):
         self.by_client: dict = {}
         self.by_trust: dict = {}
-        self.by_user: dict = {}
+        self.by_user: dict = {}  # fhirUser -> the latest time of a rule naming no target
+        self.users: list = []  # (before, fhir_user, target or None): every user rule
         self.patients: list = []  # (before, patient, target or None, frozenset of issuer URLs)
         vouching: dict = {}
         for url, cfg in (issuers or {}).items():
@@ -56,17 +60,19 @@ class RuleSet:
             elif r.kind == "trust":
                 _latest(self.by_trust, (r.client_id, r.issuer, r.target), r.before)
             elif r.kind == "user":
-                _latest(self.by_user, r.fhir_user, r.before)
+                if r.target is None:
+                    _latest(self.by_user, r.fhir_user, r.before)
+                self.users.append((r.before, r.fhir_user, r.target))
             elif r.kind == "patient":
                 self.patients.append((r.before, r.patient, r.target, frozenset(vouching.get(r.source, ()))))
 
     def __len__(self) -> int:
-        return len(self.by_client) + len(self.by_trust) + len(self.by_user) + len(self.patients)
+        return len(self.by_client) + len(self.by_trust) + len(self.users) + len(self.patients)
 
     def covers(self, claims: dict, origin: Callable[[], tuple | None]) -> bool:
-        """Whether a rule covers this token. ``origin()`` -> (issuer URL, source patient)
-        from the token's audit record, or None: asked only when a patient rule could
-        cover the token (its target, and a time after the token's iat)."""
+        """Whether a rule covers this token. ``origin()`` -> (issuer URL, source patient,
+        source user) from the token's audit record, or None: asked only when a patient or
+        user rule could cover the token (its target, and a time after the token's iat)."""
         iat = claims.get("iat")
         if not isinstance(iat, (int, float)):
             return True  # never minted here without one; verify_minted requires it
@@ -76,14 +82,18 @@ class RuleSet:
         user = claims.get("fhirUser")
         if user is not None and iat < self.by_user.get(user, 0):
             return True
+        users = [u for u in self.users if iat < u[0] and u[2] in (None, aud)]
+        if any(u[1] == user for u in users):
+            return True
         candidates = [p for p in self.patients if iat < p[0] and p[2] in (None, aud)]
-        if not candidates:
+        if not candidates and not users:
             return False
         found = origin()
         if found is None:
             return False
-        issuer, source_patient = found
-        return any(source_patient == patient and issuer in issuers for _, patient, _, issuers in candidates)
+        issuer, source_patient, source_user = found
+        return any(source_patient == patient and issuer in issuers for _, patient, _, issuers in candidates) \
+            or (source_user is not None and any(u[1] == source_user for u in users))
 
 
 def _latest(table: dict, key, before: float) -> None:

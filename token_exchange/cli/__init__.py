@@ -13,6 +13,7 @@ from . import (  # noqa: F401
                targets,  # each module registers its commands
                tokens,
                trusts,
+               user_links,
 )
 from .common import cli, main
 

@@ -38,13 +38,16 @@ def fields_of(noun: str, row, keys=None) -> dict:
         return {"url": row.url, "jwks_uri": row.jwks_uri, "sources": row.sources or [],
                 "audiences": row.audiences or [], "algs": row.algs or [], "patient_claim": row.patient_claim,
                 "source_claim": row.source_claim, "identifier_systems": row.identifier_systems or [],
-                "identifier_claim": row.identifier_claim, "introspection_endpoint": row.introspection_endpoint,
+                "identifier_claim": row.identifier_claim,
+                "user_identifier_systems": row.user_identifier_systems or [],
+                "user_identifier_claim": row.user_identifier_claim, "introspection_endpoint": row.introspection_endpoint,
                 "introspection_client_id": row.introspection_client_id, "fhir_client_id": row.fhir_client_id,
                 "fhir_scope": row.fhir_scope, "token_endpoint": row.token_endpoint,
                 "authorization_endpoint": row.authorization_endpoint, "login_client_id": row.login_client_id}
     if noun == "targets":
         return {"base_url": row.base_url, "name": row.name, "max_ttl": row.max_ttl,
-                "match_identifiers": row.match_identifiers or [], "match_ttl_days": row.match_ttl_days}
+                "match_identifiers": row.match_identifiers or [], "match_ttl_days": row.match_ttl_days,
+                "users": row.users, "user_match_identifiers": row.user_match_identifiers or []}
     if noun == "clients":
         return {"client_id": row.client_id, "name": row.name, "redirect_uris": row.redirect_uris or [],
                 "jwks": row.jwks if row.auth_method == "private_key_jwt" else None, "jwks_uri": row.jwks_uri,
@@ -168,7 +171,8 @@ class Plan:
             if row.base_url not in named["targets"]:
                 deps = change.target_dependents(row)
                 extra = ", ".join(f"{n} {what}" for what, n in (("patient link(s)", deps["links"]),
-                                                                 ("consent(s)", deps["consents"])) if n)
+                                                                 ("consent(s)", deps["consents"]),
+                                                                 ("user link(s)", deps["user_links"])) if n)
                 change.remove_target(row)
                 self.say("-", "target", row.base_url + (f" (and {extra})" if extra else ""))
         for row in change.issuers():

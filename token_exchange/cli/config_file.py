@@ -26,6 +26,8 @@ FIELDS = {
     "issuers": [("url", None), ("jwks_uri", "jwks_uri"), ("sources", "sources"), ("audiences", "audiences"),
                 ("algs", "algs"), ("patient_claim", "patient_claim"), ("source_claim", "source_claim"),
                 ("identifier_systems", "identifier_systems"), ("identifier_claim", "identifier_claim"),
+                ("user_identifier_systems", "user_identifier_systems"),
+                ("user_identifier_claim", "user_identifier_claim"),
                 ("introspection_endpoint", "introspection_endpoint"),
                 ("introspection_client_id", "introspection_client_id"),
                 ("introspection_secret_env", "introspection_secret_env"),
@@ -34,7 +36,8 @@ FIELDS = {
                 ("login_client_id", "login_client_id"), ("login_secret_env", "login_secret_env")],
     "targets": [("base_url", None), ("name", "name"), ("max_ttl", "max_ttl"),
                 ("introspection_secret_env", "introspection_secret_env"),
-                ("match_identifiers", "match_identifiers"), ("match_ttl_days", "match_ttl")],
+                ("match_identifiers", "match_identifiers"), ("match_ttl_days", "match_ttl"),
+                ("users", "users"), ("user_match_identifiers", "user_match_identifiers")],
     "clients": [("client_id", None), ("name", "name"), ("redirect_uris", "redirect_uris"),
                 ("secret_env", "secret_env"), ("jwks", "jwks"), ("jwks_uri", "jwks_uri"), ("disabled", None)],
     "trusts": [("client", None), ("issuer", None), ("target", None), ("scopes", "scope_text"),
@@ -45,8 +48,10 @@ FIELDS = {
 }
 REQUIRED = {"issuers": ["url", "jwks_uri", "sources"], "targets": ["base_url"], "clients": ["client_id"],
             "trusts": ["client", "issuer", "target", "scopes", "upstream_client_id"]}
-LISTS = {"sources", "audiences", "algs", "identifier_systems", "match_identifiers", "redirect_uris"}
-NOT_NULL = {"patient_claim", "source_claim", "identifier_claim", "match_ttl_days", "allow_id_token",
+LISTS = {"sources", "audiences", "algs", "identifier_systems", "match_identifiers", "redirect_uris",
+         "user_identifier_systems", "user_match_identifiers"}
+NOT_NULL = {"patient_claim", "source_claim", "identifier_claim", "user_identifier_claim", "users",
+            "match_ttl_days", "allow_id_token",
             "allow_jwt_grant", "consent", "consent_max_days", "consent_signer"}
 SECRETS = {"introspection_secret_env", "login_secret_env", "secret_env"}
 

@@ -146,8 +146,12 @@ def run(client_id: str, form: MultiDict) -> dict:
                         "expires_in": grant.lifetime(now), "target": grant.target.base_url}
             if grant.target_patient is not None:
                 decision["patient"] = grant.target_patient
-            if grant.would_search:
-                decision.update(outcome="granted if matched", otherwise=_without_match(grant.granted))
+            if grant.target_user is not None:
+                decision["fhirUser"] = f"{grant.target.base_url.rstrip('/')}/{grant.target_user}"
+            if grant.would_search or grant.would_search_user:
+                decision.update(outcome="granted if matched", searches=[w for w, on in (
+                    ("patient", grant.would_search), ("user", grant.would_search_user)) if on], otherwise=_without_match(
+                    grant.granted, patient=grant.would_search, user=grant.would_search_user))
             return {"client": client_id, "steps": steps, "decision": decision}
     finally:
         logger.setLevel(level)
@@ -155,13 +159,18 @@ def run(client_id: str, form: MultiDict) -> dict:
         ext.engine.dispose()
 
 
-def _without_match(granted) -> dict:
-    """What POST /token decides when the search it would make finds no patient, or several
-    (rule 7: no patient at the target, no patient/ scopes)."""
+def _without_match(granted, patient=True, user=False) -> dict:
+    """What POST /token decides when the search it would make finds no patient (or user),
+    or several (rule 7: no patient at the target, no patient/ scopes; no user at a mapped
+    target, no user/ scopes)."""
     from .. import policy
     from ..errors import OAuth2Error
     try:
-        rest = policy.without_patient(granted)
+        rest = granted
+        if patient:
+            rest = policy.without_patient(rest)
+        if user:
+            rest = policy.without_user(rest)
     except OAuth2Error as e:
         return {"outcome": "refused", "status": e.status_code, "error": e.error, "error_description": e.description}
     return {"outcome": "granted", "scope": rest.format()}
@@ -194,7 +203,8 @@ def _print(report):
         o = d["otherwise"]
         otherwise = (f"granted: {printable(o['scope'])}" if o["outcome"] == "granted" else
                      f"refused with {o['status']} {o['error']}: {printable(o['error_description'])}")
-        click.echo(f"decision: granted if the search finds exactly one patient: {printable(d['scope'])} for "
+        who = " and one ".join(d["searches"])
+        click.echo(f"decision: granted if the search finds exactly one {who}: {printable(d['scope'])} for "
                    f"{d['target']}, {d['expires_in']} s; otherwise {otherwise}")
     else:
         click.echo(f"decision: refused with {d['status']} {d['error']}: {printable(d['error_description'])}")

@@ -45,11 +45,17 @@ def _options(update: bool):
                           + listed),
         click.option("--identifier-claim", default=d("patient_identifier"), show_default=not update, metavar="NAME",
                      help="The claim that carries the patient's identifiers."),
+        click.option("--user-identifier-system", "user_identifier_systems", multiple=True, metavar="SYSTEM",
+                     help="A user identifier system (e.g. http://hl7.org/fhir/sid/us-npi) this issuer may vouch "
+                          "for, for mapping users onto targets (repeatable)." + listed),
+        click.option("--user-identifier-claim", default=d("fhirUser_identifier"), show_default=not update,
+                     metavar="NAME", help="The claim that carries the user's identifiers."),
         click.option("--fhir-client-id", metavar="ID",
                      help="The service's SMART Backend Services client id at this EHR (reads the source "
-                          "Patient's identifiers when its tokens carry none)."),
+                          "Patient's, or the user's, identifiers when its tokens carry none)."),
         click.option("--fhir-scope", metavar="SCOPE", help="Scope asked for with --fhir-client-id "
-                                                           "(default system/Patient.rs)."),
+                                                           "(default system/Patient.rs, and system/{Type}.rs "
+                                                           "to read a user's own resource)."),
         click.option("--token-endpoint", metavar="URL",
                      help="The EHR's token endpoint (default: from discovery)."),
         click.option("--login-client-id", metavar="ID",
@@ -64,7 +70,8 @@ def _options(update: bool):
     return options(opts)
 
 
-FLAG = cli_flag({"sources": "--source", "audiences": "--audience", "identifier_systems": "--identifier-system"})
+FLAG = cli_flag({"sources": "--source", "audiences": "--audience", "identifier_systems": "--identifier-system",
+                 "user_identifier_systems": "--user-identifier-system"})
 
 
 def new_issuer(ctx, change, issuer_url: str, o: dict, name=FLAG, url_name: str = "ISSUER_URL") -> Issuer:
@@ -77,7 +84,8 @@ def new_issuer(ctx, change, issuer_url: str, o: dict, name=FLAG, url_name: str =
         raise Fail(f"issuer {printable(issuer_url)} already exists; change it with `issuer update`")
     if change.has_client(issuer_url):
         raise Fail(f"{printable(issuer_url)} is a registered client id; an issuer URL must not be one")
-    row = Issuer(url=issuer_url, sources=[], audiences=[], identifier_systems=[], created=utcnow())
+    row = Issuer(url=issuer_url, sources=[], audiences=[], identifier_systems=[], user_identifier_systems=[],
+                 created=utcnow())
     apply_options(ctx, change, row, o, creating=True, name=name)
     change.add(row)
     return row
@@ -116,7 +124,7 @@ def apply_options(ctx, change, row: Issuer, o: dict, creating: bool, name=FLAG):
             raise Fail(f"{name('algs')} must list asymmetric algorithms from {','.join(jose.ASYMMETRIC_ALGS)}; "
                        f"not {printable(','.join(bad)) or 'empty'}")
         row.algs = algs
-    for opt in ("patient_claim", "source_claim", "identifier_claim"):
+    for opt in ("patient_claim", "source_claim", "identifier_claim", "user_identifier_claim"):
         if o.get(opt) is not None:
             value = o[opt]
             if not value or len(value) > 64 or not value.isprintable() or " " in value:
@@ -145,6 +153,9 @@ def apply_options(ctx, change, row: Issuer, o: dict, creating: bool, name=FLAG):
     if o.get("identifier_systems"):
         row.identifier_systems = [identifier_system(v, name("identifier_systems"))
                                   for v in option_values(o["identifier_systems"])]
+    if o.get("user_identifier_systems"):
+        row.user_identifier_systems = [identifier_system(v, name("user_identifier_systems"))
+                                       for v in option_values(o["user_identifier_systems"])]
     # The whole, as it will be stored.
     if not row.sources:
         raise Fail("give at least one --source FHIR_BASE the issuer may vouch for")
@@ -217,7 +228,8 @@ def issuer_row(i: Issuer) -> dict:
             "introspection_client_id": i.introspection_client_id,
             "introspection_secret": "set" if i.introspection_secret else None,
             "identifier_systems": i.identifier_systems or [], "identifier_claim": i.identifier_claim,
-            "fhir_client_id": i.fhir_client_id, "fhir_scope": i.fhir_scope,
+            "user_identifier_systems": i.user_identifier_systems or [],
+            "user_identifier_claim": i.user_identifier_claim, "fhir_client_id": i.fhir_client_id, "fhir_scope": i.fhir_scope,
             "token_endpoint": i.token_endpoint, "authorization_endpoint": i.authorization_endpoint,
             "login_client_id": i.login_client_id, "login_secret": "set" if i.login_secret else None}
 

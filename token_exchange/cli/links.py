@@ -335,7 +335,8 @@ def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
     EHR cannot be asked. A table link or a block is left as it is; a matched link
     takes the new outcome."""
     from ..fhir_client import FHIRUnavailable
-    from ..matching import make_matcher, usable_identifiers
+    from ..mapping.patients import make_matcher
+    from ..mapping.search import usable_identifiers
     from ..upstream import Upstream
     url_arg(source, "--source")
     check_id(patient, "--patient")

@@ -30,7 +30,14 @@ def _options(update: bool):
                           "matching (repeatable)." + listed),
         click.option("--match-ttl", type=click.IntRange(1, 3650), metavar="DAYS",
                      default=None if update else 30, show_default=not update,
-                     help="How long a matched link serves before it is matched again."),
+                     help="How long a matched link (patient or user) serves before it is matched again."),
+        click.option("--users", type=click.Choice(["as-is", "mapped"]), default=None if update else "as-is",
+                     show_default=not update,
+                     help="as-is: fhirUser passed on as the source names the user; mapped: user/ scopes only "
+                          "for a user mapped onto this target, whose own URL the token's fhirUser is."),
+        click.option("--user-match-identifier", "user_match_identifiers", multiple=True, metavar="SYSTEM",
+                     help="An identifier system that names exactly one user here (e.g. "
+                          "http://hl7.org/fhir/sid/us-npi); enables user matching (repeatable)." + listed),
     ]
     if update:
         opts += [click.option("--no-max-ttl", is_flag=True, help="Remove the lifetime cap."),
@@ -38,7 +45,7 @@ def _options(update: bool):
     return options(opts)
 
 
-FLAG = cli_flag({"match_identifiers": "--match-identifier"})
+FLAG = cli_flag({"match_identifiers": "--match-identifier", "user_match_identifiers": "--user-match-identifier"})
 
 
 def new_target(ctx, change, base_url: str, o: dict, name=FLAG, url_name: str = "BASE_URL") -> Target:
@@ -47,7 +54,7 @@ def new_target(ctx, change, base_url: str, o: dict, name=FLAG, url_name: str = "
     url_arg(base_url, url_name)
     if change.has_target(base_url):
         raise Fail(f"target {printable(base_url)} already exists; change it with `target update`")
-    row = Target(base_url=base_url, match_identifiers=[], created=utcnow())
+    row = Target(base_url=base_url, match_identifiers=[], user_match_identifiers=[], created=utcnow())
     apply_options(ctx, change, row, o, name)
     change.add(row)
     return row
@@ -79,6 +86,11 @@ def apply_options(ctx, change, row: Target, o: dict, name=FLAG):
     if o.get("match_identifiers"):
         row.match_identifiers = [identifier_system(v, name("match_identifiers"))
                                  for v in option_values(o["match_identifiers"])]
+    if o.get("users") is not None:
+        row.users = o["users"]
+    if o.get("user_match_identifiers"):
+        row.user_match_identifiers = [identifier_system(v, name("user_match_identifiers"))
+                                      for v in option_values(o["user_match_identifiers"])]
     if o.get("match_ttl") is not None:
         row.match_ttl_days = o["match_ttl"]
     if row.secret_hash and not row.name:
@@ -116,7 +128,8 @@ def target_update(ctx, target, **o):
 def target_row(t: Target) -> dict:
     return {"base_url": t.base_url, "name": t.name, "max_ttl": t.max_ttl,
             "introspection_secret": "set" if t.secret_hash else None,
-            "match_identifiers": t.match_identifiers or [], "match_ttl_days": t.match_ttl_days}
+            "match_identifiers": t.match_identifiers or [], "match_ttl_days": t.match_ttl_days,
+            "users": t.users, "user_match_identifiers": t.user_match_identifiers or []}
 
 
 @target.command("list")
@@ -148,7 +161,8 @@ def target_remove(ctx, target, yes):
     with ctx.store.admin.change() as change:
         t = get_target(change, target)
         deps = change.target_dependents(t)
-        counts = {"trust(s)": deps["trusts"], "patient link(s)": deps["links"], "consent(s)": deps["consents"]}
+        counts = {"trust(s)": deps["trusts"], "patient link(s)": deps["links"], "consent(s)": deps["consents"],
+                  "user link(s)": deps["user_links"]}
         confirm_cascade(f"target {printable(t.base_url)}", counts, yes)
         change.remove_target(t)
         detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)

@@ -83,8 +83,7 @@ def token_revoke(ctx, jti, client_id, trust, issuer_url, target_ref, source, pat
         change.record(audit.token_revoke(ctx.actor, kind, fields, now, covered or 0))
         described = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         commit(ctx, change, "token.revoke", f"{kind} {described} before {now.isoformat()}")
-    what = "not counted: the audit does not record fhirUser" if covered is None else \
-        f"covers {covered} audited grant(s)"
+    what = f"covers {covered} audited grant(s)"
     click.echo(f"revoked: {kind} {printable(described)}, tokens issued before {now.isoformat()}; {what}")
 
 

@@ -4,7 +4,7 @@ type with a ``GRANT_TYPE`` constant, ``validate_token_request()`` then
 
 Authlib ships no RFC 8693 grant. ``ExchangeGrant`` holds the steps every grant here
 runs, named and in the contract's order (parameters, target, trust, the presented
-tokens, upstream client, scopes, consent, patient), and the minting of the RFC 9068
+tokens, upstream client, scopes, consent, patient, user), and the minting of the RFC 9068
 token. A grant adds its own parameters and the validation of what it presents (the
 EHR's tokens, or a JWT authorization grant).
 
@@ -27,7 +27,9 @@ from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 from .. import audit, policy, scopes, urns
 from ..errors import InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable, UnauthorizedClient
 from ..forms import reject_duplicates
-from ..matching import WOULD_SEARCH, MatchingUnavailable
+from ..mapping.patients import MatchingUnavailable
+from ..mapping.users import UserMappingUnavailable, source_user
+from ..mapping.search import WOULD_SEARCH
 
 MAX_TOKEN_LENGTH = 16 * 1024
 
@@ -38,9 +40,10 @@ class Collaborators:
     settings: object
     config: Callable  # () -> config.Config, the current trust snapshot
     validator: object  # subject.TokenValidator: the presented tokens (rules 1, 2, 4)
-    patients: object  # matching.PatientMapper: who the patient is at the target (rule 7)
+    patients: object  # mapping.patients.PatientMapper: who the patient is at the target (rule 7)
     consent: object | None  # consent.service.ConsentService, None without the consent flow
     replay: object  # store.requests.Replay: spent assertion jtis, shared by every instance
+    users: object = None  # mapping.users.UserMapper: who the user is at a `mapped` target
 
 
 @dataclass
@@ -74,7 +77,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
              ("client has a trust", "check_any_trust"), ("tokens (rules 1, 2, 4)", "check_presented"),
              ("trust for issuer and target (rule 5)", "check_trust"), ("grant allowed by the trust", "check_allowed"),
              ("upstream client (rule 3)", "check_upstream"), ("scopes (rule 6)", "check_scopes"),
-             ("consent", "check_consent"), ("patient (rule 7)", "check_patient"))
+             ("consent", "check_consent"), ("patient (rule 7)", "check_patient"), ("user", "check_user"))
 
     def __init__(self, request, deps: Collaborators, record: dict, trace: list | None = None, dry_run: bool = False):
         super().__init__(request, None)
@@ -86,6 +89,9 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         self.target_patient = self.consent = None
         self.requested_scopes = None
         self.would_search = False  # a dry run left the patient to a search at the target
+        self.target_user = None  # the user's reference at a `mapped` target (Practitioner/789)
+        self.would_search_user = False  # a dry run left the user to a search at the target
+        self.matching = {}  # what patient and user matching share in this exchange (one deadline)
         self.audit = record
         record["grant"] = self.GRANT_NAME
 
@@ -116,7 +122,10 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         claims = {"iss": self.settings.issuer, "aud": self.target.base_url, "sub": p.sub,
                   "idp": p.issuer.url, "client_id": self.client_id, "scope": scope,
                   "iat": now, "exp": now + life, "jti": jti, "act": {"sub": self.client_id}}
-        if p.fhir_user:
+        if self.target.users == "mapped":  # only the target's own URL for a user mapped just now
+            if self.target_user is not None:
+                claims["fhirUser"] = f"{self.target.base_url.rstrip('/')}/{self.target_user}"
+        elif p.fhir_user:
             claims["fhirUser"] = p.fhir_user
         if self.target_patient is not None:
             claims["patient"] = self.target_patient
@@ -211,7 +220,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         mapped = None
         if p.patient:
             try:
-                mapped = self.deps.patients.map(p, self.target, self.cfg, dry_run=self.dry_run)
+                mapped = self.deps.patients.map(p, self.target, self.cfg, dry_run=self.dry_run, shared=self.matching)
             except MatchingUnavailable:
                 self.audit["link"] = MatchingUnavailable.LINK
                 raise
@@ -228,6 +237,34 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         self.target_patient = mapped.target_patient
         self.audit.update(target_patient=mapped.target_patient, link=mapped.origin)
         return f"{p.patient} at {p.source} is {mapped.target_patient} at the target ({mapped.explain})"
+
+    def check_user(self):  # contract, "The user at the target"; after the patient
+        p = self.presented
+        if self.target.users != "mapped":
+            if p.fhir_user:
+                u = source_user(p)
+                self.audit["source_user"] = u.url if u is not None else None
+            return "the target takes users as-is: fhirUser passed on" if p.fhir_user else "no user named"
+        if not policy.has_user(self.granted):
+            return "no user/ scope at stake"
+        try:
+            mapped = self.deps.users.map(p, self.target, self.cfg, self.target_patient, dry_run=self.dry_run,
+                                         shared=self.matching)
+        except UserMappingUnavailable:
+            u = source_user(p)
+            self.audit.update(user_link=UserMappingUnavailable.LINK, source_user=u.url if u is not None else None)
+            raise
+        self.audit["source_user"] = mapped.source_user
+        if mapped.origin == WOULD_SEARCH:  # only in a dry run
+            self.would_search_user = True
+            return Pending(mapped.explain)
+        self.audit["user_link"] = mapped.origin
+        if mapped.target_user is None:
+            self.granted = policy.without_user(self.granted)
+            return f"user/ scopes dropped: {mapped.explain}"
+        self.target_user = mapped.target_user
+        self.audit["target_user"] = mapped.target_user
+        return f"{mapped.source_user} is {mapped.target_user} at the target ({mapped.explain})"
 
 
 def resolve_target(form, cfg):

@@ -8,7 +8,8 @@
 - ``consent``: consent records (``ConsentQueries``);
 - ``hotpath``: the precompiled statements of every exchange (``HotPath``), with
   group commit handed in by whoever builds the store;
-- ``admin``: the CLI's reads and writes (``Admin``).
+- ``admin``: the CLI's reads and writes (``Admin``);
+- ``users``: user links (``UserLinks``; the CLI's ``UserLinkAdmin``).
 
 ``Store`` is the one object the rest of the service holds: it builds these from
 an engine and delegates to them, under the names the request path calls.
@@ -26,6 +27,7 @@ from .config import ConfigSnapshot
 from .consent import ConsentQueries
 from .hotpath import HotPath
 from .requests import AuditLog, PatientLinks, Replay, Revocations
+from .users import UserLinkAdmin, UserLinks
 
 __all__ = ["Store", "ConsentQueries", "utcnow"]
 
@@ -46,6 +48,8 @@ class Store:
         self.audit_log = AuditLog(engine, self._hot)
         self.consents = ConsentQueries(engine, self._hot)
         self.admin = Admin(engine)
+        self.users = UserLinks(engine, self._hot)  # the user at the target
+        self.user_admin = UserLinkAdmin(engine)
 
     @classmethod
     def open(cls, settings, *, group_commit: bool = False) -> Store:
@@ -92,7 +96,7 @@ class Store:
         return self.revocations.is_revoked(jti)
 
     def token_origin(self, jti: str, iat: int) -> tuple | None:
-        """(issuer, source patient) of a minted token, from its audit record, or None."""
+        """(issuer, source patient, source user) of a minted token, from its audit record, or None."""
         return self.audit_log.origin(jti, iat)
 
     def assertion_jti_spent(self, client_id: str, jti: str) -> bool:

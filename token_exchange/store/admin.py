@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from .. import audit
 from ..clock import utcnow
 from ..models import (AdminEvent, AuditEvent, Client, Consent, Generation, Issuer, PatientLink, Revocation,
-                      RevocationRule, SigningKey, Target, Trust)
+                      RevocationRule, SigningKey, Target, Trust, UserLink)
 from .requests import dialect_insert
 
 
@@ -152,10 +152,11 @@ class AdminChange:
                                     .where(self._trust_column(row) == row.id)).scalar()
 
     def target_dependents(self, target: Target) -> dict:
-        """How many trusts, patient links and consents name this target."""
+        """How many trusts, patient links, consents and user links name this target."""
         return {name: self.session.execute(select(func.count()).select_from(model)
                                            .where(model.target_id == target.id)).scalar()
-                for name, model in (("trusts", Trust), ("links", PatientLink), ("consents", Consent))}
+                for name, model in (("trusts", Trust), ("links", PatientLink), ("consents", Consent),
+                                    ("user_links", UserLink))}
 
     # -- changes ----------------------------------------------------------------
     def add(self, row) -> None:
@@ -175,10 +176,10 @@ class AdminChange:
         self.session.delete(row)
 
     def remove_target(self, target: Target) -> None:
-        """A target and its trusts (the tokens minted under them revoked), patient links
-        and consents."""
+        """A target and its trusts (the tokens minted under them revoked), patient links,
+        consents and user links."""
         self.revoke_trusts(Trust.target_id == target.id)
-        for model in (Trust, PatientLink, Consent):
+        for model in (Trust, PatientLink, Consent, UserLink):
             self.session.execute(delete(model).where(model.target_id == target.id))
         self.session.delete(target)
 
@@ -215,18 +216,16 @@ class AdminChange:
                        patient=None, fhir_user=None) -> int | None:
         """How many granted exchange records (tokens minted) a rule covers: issued before
         ``before`` and matching the fields given (``issuers``: any of these issuers).
-        The audit does not record ``fhirUser``: for a user rule, None (not counted)."""
+        ``fhir_user``: the user's URL at the source (the records' ``source_user``)."""
         q = select(func.count()).select_from(AuditEvent).where(
             AuditEvent.event == "exchange", AuditEvent.outcome == "granted", AuditEvent.time < before)
         for column, value in ((AuditEvent.jti, jti), (AuditEvent.client_id, client_id),
                               (AuditEvent.issuer, issuer), (AuditEvent.target, target),
-                              (AuditEvent.source_patient, patient)):
+                              (AuditEvent.source_patient, patient), (AuditEvent.source_user, fhir_user)):
             if value is not None:
                 q = q.where(column == value)
         if issuers is not None:
             q = q.where(AuditEvent.issuer.in_(issuers))
-        if fhir_user is not None:
-            return None
         return self.session.execute(q).scalar()
 
     def record(self, event: dict) -> None:

@@ -81,11 +81,13 @@ class ConfigSnapshot:
                             _unseal_or_none(r.introspection_secret, secret, f"issuer {r.url}", failed),
                             tuple(r.identifier_systems or ()), r.identifier_claim, r.fhir_client_id,
                             r.fhir_scope, r.token_endpoint, r.authorization_endpoint, r.login_client_id,
-                            _unseal_or_none(r.login_secret, secret, f"issuer {r.url} login", failed))
+                            _unseal_or_none(r.login_secret, secret, f"issuer {r.url} login", failed),
+                            tuple(r.user_identifier_systems or ()), r.user_identifier_claim)
             issuers[r.url] = cfg
             issuer_by_id[r.id] = cfg
         targets = [TargetCfg(r.id, r.base_url, r.name, r.max_ttl, r.secret_salt, r.secret_hash,
-                             tuple(r.match_identifiers or ()), r.match_ttl_days)
+                             tuple(r.match_identifiers or ()), r.match_ttl_days, r.users,
+                             tuple(r.user_match_identifiers or ()))
                    for r in conn.execute(select(Target)).all()]
         clients, client_by_id = {}, {}
         for r in conn.execute(select(Client)).all():

@@ -16,7 +16,7 @@ except ImportError:  # not POSIX: SQLite's busy handler alone
 
 from sqlalchemy import bindparam, insert, select
 
-from ..models import AuditEvent, Consent, PatientLink
+from ..models import AuditEvent, Consent, PatientLink, UserLink
 
 log = logging.getLogger("token_exchange.store")
 
@@ -25,6 +25,9 @@ _LINKS = PatientLink.__table__
 _FIND_LINK = select(_LINKS.c.target_patient, _LINKS.c.origin, _LINKS.c.matched_at).where(
     _LINKS.c.source == bindparam("source"), _LINKS.c.patient == bindparam("patient"),
     _LINKS.c.target_id == bindparam("target_id"))
+_USERS = UserLink.__table__
+_FIND_USER_LINK = select(_USERS.c.target_user, _USERS.c.origin, _USERS.c.matched_at).where(
+    _USERS.c.user == bindparam("user"), _USERS.c.target_id == bindparam("target_id"))
 AUDIT_COLUMNS = [c.name for c in AuditEvent.__table__.c if c.name != "id"]
 _CONSENT = Consent.__table__
 # The active consent for one key: the ix_consent_key index (at most one row is active
@@ -48,6 +51,7 @@ class HotPath:
         dialect = engine.dialect
         self.find_link = self._compile(_FIND_LINK, dialect)
         self.find_consent = self._compile(_FIND_CONSENT, dialect)
+        self.find_user_link = self._compile(_FIND_USER_LINK, dialect)
         # what the ORM would make of a DateTime column read raw (SQLite returns text)
         self.time_result = (_CONSENT.c.expires.type.dialect_impl(dialect).result_processor(dialect, None)
                             or (lambda v: v))

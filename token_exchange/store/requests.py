@@ -188,17 +188,17 @@ class AuditLog:
             return list(s.scalars(q))
 
     def origin(self, jti: str, iat: int) -> tuple | None:
-        """(issuer, source patient) of the token minted with this jti, from its granted
+        """(issuer, source patient, source user) of the token minted with this jti, from its granted
         exchange record, or None. The record is written as the token is minted, so it
         lies in [iat, iat + 2 min): the time index bounds the search to that window
         (no index on jti: the exchange's insert stays as cheap as it was)."""
         start = datetime.fromtimestamp(iat, timezone.utc)
-        q = (select(AuditEvent.issuer, AuditEvent.source_patient)
+        q = (select(AuditEvent.issuer, AuditEvent.source_patient, AuditEvent.source_user)
              .where(AuditEvent.time >= start, AuditEvent.time < start + timedelta(seconds=120),
                     AuditEvent.jti == jti, AuditEvent.outcome == "granted").limit(1))
         with self.engine.connect() as conn:
             row = conn.execute(q).first()
-        return (row[0], row[1]) if row is not None else None
+        return (row[0], row[1], row[2]) if row is not None else None
 
     def admin_events(self, since=None) -> list:
         q = select(AdminEvent).order_by(AdminEvent.id)

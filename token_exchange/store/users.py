@@ -1,0 +1,129 @@
+"""User links (contract, "The user at the target"): (source user URL, target) -> the
+target's reference for that user, as stored: table, matched or blocked. The request
+path's lookup runs precompiled on the hot path (``HotPath.find_user_link``); a match
+is stored insert-if-absent, so concurrent first exchanges on any number of instances
+store one row. The CLI's reads and writes are here too (``UserLinkAdmin``)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import datetime
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .. import audit
+from ..clock import utcnow
+from ..models import AdminEvent, Target, UserLink
+from .admin import bump_conn
+from .hotpath import HotPath
+from .requests import dialect_insert
+
+
+class UserLinks:
+    """The request path's user links."""
+
+    def __init__(self, engine, hot: HotPath):
+        self.engine, self._hot = engine, hot
+
+    def find(self, user: str, target_id: int):
+        """(target_user, origin, matched_at) or None: one indexed lookup (the unique index)."""
+        row = self._hot.run(self._hot.find_user_link, {"user": user, "target_id": target_id}, fetch=True)
+        if row is not None and row[2] is not None and not isinstance(row[2], datetime):
+            row = (row[0], row[1], self._hot.matched_at_result(row[2]))  # SQLite's DBAPI gives the stored text
+        return row
+
+    def store_matched(self, user: str, target_id: int, target_user: str, system: str, replace: bool, actor: str,
+                      detail: str) -> tuple:
+        """Store a matched user link; return the row now stored as (target_user, origin).
+        Insert if absent (ON CONFLICT DO NOTHING): of concurrent first matches one row is
+        stored and every caller reads it back; a table link or a block is never
+        overwritten. ``replace``: a matched row (past its TTL) takes the new outcome."""
+        key = (UserLink.user == user, UserLink.target_id == target_id)
+        values = {"target_user": target_user, "system": system, "matched_at": utcnow()}
+        with self.engine.begin() as conn:
+            written = 0
+            if replace:
+                written = conn.execute(update(UserLink).where(*key, UserLink.origin == "matched")
+                                       .values(**values)).rowcount
+            if not written:
+                stmt = dialect_insert(conn.dialect.name, UserLink).values(user=user, target_id=target_id,
+                                                                          origin="matched", **values)
+                written = conn.execute(stmt.on_conflict_do_nothing(index_elements=["user", "target_id"])
+                                       .returning(UserLink.id)).first() is not None
+            if written:
+                conn.execute(insert(AdminEvent).values(**audit.admin(actor, "user-link.match", detail)))
+            row = conn.execute(select(UserLink.target_user, UserLink.origin).where(*key)).first()
+        return (row[0], row[1]) if row is not None else (None, "removed")
+
+    def drop_matched(self, user: str, target_id: int, matched_before, actor: str, detail: str) -> None:
+        """Delete a matched user link (a rematch found none or several); only one matched
+        before ``matched_before`` when given, so a fresh match by another instance stays."""
+        cond = [UserLink.user == user, UserLink.target_id == target_id, UserLink.origin == "matched"]
+        if matched_before is not None:
+            cond.append((UserLink.matched_at < matched_before) | UserLink.matched_at.is_(None))
+        with self.engine.begin() as conn:
+            if conn.execute(delete(UserLink).where(*cond)).rowcount:
+                conn.execute(insert(AdminEvent).values(**audit.admin(actor, "user-link.unmatch", detail)))
+
+
+class DuplicateUserLink(Exception):
+    """A user link in the file is already stored (stored meanwhile): the import is refused."""
+
+
+class UserLinkImport:
+    """`user-link import`'s one transaction: matched links give way, table links and
+    blocks refuse the file."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def stored(self, user: str, target_id: int) -> str | None:
+        return self.conn.execute(select(UserLink.origin).where(UserLink.user == user,
+                                                               UserLink.target_id == target_id)).scalar()
+
+    def remove_matched(self, user: str, target_id: int) -> None:
+        self.conn.execute(delete(UserLink).where(UserLink.user == user, UserLink.target_id == target_id,
+                                                 UserLink.origin == "matched"))
+
+    def insert(self, rows: list) -> None:
+        try:
+            with self.conn.begin_nested():
+                self.conn.execute(insert(UserLink), [dict(r, origin="table") for r in rows])
+        except IntegrityError:
+            raise DuplicateUserLink() from None
+
+    def finish(self, actor: str, action: str, detail: str) -> None:
+        bump_conn(self.conn, actor, action, detail)
+
+
+class UserLinkAdmin:
+    """The CLI's reads and writes of user links."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @contextmanager
+    def importing(self):
+        with self.engine.begin() as conn:
+            yield UserLinkImport(conn)
+
+    @contextmanager
+    def rows(self, target_id=None, origins=None, user=None):
+        """(user, target base URL, target_user, origin, system, matched_at), in the order stored."""
+        q = (select(UserLink.user, Target.base_url, UserLink.target_user, UserLink.origin, UserLink.system,
+                    UserLink.matched_at).join(Target, UserLink.target_id == Target.id).order_by(UserLink.id))
+        if target_id is not None:
+            q = q.where(UserLink.target_id == target_id)
+        if origins:
+            q = q.where(UserLink.origin.in_(origins))
+        if user is not None:
+            q = q.where(UserLink.user == user)
+        with self.engine.connect() as conn:
+            yield conn.execute(q)
+
+
+def user_link(change, user: str, target_id: int) -> UserLink | None:
+    """A user link in an admin change (store.admin.AdminChange)."""
+    return change.session.scalars(select(UserLink).where(UserLink.user == user,
+                                                         UserLink.target_id == target_id)).first()
+
