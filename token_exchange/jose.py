@@ -47,6 +47,10 @@ def b64url_decode(segment: str) -> bytes:
         raise MalformedToken() from None
 
 
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def parse(token: str) -> Parsed:
     """Split and decode a compact JWS; no verification yet. Bounded: callers cap the
     token's length, and any JSON the decoder refuses is a MalformedToken."""

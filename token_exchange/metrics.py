@@ -49,6 +49,9 @@ class Metrics:
         self._events = {name: Counter(f"token_exchange_{name}", help_, registry=registry)
                         for name, help_ in EVENTS.items()}
         self._by_decision = {}  # (outcome, error) -> the labelled child, looked up once
+        tokens = Counter("token_exchange_tokens", "Tokens minted, by token_type: Bearer, or DPoP-bound (RFC 9449).",
+                         ["token_type"], registry=registry)
+        self._tokens = {t: tokens.labels(t) for t in ("Bearer", "DPoP")}
 
     def exchange(self, outcome, error):
         key = (outcome, error or "")
@@ -56,6 +59,9 @@ class Metrics:
         if child is None:
             child = self._by_decision[key] = self._decisions.labels(*key)
         child.inc()
+
+    def token_type(self, token_type: str):
+        self._tokens[token_type].inc()
 
     def inc(self, name, n=1):
         self._events[name].inc(n)

@@ -46,6 +46,7 @@ class TokenRequest(OAuth2Request):
 
     def __init__(self, method, uri, headers, form: MultiDict):  # super().__init__ skipped on purpose (above)
         self.method, self.uri, self.headers = method, uri, headers
+        self.dpop_jkt = None  # the DPoP proof's key thumbprint, once the proof is checked
         self._body = None
         self._form = form
         self.payload = _FormPayload(form)
@@ -65,8 +66,9 @@ class TokenRequest(OAuth2Request):
 class TokenPipeline:
     """The token endpoint's steps, with what they need handed in (create_app)."""
 
-    def __init__(self, settings, store, authenticator, deps, metrics):
+    def __init__(self, settings, store, authenticator, deps, metrics, proofs):
         self.settings, self.store, self.authenticator = settings, store, authenticator
+        self.proofs = proofs  # dpop.ProofChecker
         self.deps, self.metrics = deps, metrics
         self.grants = {g.GRANT_TYPE: g for g in GRANTS}
         self._rate_lock = threading.Lock()
@@ -102,6 +104,7 @@ class TokenPipeline:
         record["client_id"] = request.client.client_id
         try:
             self._rate_limit(request.client.client_id)
+            self.check_dpop(request, record)
             grant = self.grant_class(form)(request, self.deps, record)
             grant.validate_token_request()
             answer = grant.create_token_response()
@@ -112,9 +115,22 @@ class TokenPipeline:
             raise
         self.store.record_audit(record)
         self.metrics.exchange("granted", None)
+        self.metrics.token_type("DPoP" if request.dpop_jkt else "Bearer")
         log_decision(record, None)
         return answer
 
+    def check_dpop(self, request: TokenRequest, record: dict) -> None:
+        """RFC 9449 §4.3, right after client authentication (and its rate limit): the one
+        DPoP header's proof, when sent (dpop.ProofChecker); required by the client
+        (--require-dpop, RFC 9449 §5.2). A trust's --require-dpop and bound tokens are
+        the grant's, once it knows them. Without the header: nothing more to do."""
+        header = request.headers.get("DPoP")
+        if header is None:
+            if request.client.cfg.require_dpop:
+                raise InvalidRequest("A DPoP proof is required for this client (RFC 9449): send a DPoP header.",
+                                     detail="no DPoP proof; the client requires DPoP")
+            return
+        request.dpop_jkt = record["dpop_jkt"] = self.proofs.check(header)
     def grant_class(self, form):
         """RFC 6749 §5.2: the grant type, once, and one this server supports."""
         reject_duplicates(form, ("grant_type",))
@@ -187,5 +203,5 @@ def log_lifecycle(endpoint: str, fields: dict, error) -> None:
         logs.info_line(decision_log, "refused", fields)
 
 
-_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "consent", "jti")
-_REFUSED_FIELDS = ("client_id", "grant", "issuer", "target")
+_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "consent", "jti", "dpop_jkt")
+_REFUSED_FIELDS = ("client_id", "grant", "issuer", "target", "dpop_jkt")
