@@ -160,8 +160,13 @@ class Nonces:
         return str(window) + "." + jose.b64url_encode(mac)
 
     def current(self) -> str | None:
+        """The nonce every /token answer carries now (None while no key is active)."""
+        return self.of_window(int(time.time()) // NONCE_WINDOW)
+
+    def of_window(self, window: int) -> str | None:
+        """The nonce of a one-minute window (epoch seconds // NONCE_WINDOW)."""
         key = self._key()
-        return None if key is None else self._nonce(key, int(time.time()) // NONCE_WINDOW)
+        return None if key is None else self._nonce(key, window)
 
     def valid(self, nonce) -> bool:
         if not isinstance(nonce, str) or len(nonce) > 64 or "." not in nonce:
