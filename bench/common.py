@@ -30,6 +30,9 @@ VARIANTS = {  # --variants: service runs added to every round of the 1,000-link 
                "per exchange, and an entry in the audit's partial index of tokens minted under a consent)",
     "match": "every exchange for a patient with no link yet: the service mints itself a search token, "
              "searches the target by identifier (a fake FHIR server on loopback), stores the matched link",
+    "dpop": "the same exchanges, each with a DPoP proof (RFC 9449) signed just before the run by one ES256 "
+            "client key: one signature verification more, the proof's jti spent in the replay store, the "
+            "token bound to the key (cnf.jkt, token_type DPoP)",
 }
 
 __all__ = ["ROOT", "BENCH", "OUT", "LUA", "VENV", "BIN", "FLOOR_DIR", "TE", "AT", "IDT", "SOURCE", "TARGET",

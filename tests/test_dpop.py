@@ -241,3 +241,18 @@ def test_jwt_library_agrees_the_minted_cnf_is_the_proof_key_thumbprint(exchange,
     the key of the proof it receives: the same RFC 7638 value."""
     token = exchange(headers=with_proof(prover.proof())).get_json()["access_token"]
     assert jwt.decode(token, options={"verify_signature": False})["cnf"]["jkt"] == prover.jkt
+
+
+def test_a_replay_that_races_past_the_check_loses_at_the_commit_and_nothing_is_issued(app, exchange, world,
+                                                                                      prover, monkeypatch):
+    """The jti is spent in the transaction of the decision's audit record: of two requests
+    with one proof that both pass the lookup, the second's commit fails on the table's key,
+    and it is refused (its token never leaves the service)."""
+    proof = prover.proof()
+    assert exchange(headers=with_proof(proof)).status_code == 200
+    monkeypatch.setattr(app.extensions["token_exchange"].store.replay, "proof_seen", lambda key, jti: False)
+    body = refused(exchange, proof)
+    assert "access_token" not in body
+    granted, lost = audit_rows(world)
+    assert granted["outcome"] == "granted" and lost["outcome"] == "refused" and lost["jti"] is None
+    assert lost["error"] == "invalid_dpop_proof" and "concurrent" in lost["reason"]

@@ -4,8 +4,8 @@
   RFC 9449 §4.3 in its order, and its ``jti`` spent once in the replay store
   every worker and instance shares (the store that spends client-assertion and
   JWT-grant ``jti``s: the database, with Redis as its fast path).
-- ``thumbprint``: the RFC 7638 SHA-256 thumbprint of the proof's key, the
-  ``cnf.jkt`` of a bound token (RFC 9449 §6.1).
+- ``import_key``: the proof's public key and its RFC 7638 SHA-256 thumbprint,
+  the ``cnf.jkt`` of a bound token (RFC 9449 §6.1).
 - ``Nonces``: server nonces (RFC 9449 §8), derived, not stored: an HMAC over a
   one-minute window, keyed from the active signing key every instance loads
   from the database, so any instance accepts any other's nonces.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import json
 import re
 import time
 from urllib.parse import urlsplit
@@ -106,12 +105,24 @@ class BadKey(ValueError):
     """The proof's jwk is not a usable public key for its alg (the reason, never the key)."""
 
 
+_MEMBERS = ("kty", "crv", "x", "y", "n", "e")  # the public members of EC, OKP and RSA keys (RFC 7518, 8037)
+
+
+def import_key(jwk: dict, alg: str) -> tuple:
+    """(the public key for PyJWT's verify, its RFC 7638 thumbprint) of a proof's jwk,
+    checked fit for ``alg``; BadKey otherwise. Only the public members are read (the
+    thumbprint is made of them, RFC 7638 §3.2), and a key is imported once: a client
+    signs every proof with one key."""
+    members = tuple(jwk.get(m) for m in _MEMBERS)
+    if not all(v is None or (isinstance(v, str) and len(v) <= 1024) for v in members):
+        raise BadKey("jwk members must be strings")
+    return _import(members, alg)
+
+
 @functools.lru_cache(maxsize=2048)
-def _import(canonical: str, alg: str) -> tuple:
-    """(the public key for PyJWT's verify, its RFC 7638 thumbprint), once per key and alg:
-    a client signs every proof with one key, so the import and the thumbprint are paid
-    once (joserfc: JWKRegistry.import_key(...).thumbprint())."""
-    jwk = json.loads(canonical)
+def _import(members: tuple, alg: str) -> tuple:
+    """import_key's work, cached (joserfc: JWKRegistry.import_key(...).thumbprint())."""
+    jwk = {m: v for m, v in zip(_MEMBERS, members) if v is not None}
     kty, crv = _KTY.get(alg, ("RSA", None))
     if jwk.get("kty") != kty:
         raise BadKey(f"jwk kty {str(jwk.get('kty'))[:10]!r} cannot verify {alg}")
@@ -131,11 +142,6 @@ def _import(canonical: str, alg: str) -> tuple:
     if key.is_private:
         raise BadKey("jwk carries a private key")
     return key.public_key, key.thumbprint()
-
-
-def thumbprint(jwk: dict) -> str:
-    """RFC 7638 SHA-256 thumbprint, base64url without padding (RFC 9449 §6.1 jkt)."""
-    return JWKRegistry.import_key(jwk).thumbprint()
 
 
 # -- server nonces (RFC 9449 §8) -----------------------------------------------------------------
@@ -180,16 +186,28 @@ class Nonces:
 
 
 # -- the proof (RFC 9449 §4.3) -------------------------------------------------------------------
+REPLAYED = "The DPoP proof was already used; make a new proof for each request."
+
+
+class Proof:
+    """A checked proof: its key's thumbprint (jkt), and its jti to spend, (replay key,
+    jti, until) for Store.record_audit."""
+    __slots__ = ("jkt", "spend")
+
+    def __init__(self, jkt: str, spend: tuple):
+        self.jkt, self.spend = jkt, spend
+
+
 class ProofChecker:
-    """RFC 9449 §4.3 at the token endpoint -> the proof key's thumbprint (jkt)."""
+    """RFC 9449 §4.3 at the token endpoint -> the checked Proof."""
 
     def __init__(self, settings, replay, nonces: Nonces):
         self.settings, self.replay, self.nonces = settings, replay, nonces
         self.htu = normalize_url(settings.token_endpoint)  # behind a proxy: what discovery publishes
 
-    def check(self, header: str) -> str:
-        """The one DPoP header's proof, checked -> its key's thumbprint; raises
-        InvalidDPoPProof (or UseDPoPNonce) saying which check failed."""
+    def check(self, header: str) -> Proof:
+        """The one DPoP header's proof, checked; raises InvalidDPoPProof (or UseDPoPNonce)
+        saying which check failed. Its jti is spent by the caller, with the decision."""
         # §4.3 (1): exactly one DPoP header. Servers join repeated headers with ",", which a
         # compact JWS never contains.
         if "," in header:
@@ -213,7 +231,7 @@ class ProofChecker:
         if any(m in jwk for m in _PRIVATE):
             raise InvalidDPoPProof("The DPoP proof's jwk must be a public key (it has a private member).")
         try:
-            key, jkt = _import(json.dumps(jwk, sort_keys=True, separators=(",", ":")), alg)
+            key, jkt = import_key(jwk, alg)
         except BadKey as e:
             raise InvalidDPoPProof("The DPoP proof's jwk is not a usable public key for its alg.",
                                    detail=str(e)) from None
@@ -222,10 +240,12 @@ class ProofChecker:
         self._claims(claims)
         if self.settings.dpop_nonce and not self.nonces.valid(claims.get("nonce")):  # (10), RFC 9449 §8
             raise UseDPoPNonce("Send a DPoP proof with the nonce from the DPoP-Nonce header.")
-        # (12) jti: single use while its iat window lasts, shared by every worker and instance.
-        if not self.replay.spend(replay_key(jkt), claims["jti"], int(claims["iat"]) + IAT_WINDOW):
-            raise InvalidDPoPProof("The DPoP proof was already used; make a new proof for each request.")
-        return jkt
+        # (12) jti: single use while its iat window lasts, shared by every worker and instance:
+        # refused here when already spent; spent with the decision's audit record (one commit).
+        spend = (replay_key(jkt), claims["jti"], int(claims["iat"]) + IAT_WINDOW)
+        if self.replay.proof_seen(spend[0], spend[1]):
+            raise InvalidDPoPProof(REPLAYED)
+        return Proof(jkt, spend)
 
     def _claims(self, claims: dict) -> None:
         jti = claims.get("jti")  # (3) the required claims
@@ -234,7 +254,8 @@ class ProofChecker:
         if claims.get("htm") != "POST":  # (8) htm: the request's method
             raise InvalidDPoPProof("The DPoP proof's htm must be POST.")
         htu = claims.get("htu")  # (9) htu: this endpoint's URL, without query and fragment
-        if not isinstance(htu, str) or len(htu) > 2048 or normalize_url(htu) != self.htu:
+        if not isinstance(htu, str) or len(htu) > 2048 or (htu != self.settings.token_endpoint
+                                                           and normalize_url(htu) != self.htu):
             raise InvalidDPoPProof(f"The DPoP proof's htu must be the token endpoint, {self.settings.token_endpoint}.")
         iat = claims.get("iat")  # (11) iat within the window, either way
         if not jose.is_number(iat):

@@ -18,6 +18,7 @@ from authlib.oauth2.rfc6749.requests import OAuth2Payload, OAuth2Request
 from werkzeug.datastructures import MultiDict
 
 from . import audit, logs
+from .dpop import REPLAYED, InvalidDPoPProof
 from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .forms import read_form, reject_duplicates
 from .grants import GRANTS, advertised_grant_types
@@ -47,6 +48,7 @@ class TokenRequest(OAuth2Request):
     def __init__(self, method, uri, headers, form: MultiDict):  # super().__init__ skipped on purpose (above)
         self.method, self.uri, self.headers = method, uri, headers
         self.dpop_jkt = None  # the DPoP proof's key thumbprint, once the proof is checked
+        self.dpop = None  # the checked dpop.Proof
         self._body = None
         self._form = form
         self.payload = _FormPayload(form)
@@ -109,15 +111,27 @@ class TokenPipeline:
             grant.validate_token_request()
             answer = grant.create_token_response()
         except OAuth2Error as e:
-            audit.refused(record, e)
-            self.store.record_audit(record)  # committed before the answer
-            self._refused(record, e)
+            self._refuse(request, record, e)
             raise
-        self.store.record_audit(record)
+        spend = request.dpop.spend if request.dpop is not None else None
+        if not self.store.record_audit(record, spend):  # a replay of the proof won the race: nothing issued
+            e = InvalidDPoPProof(REPLAYED, detail="the proof's jti was spent by a concurrent request")
+            self._refuse(request, dict(record, jti=None, scope_granted=None, outcome="refused"), e)
+            raise e
         self.metrics.exchange("granted", None)
         self.metrics.token_type("DPoP" if request.dpop_jkt else "Bearer")
         log_decision(record, None)
         return answer
+
+    def _refuse(self, request, record, error) -> None:
+        """A refusal of an authenticated client's request: audited (committed before the
+        answer; a checked proof's jti spent with it, single use whatever the outcome),
+        counted and logged."""
+        audit.refused(record, error)
+        spend = request.dpop.spend if request.dpop is not None else None
+        if not self.store.record_audit(record, spend):
+            self.store.record_audit(record)  # spent meanwhile by another request: the refusal stands
+        self._refused(record, error)
 
     def check_dpop(self, request: TokenRequest, record: dict) -> None:
         """RFC 9449 §4.3, right after client authentication (and its rate limit): the one
@@ -130,7 +144,8 @@ class TokenPipeline:
                 raise InvalidRequest("A DPoP proof is required for this client (RFC 9449): send a DPoP header.",
                                      detail="no DPoP proof; the client requires DPoP")
             return
-        request.dpop_jkt = record["dpop_jkt"] = self.proofs.check(header)
+        request.dpop = self.proofs.check(header)
+        request.dpop_jkt = record["dpop_jkt"] = request.dpop.jkt
     def grant_class(self, form):
         """RFC 6749 §5.2: the grant type, once, and one this server supports."""
         reject_duplicates(form, ("grant_type",))
