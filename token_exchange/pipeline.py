@@ -146,6 +146,7 @@ class TokenPipeline:
             return
         request.dpop = self.proofs.check(header)
         request.dpop_jkt = record["dpop_jkt"] = request.dpop.jkt
+
     def grant_class(self, form):
         """RFC 6749 §5.2: the grant type, once, and one this server supports."""
         reject_duplicates(form, ("grant_type",))

@@ -209,7 +209,7 @@ def client_list(ctx, as_json):
     """List the clients (never their secrets)."""
     with ctx.store.admin.change() as change:
         rows = [client_row(c) for c in change.clients()]
-    emit(rows, as_json, ["client_id", "name", "auth_methods", "jwks_uri", "disabled", "require_dpop"])
+    emit(rows, as_json, ["client_id", "name", "auth_methods", "jwks_uri", "disabled"])
 
 
 @client.command("show")
