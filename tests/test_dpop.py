@@ -145,6 +145,12 @@ def test_a_proof_whose_jwk_has_a_private_member_is_invalid_dpop_proof(exchange, 
     refused(exchange, prover.proof(jwk=dict(prover.jwk, d=b64(d))))
 
 
+@pytest.mark.parametrize("n", ["!!", "AQAB", "A" * 1000, 42])
+def test_a_proof_whose_rsa_key_is_malformed_or_out_of_bounds_is_invalid_dpop_proof(exchange, n):
+    rsa = Prover("RS256")
+    refused(exchange, rsa.proof(jwk=dict(rsa.jwk, n=n)))
+
+
 def test_a_proof_whose_jwk_does_not_fit_its_alg_is_invalid_dpop_proof(exchange):
     rsa = Prover("RS256")
     refused(exchange, rsa.proof(alg="ES256"))  # an RSA jwk for an EC algorithm
@@ -192,7 +198,7 @@ def test_a_proof_whose_iat_is_outside_60_seconds_is_invalid_dpop_proof(exchange,
     refused(exchange, prover.proof(iat=int(time.time()) + offset))
 
 
-@pytest.mark.parametrize("iat", ["now", None, [], 1e400])
+@pytest.mark.parametrize("iat", ["now", None, [], 1e400, 10 ** 400, -(10 ** 400)])
 def test_a_proof_whose_iat_is_not_a_number_is_invalid_dpop_proof(exchange, prover, iat):
     refused(exchange, prover.proof(iat="drop" if iat is None else iat))
 

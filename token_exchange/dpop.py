@@ -1,9 +1,10 @@
 """Sender-constrained tokens: DPoP (RFC 9449), the one home of its rules.
 
 - ``ProofChecker.check``: a DPoP proof at the token endpoint, every check of
-  RFC 9449 §4.3 in its order, and its ``jti`` spent once in the replay store
-  every worker and instance shares (the store that spends client-assertion and
-  JWT-grant ``jti``s: the database, with Redis as its fast path).
+  RFC 9449 §4.3 in its order; its ``jti`` is looked up in the replay store every
+  worker and instance shares (the store that spends client-assertion and JWT-grant
+  ``jti``s: the database, with Redis as its fast path) and spent there with the
+  decision's audit record (``Store.record_audit``: one commit per request).
 - ``import_key``: the proof's public key and its RFC 7638 SHA-256 thumbprint,
   the ``cnf.jkt`` of a bound token (RFC 9449 §6.1).
 - ``Nonces``: server nonces (RFC 9449 §8), derived, not stored: an HMAC over a
@@ -131,8 +132,10 @@ def _import(members: tuple, alg: str) -> tuple:
     if alg == "EdDSA" and jwk.get("crv") not in ("Ed25519", "Ed448"):
         raise BadKey("an EdDSA jwk's crv must be Ed25519 or Ed448")
     if kty == "RSA":
-        n = jwk.get("n")
-        bits = len(jose.b64url_decode(n)) * 8 if isinstance(n, str) else 0
+        try:
+            bits = len(jose.b64url_decode(jwk.get("n") or "")) * 8
+        except jose.MalformedToken:
+            raise BadKey("an RSA jwk whose n is not base64url") from None
         if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
             raise BadKey(f"an RSA jwk of {bits} bits (use {MIN_RSA_BITS} to {MAX_RSA_BITS})")
     try:

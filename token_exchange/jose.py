@@ -98,7 +98,14 @@ def check_times(claims: dict, now: float, leeway: int) -> str | None:
 
 
 def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number: not a bool, and not an integer beyond any float (math.isfinite
+    would raise OverflowError on one of, say, 400 digits)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def audiences(claims: dict) -> list:
