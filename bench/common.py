@@ -42,6 +42,9 @@ VARIANTS = {  # --variants: service runs added to every round of the 1,000-link 
     "user-match": "user/ scopes at a `--users mapped` target for a user with no link yet, carrying an NPI: the "
                   "service mints itself a search token, searches the target's Practitioners (the fake FHIR "
                   "server), stores the matched user link",
+    "dpop": "the same exchanges, each with a DPoP proof (RFC 9449) signed just before the run by one ES256 "
+            "client key: one signature verification more, the proof's jti spent in the replay store, the "
+            "token bound to the key (cnf.jkt, token_type DPoP)",
 }
 
 __all__ = ["ROOT", "BENCH", "OUT", "LUA", "VENV", "BIN", "FLOOR_DIR", "TE", "AT", "IDT", "SOURCE", "TARGET",

@@ -90,8 +90,12 @@ class Gunicorn:
 
 
 def post_token(base: str, body: str, auth: str) -> tuple[int, str]:
-    req = urllib.request.Request(base + "/token", data=body.encode(), method="POST", headers={
-        "Authorization": auth, "Content-Type": "application/x-www-form-urlencoded"})
+    """One line of a bodies file: a form body, or `body TAB DPoP proof` (variant dpop)."""
+    body, _, proof = body.partition("\t")
+    headers = {"Authorization": auth, "Content-Type": "application/x-www-form-urlencoded"}
+    if proof:
+        headers["DPoP"] = proof
+    req = urllib.request.Request(base + "/token", data=body.encode(), method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read().decode()

@@ -11,6 +11,7 @@ from pathlib import Path
 from bench.common import FLOOR_DIR, ROOT, log
 from bench.load import (OTHER_MAX, Gunicorn, busy_seconds, children_cpu_seconds, post_token, proc_cpu_seconds,
                         run_wrk, wait_quiet)
+from bench.workload import with_proofs
 from bench.world import World
 
 
@@ -39,6 +40,10 @@ class Runs:
     def measure(self, kind: str, phase: str, links: int, rnd: int, bodies: Path, warm: Path) -> dict:
         a, auth = self.args, self.world.auth
         other_before = wait_quiet(a.quiet_wait)
+        if kind == "service-dpop":  # fresh proofs (60 s of validity), after the wait for a quiet machine
+            endpoint = self.world.svc_env["TOKEN_EXCHANGE_ISSUER"] + "/token"
+            warm = with_proofs(warm, self.world.tmp / f"dpop-{warm.name}", endpoint)
+            bodies = with_proofs(bodies, self.world.tmp / f"dpop-{bodies.name}", endpoint)
         service = kind.startswith("service")
         code = code_fingerprint() if service else None
         srv = self.server(kind).start()

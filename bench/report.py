@@ -331,6 +331,10 @@ def _setup(args, imports, sizes, variants) -> list[str]:
           "http://hl7.org/fhir/sid/us-npi`, `target add http://127.0.0.1:PORT/fhir-u --users mapped "
           "--user-match-identifier ...`; its ID tokens name users no link knows, with `fhirUser_identifier`, "
           "and ask `user/Observation.rs`.")
+    if "dpop" in variants:
+        w("- Variant dpop: the round's bodies, each sent with a DPoP header: a proof (ES256, one client key, "
+          "a fresh jti, `htm` POST, `htu` the token endpoint, `iat` the time it was made) signed by the benchmark "
+          "right before the run (a proof is good for 60 s), on the same database as the RS256 service.")
     if "es256" in variants:
         w("- Variant es256: a copy of the set-up database (SQLite backup), then `keys stage --alg ES256` and "
           "`keys rotate` on it; the service run with `TOKEN_EXCHANGE_DATABASE_URL` pointing at the copy.")

@@ -4,7 +4,8 @@
 --       -- BODIES_FILE NTHREADS "Basic base64(client:secret)" FAILURE_DUMP_PREFIX
 --
 -- BODIES_FILE holds one pre-built form body per line (a distinct pair of
--- RS256-signed EHR tokens each). Thread k of n sends lines k, k+n, k+2n, ...
+-- RS256-signed EHR tokens each), or "body<TAB>DPoP proof" (variant dpop: the
+-- proof is sent as the DPoP header). Thread k of n sends lines k, k+n, k+2n, ...
 -- in order, so no body is sent twice in one run unless the file runs out
 -- ("wrapped" > 0 in the summary says it did). Non-2xx responses are counted
 -- here (wrk also prints "Non-2xx or 3xx responses"), and the first one each
@@ -22,11 +23,19 @@ end
 
 function init(args)
    local path, n = args[1], tonumber(args[2])
-   bodies = {}
+   bodies, proofs = {}, {}
    local i = 0
    for line in io.lines(path) do
       if line ~= "" then
-         if i % n == tid then bodies[#bodies + 1] = line end
+         if i % n == tid then
+            local body, proof = line:match("^([^\t]*)\t(.*)$")
+            if body then
+               bodies[#bodies + 1] = body
+               proofs[#bodies] = proof
+            else
+               bodies[#bodies + 1] = line
+            end
+         end
          i = i + 1
       end
    end
@@ -44,6 +53,11 @@ function request()
       wrapped = wrapped + 1
    end
    sent = sent + 1
+   local proof = proofs[idx]
+   if proof then
+      return wrk.format("POST", nil, {["Authorization"] = headers["Authorization"],
+                                      ["Content-Type"] = headers["Content-Type"], ["DPoP"] = proof}, bodies[idx])
+   end
    return wrk.format("POST", nil, headers, bodies[idx])
 end
 

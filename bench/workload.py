@@ -2,6 +2,7 @@
 FakeEHR, as urlencoded POST /token bodies, one file per set; and the crypto-only ceiling."""
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -136,6 +137,36 @@ def body_sets(args, ceiling_per_s: float) -> tuple[dict, list[tuple]]:
         sets += [(f"user-match-r{r}", match_n, range(r * 10_000_000, r * 10_000_000 + match_n), "user-match")
                  for r in range(1, args.rounds + 1)]
     return {"per_run": per_run, "warmup": warm_n}, sets
+
+
+# -- DPoP proofs (variant dpop) --------------------------------------------------------
+_DPOP_KEY = None
+
+
+def dpop_key():
+    """The benchmark client's one DPoP key (ES256), made once."""
+    global _DPOP_KEY
+    if _DPOP_KEY is None:
+        _DPOP_KEY = ec.generate_private_key(ec.SECP256R1())
+    return _DPOP_KEY
+
+
+def with_proofs(src: Path, dst: Path, token_endpoint: str) -> Path:
+    """Each body of src with a fresh DPoP proof for POST token_endpoint (RFC 9449 §4.2:
+    its own jti, iat now), as `body TAB proof` lines (bench/token.lua sends the proof as
+    the DPoP header). Made just before a run: a proof is good for 60 s after its iat."""
+    key = dpop_key()
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    header = {"typ": "dpop+jwt", "jwk": jwk}
+    now = int(time.time())
+    with src.open() as f, dst.open("w") as out:
+        for line in f:
+            body = line.strip()
+            if body:
+                proof = jwt.encode({"jti": uuid.uuid4().hex, "htm": "POST", "htu": token_endpoint, "iat": now},
+                                   key, algorithm="ES256", headers=header)
+                out.write(f"{body}\t{proof}\n")
+    return dst
 
 
 # -- crypto-only ceiling ---------------------------------------------------------

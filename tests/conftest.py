@@ -54,9 +54,25 @@ def pytest_report_header(config):
         lines.append("Redis tests NOT RUN: set TOKEN_EXCHANGE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
     if fhir_server_unavailable():
         lines.append(fhir_server_unavailable())
+    if dpop_client_unavailable():
+        lines.append(dpop_client_unavailable())
     if browser_unavailable():
         lines.append(browser_unavailable())
     return lines
+
+
+DPOP_CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpop_client")
+DPOP_CLIENT_SKIP = ("oauth4webapi DPoP client tests NOT RUN: install node and run "
+                    "`npm ci --prefix tests/dpop_client`")
+
+
+@functools.cache
+def dpop_client_unavailable() -> str | None:
+    """None when the oauth4webapi DPoP client (tests/dpop_client) can run here, else the plain reason."""
+    import shutil
+    if not shutil.which("node") or not os.path.isdir(os.path.join(DPOP_CLIENT, "node_modules", "oauth4webapi")):
+        return DPOP_CLIENT_SKIP
+    return None
 
 
 @functools.cache

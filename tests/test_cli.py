@@ -195,7 +195,7 @@ def test_trust_accepts_v1_v2_wildcard_and_parameter_scopes_verbatim(world, ehr):
     assert row == [{"client": "vendor", "issuer": ehr.issuer, "target": TARGET2, "scopes": text,
                     "upstream_client_id": UPSTREAM, "max_ttl": 120, "allow_id_token": True,
                     "allow_jwt_grant": False, "consent": "none", "consent_max_days": 90,
-                    "consent_signer": "patient"}]
+                    "consent_signer": "patient", "require_dpop": False}]
 
 
 def test_issuer_add_refusals(world):
@@ -444,14 +444,14 @@ def test_every_list_and_show_takes_json_with_the_documented_fields(world, ehr):
     vendor = as_json(world, "client", "show", "vendor")
     assert vendor == clients[1]
     assert set(vendor) == {"client_id", "name", "auth_methods", "jwks_uri", "jwks_kids", "redirect_uris", "created",
-                           "disabled"}
+                           "disabled", "require_dpop"}
     assert vendor["auth_methods"] == "client_secret_basic,client_secret_post"
     assert vendor["jwks_uri"] is None and vendor["jwks_kids"] is None
     assert datetime.fromisoformat(vendor["created"])
     assert as_json(world, "trust", "list") == [
         {"client": "vendor", "issuer": ehr.issuer, "target": TARGET, "scopes": "patient/*.rs user/*.rs",
          "upstream_client_id": UPSTREAM, "max_ttl": None, "allow_id_token": False, "allow_jwt_grant": False,
-         "consent": "none", "consent_max_days": 90, "consent_signer": "patient"}]
+         "consent": "none", "consent_max_days": 90, "consent_signer": "patient", "require_dpop": False}]
     assert as_json(world, "link", "list") == [
         {"source": SOURCE, "patient": "a-123", "target": TARGET, "target_patient": "b-456", "origin": "table",
          "system": None, "matched_at": None}]
@@ -519,7 +519,7 @@ def test_audit_list_json_has_the_contract_fields_and_filters(world, exchange, eh
     assert exchange(scope="patient/Observation.c").status_code == 400
     fields = {"time", "client_id", "issuer", "subject", "target", "source_patient", "target_patient",
               "scope_requested", "scope_granted", "outcome", "error", "jti", "event", "grant", "consent", "link",
-              "assertion_jti", "request_id", "reason", "user_link", "source_user", "target_user"}
+              "assertion_jti", "request_id", "reason", "user_link", "source_user", "target_user", "dpop_jkt"}
     rows = audit_rows(world)
     assert [r["outcome"] for r in rows] == ["granted", "refused"]
     for r in rows:

@@ -80,7 +80,8 @@ from fakes import SOURCE, UPSTREAM, Scripted  # noqa: E402
 
 CONTROL = st.text(st.characters(min_codepoint=0, max_codepoint=0x9f), max_size=12)
 HUGE_NUMBERS = st.sampled_from(["1" + "0" * 5000, "-" + "9" * 4400, "1e999", "-1e999", "1e-999", "0.1" + "1" * 400,
-                                "123456789012345678901234567890", "-0", "1E400"])
+                                "123456789012345678901234567890", "-0", "1E400",
+                                "1" + "0" * 400, "-" + "9" * 400])  # ints that parse but fit no float
 # JSON text, written out so nesting past Python's recursion limit and numbers int()
 # refuses can be expressed at all (json.dumps cannot produce them).
 DEEP = st.sampled_from([50, 900, 1100, 3000]).flatmap(
@@ -352,3 +353,12 @@ def test_any_searchset_is_read_or_refused_as_malformed_never_crashes(where, name
     except Malformed:
         return
     assert isinstance(ambiguous, bool) and all(isinstance(p, str) and FHIR_ID.match(p) for p in found)
+
+
+@pytest.mark.parametrize("name", ["exp", "iat", "nbf"])
+def test_a_token_time_that_is_an_integer_beyond_any_float_is_invalid_request_not_500(exchange, ehr, name):
+    """1 followed by 400 zeros parses as a JSON integer but fits no float (jose.is_number)."""
+    token = _signed({"alg": "RS256", "kid": ehr.kid}, _with_claim(ehr.access_claims(), name, "1" + "0" * 400),
+                    ehr.key, "RS256")
+    r = exchange(subject_token=token)
+    assert r.status_code == 400 and r.get_json()["error"] == "invalid_request", r.get_data(as_text=True)

@@ -15,6 +15,7 @@ class Extension:
     consent: object  # consent.service.ConsentService (the consent pages' sign-in)
     metrics: object
     jwks_cache: object
+    nonces: object = None  # dpop.Nonces: the DPoP-Nonce every /token answer carries when nonces are on
 
 
 def create_app(settings=None, env=None, *, group_commit=False):
@@ -24,6 +25,7 @@ def create_app(settings=None, env=None, *, group_commit=False):
 
     from . import consent, endpoints, logs
     from .client_auth import Authenticator, ClientJWKS, PrivateKeyJWT, client_lookup
+    from .dpop import Nonces, ProofChecker
     from .issuers import JWKSCache
     from .mapping.patients import PatientMapper, make_matcher
     from .mapping.users import UserMapper, make_user_matcher
@@ -52,10 +54,12 @@ def create_app(settings=None, env=None, *, group_commit=False):
     users = UserMapper(store, make_user_matcher(settings, store, upstream, metrics, matcher.slots))
     deps = Collaborators(settings=settings, config=store.config, validator=validator, patients=patients,
                          consent=consents, replay=store.replay, users=users)
-    pipeline = TokenPipeline(settings, store, authenticator, deps, metrics)
+    nonces = Nonces(store.config)
+    proofs = ProofChecker(settings, store.replay, nonces)  # DPoP (RFC 9449), spending jtis as assertions do
+    pipeline = TokenPipeline(settings, store, authenticator, deps, metrics, proofs)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["token_exchange"] = Extension(settings, engine, store, pipeline, authenticator, consents,
-                                                 metrics, jwks_cache)
+                                                 metrics, jwks_cache, nonces)
     app.register_blueprint(endpoints.bp)
     endpoints.register_error_handlers(app)
     endpoints.register_request_ids(app)

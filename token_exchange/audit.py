@@ -17,7 +17,7 @@ from . import urns
 # The audit_event columns a record may carry (models.AuditEvent, without its id).
 FIELDS = ("time", "event", "grant", "client_id", "issuer", "subject", "target", "source_patient", "target_patient",
           "scope_requested", "scope_granted", "outcome", "error", "jti", "consent", "link", "assertion_jti",
-          "request_id", "reason", "user_link", "source_user", "target_user")
+          "request_id", "reason", "user_link", "source_user", "target_user", "dpop_jkt")
 ID_LENGTH, SCOPE_TEXT_LENGTH, REASON_LENGTH = 255, 2000, 1000
 
 
@@ -155,6 +155,8 @@ def audit_event(e: dict, service: str) -> dict:
         detail.append({"type": "patient-mapping", "valueString": e["link"]})
     if e.get("user_link"):  # how the user was mapped: table, matched, patient, none, blocked, ...
         detail.append({"type": "user-mapping", "valueString": e["user_link"]})
+    if e.get("dpop_jkt"):  # the token is bound to this key (RFC 9449 cnf.jkt)
+        detail.append({"type": "dpop-jkt", "valueString": e["dpop_jkt"]})
     if detail:
         entities.append({"type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                          "what": {"display": "token request"}, "detail": detail})

@@ -65,6 +65,7 @@ class TrustCfg:
     consent: str = "none"
     consent_max_days: int = 90
     consent_signer: str = "patient"
+    require_dpop: bool = False  # `trust add|update --require-dpop`: only with a DPoP proof
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class ClientCfg:
     name: str | None = None
     redirect_uris: tuple = ()
     disabled: bool = False  # `client disable`: refused at every endpoint
+    require_dpop: bool = False  # `client add|update --require-dpop` (RFC 9449 §5.2 dpop_bound_access_tokens)
 
     def get_client_id(self):
         return self.client_id

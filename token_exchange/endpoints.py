@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import audit, keys, lifecycle, logs
+from . import audit, dpop, keys, lifecycle, logs
 from .client_auth import CLIENT_ASSERTION_ALGS, presented_client_id
 from .errors import OAuth2Error, RequestTooLarge, TemporarilyUnavailable
 from .forms import read_form
@@ -121,11 +121,28 @@ class TokenEndpoint:
         return [body]
 
     def answer(self, environ) -> tuple:
-        """-> (status, body bytes, headers) for one token request; never raises."""
+        """-> (status, body bytes, headers) for one token request; never raises. With
+        DPoP nonces on, every answer carries a current DPoP-Nonce (RFC 9449 §8)."""
         try:
-            return json_answer(*self.ext.pipeline(environ, EnvironHeaders(environ)))
+            answer = json_answer(*self.ext.pipeline(environ, EnvironHeaders(environ)))
         except Exception as exc:  # noqa: BLE001 - every error through the one writer; no traceback to the client
-            return error_answer(exc, self.ext)
+            answer = error_answer(exc, self.ext)
+        if self.ext.settings.dpop_nonce:
+            answer = with_nonce(answer, self.ext)
+        return answer
+
+
+def with_nonce(answer: tuple, ext) -> tuple:
+    """The answer with a current DPoP-Nonce header (none while no key is active or the
+    database cannot be read: the answer says what is wrong)."""
+    try:
+        nonce = ext.nonces.current()
+    except SQLAlchemyError:
+        nonce = None
+    if nonce is None:
+        return answer
+    status, body, headers = answer
+    return status, body, headers + [("DPoP-Nonce", nonce)]
 
 
 _STATUS = {200: "200 OK", 400: "400 BAD REQUEST", 401: "401 UNAUTHORIZED"}
@@ -221,6 +238,7 @@ def _metadata():
         "revocation_endpoint_auth_signing_alg_values_supported": list(CLIENT_ASSERTION_ALGS),
         "response_types_supported": [],
         "scopes_supported": SCOPES_SUPPORTED,
+        "dpop_signing_alg_values_supported": list(dpop.ALGS),  # RFC 9449 §5.1
     }
 
 
@@ -238,7 +256,8 @@ def smart_configuration():
     body = {k: meta[k] for k in ("issuer", "token_endpoint", "jwks_uri", "introspection_endpoint",
                                   "revocation_endpoint", "grant_types_supported",
                                   "token_endpoint_auth_methods_supported",
-                                  "token_endpoint_auth_signing_alg_values_supported")}
+                                  "token_endpoint_auth_signing_alg_values_supported",
+                                  "dpop_signing_alg_values_supported")}
     # SMART 2.2 requires code_challenge_methods_supported with S256 (PKCE); this service has no
     # authorization endpoint, and its consent sign-in at an EHR uses S256.
     body.update(capabilities=caps, scopes_supported=SCOPES_SUPPORTED, response_types_supported=[],

@@ -47,6 +47,10 @@ def b64url_decode(segment: str) -> bytes:
         raise MalformedToken() from None
 
 
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def parse(token: str) -> Parsed:
     """Split and decode a compact JWS; no verification yet. Bounded: callers cap the
     token's length, and any JSON the decoder refuses is a MalformedToken."""
@@ -94,7 +98,14 @@ def check_times(claims: dict, now: float, leeway: int) -> str | None:
 
 
 def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number: not a bool, and not an integer beyond any float (math.isfinite
+    would raise OverflowError on one of, say, 400 digits)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def audiences(claims: dict) -> list:

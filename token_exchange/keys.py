@@ -7,6 +7,8 @@ verifying) -> pruned.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import secrets
 from datetime import datetime, timedelta, timezone
@@ -58,10 +60,13 @@ def load_private(pem: str):
 
 class ActiveKey:
     """A loaded signing key; its private part never leaves this object."""
-    __slots__ = ("kid", "alg", "_key", "_algorithm", "_header")
+    __slots__ = ("kid", "alg", "_key", "_algorithm", "_header", "_seed")
 
     def __init__(self, kid: str, alg: str, pem: str):
         self.kid, self.alg = kid, alg
+        # Secrets derived from the key (dpop.Nonces): the same on every instance that loads
+        # it from the database, and revealing nothing of it.
+        self._seed = hashlib.sha256(b"token-exchange derived secrets\0" + pem.encode()).digest()
         self._algorithm = jwt.get_algorithm_by_name(alg)
         self._key = self._algorithm.prepare_key(load_private(pem))
         # RFC 9068 §2.1: typ "at+jwt". The header never changes for a key: encode it once.
@@ -87,6 +92,10 @@ class ActiveKey:
         key = (ECKey if alg.startswith("ES") else RSAKey).import_key(self._key)
         return private_key_jwt_sign(key, client_id, token_endpoint, alg=alg, header={"kid": kid, "typ": "JWT"},
                                     expires_in=min(lifetime, 300))
+
+    def derived_secret(self, label: bytes) -> bytes:
+        """A 256-bit secret for ``label``, derived from this key (HMAC-SHA256)."""
+        return hmac.new(self._seed, label, hashlib.sha256).digest()
 
     def mint(self, claims: dict) -> str:
         """A compact JWS (RFC 7515 §7.1) signed with PyJWT's algorithm object."""

@@ -82,9 +82,10 @@ def introspect(form, target, cfg, store, settings) -> dict:
     if client is None or client.disabled or cfg.revocations.covers(
             claims, lambda: store.token_origin(claims["jti"], claims["iat"])):
         return dict(INACTIVE)
-    out = {"active": True, "token_type": "Bearer"}
+    # RFC 9449 §6.2: a DPoP-bound token introspects with its cnf and token_type DPoP.
+    out = {"active": True, "token_type": "DPoP" if "cnf" in claims else "Bearer"}
     out.update({k: claims[k] for k in _FIELDS if k in claims})
-    for k in ("idp", "fhirUser", "act"):
+    for k in ("idp", "fhirUser", "act", "cnf"):
         if k in claims:
             out[k] = claims[k]
     return out

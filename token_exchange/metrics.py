@@ -52,6 +52,9 @@ class Metrics:
         self._users = Counter("token_exchange_user_mappings", "Users mapped onto a `mapped` target, by how "
                               "(table, matched, matched-stored, patient, none, ambiguous, blocked, unavailable).",
                               ["outcome"], registry=registry)
+        tokens = Counter("token_exchange_tokens", "Tokens minted, by token_type: Bearer, or DPoP-bound (RFC 9449).",
+                         ["token_type"], registry=registry)
+        self._tokens = {t: tokens.labels(t) for t in ("Bearer", "DPoP")}
 
     def exchange(self, outcome, error):
         key = (outcome, error or "")
@@ -62,6 +65,8 @@ class Metrics:
 
     def user_mapping(self, outcome):
         self._users.labels(outcome).inc()
+    def token_type(self, token_type: str):
+        self._tokens[token_type].inc()
 
     def inc(self, name, n=1):
         self._events[name].inc(n)

@@ -80,6 +80,8 @@ class Client(Base):
     redirect_uris: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     # `client disable`: refused at every endpoint (401 invalid_client) until `client enable`.
     disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # RFC 9449 §5.2 dpop_bound_access_tokens: its requests need a DPoP proof.
+    require_dpop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -99,6 +101,7 @@ class Trust(Base):
     consent: Mapped[str] = mapped_column(String(16), default="none", server_default="none")  # none | required
     consent_max_days: Mapped[int] = mapped_column(Integer, default=90, server_default="90")
     consent_signer: Mapped[str] = mapped_column(String(16), default="patient", server_default="patient")
+    require_dpop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())  # DPoP proof needed
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -191,6 +194,7 @@ class AuditEvent(Base):
     user_link: Mapped[str | None] = mapped_column(String(16))  # how the user was mapped
     source_user: Mapped[str | None] = mapped_column(URL)  # the user's URL at the source
     target_user: Mapped[str | None] = mapped_column(String(320))  # the target's reference (Practitioner/789)
+    dpop_jkt: Mapped[str | None] = mapped_column(String(64))  # the DPoP proof key's thumbprint (RFC 7638)
 
 
 class AdminEvent(Base):

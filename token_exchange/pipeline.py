@@ -18,6 +18,7 @@ from authlib.oauth2.rfc6749.requests import OAuth2Payload, OAuth2Request
 from werkzeug.datastructures import MultiDict
 
 from . import audit, logs
+from .dpop import REPLAYED, InvalidDPoPProof
 from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .forms import read_form, reject_duplicates
 from .grants import GRANTS, advertised_grant_types
@@ -46,6 +47,8 @@ class TokenRequest(OAuth2Request):
 
     def __init__(self, method, uri, headers, form: MultiDict):  # super().__init__ skipped on purpose (above)
         self.method, self.uri, self.headers = method, uri, headers
+        self.dpop_jkt = None  # the DPoP proof's key thumbprint, once the proof is checked
+        self.dpop = None  # the checked dpop.Proof
         self._body = None
         self._form = form
         self.payload = _FormPayload(form)
@@ -65,8 +68,9 @@ class TokenRequest(OAuth2Request):
 class TokenPipeline:
     """The token endpoint's steps, with what they need handed in (create_app)."""
 
-    def __init__(self, settings, store, authenticator, deps, metrics):
+    def __init__(self, settings, store, authenticator, deps, metrics, proofs):
         self.settings, self.store, self.authenticator = settings, store, authenticator
+        self.proofs = proofs  # dpop.ProofChecker
         self.deps, self.metrics = deps, metrics
         self.grants = {g.GRANT_TYPE: g for g in GRANTS}
         self._rate_lock = threading.Lock()
@@ -102,20 +106,48 @@ class TokenPipeline:
         record["client_id"] = request.client.client_id
         try:
             self._rate_limit(request.client.client_id)
+            self.check_dpop(request, record)
             grant = self.grant_class(form)(request, self.deps, record)
             grant.validate_token_request()
             answer = grant.create_token_response()
         except OAuth2Error as e:
-            audit.refused(record, e)
-            self.store.record_audit(record)  # committed before the answer
-            self._count_user(record)
-            self._refused(record, e)
+            self._refuse(request, record, e)
             raise
-        self.store.record_audit(record)
+        spend = request.dpop.spend if request.dpop is not None else None
+        if not self.store.record_audit(record, spend):  # a replay of the proof won the race: nothing issued
+            e = InvalidDPoPProof(REPLAYED, detail="the proof's jti was spent by a concurrent request")
+            self._refuse(request, dict(record, jti=None, scope_granted=None, outcome="refused"), e)
+            raise e
         self._count_user(record)
         self.metrics.exchange("granted", None)
+        self.metrics.token_type("DPoP" if request.dpop_jkt else "Bearer")
         log_decision(record, None)
         return answer
+
+    def _refuse(self, request, record, error) -> None:
+        """A refusal of an authenticated client's request: audited (committed before the
+        answer; a checked proof's jti spent with it, single use whatever the outcome),
+        counted and logged."""
+        audit.refused(record, error)
+        spend = request.dpop.spend if request.dpop is not None else None
+        if not self.store.record_audit(record, spend):
+            self.store.record_audit(record)  # spent meanwhile by another request: the refusal stands
+        self._count_user(record)
+        self._refused(record, error)
+
+    def check_dpop(self, request: TokenRequest, record: dict) -> None:
+        """RFC 9449 §4.3, right after client authentication (and its rate limit): the one
+        DPoP header's proof, when sent (dpop.ProofChecker); required by the client
+        (--require-dpop, RFC 9449 §5.2). A trust's --require-dpop and bound tokens are
+        the grant's, once it knows them. Without the header: nothing more to do."""
+        header = request.headers.get("DPoP")
+        if header is None:
+            if request.client.cfg.require_dpop:
+                raise InvalidRequest("A DPoP proof is required for this client (RFC 9449): send a DPoP header.",
+                                     detail="no DPoP proof; the client requires DPoP")
+            return
+        request.dpop = self.proofs.check(header)
+        request.dpop_jkt = record["dpop_jkt"] = request.dpop.jkt
 
     def grant_class(self, form):
         """RFC 6749 §5.2: the grant type, once, and one this server supports."""
@@ -195,5 +227,6 @@ def log_lifecycle(endpoint: str, fields: dict, error) -> None:
         logs.info_line(decision_log, "refused", fields)
 
 
-_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "user_link", "consent", "jti")
-_REFUSED_FIELDS = ("client_id", "grant", "issuer", "target")
+_GRANTED_FIELDS = ("client_id", "grant", "issuer", "target", "scope_granted", "link", "user_link", "consent", "jti",
+                   "dpop_jkt")
+_REFUSED_FIELDS = ("client_id", "grant", "issuer", "target", "dpop_jkt")

@@ -134,6 +134,9 @@ class Settings:
     #: or an EHR for patient matching at once; the rest answer 503 at once (default: worker
     #: threads - 2, at least 1, so /jwks and discovery always find a free thread).
     match_concurrency: int = 6
+    #: TOKEN_EXCHANGE_DPOP_NONCE: "on" to require server nonces in DPoP proofs (RFC 9449 §8);
+    #: every /token answer then carries a current DPoP-Nonce. Default off.
+    dpop_nonce: bool = False
 
     @property
     def token_endpoint(self) -> str:
@@ -179,4 +182,5 @@ class Settings:
             request_read_timeout=_int(env, "TOKEN_EXCHANGE_REQUEST_READ_TIMEOUT", 10, minimum=1),
             worker_threads=threads,
             match_concurrency=_bounded(env, "TOKEN_EXCHANGE_MATCH_CONCURRENCY", max(1, threads - 2), 1, threads),
+            dpop_nonce=_switch(env, "TOKEN_EXCHANGE_DPOP_NONCE", False),
         )

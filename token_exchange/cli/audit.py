@@ -10,7 +10,7 @@ from .common import cli, emit, iso, json_option, pass_ctx, since_arg
 EVENTS = ("exchange", "consent-granted", "consent-denied", "consent-withdrawn", "revoke", "token-revoke")
 AUDIT_FIELDS = ["time", "event", "grant", "client_id", "issuer", "subject", "target", "source_patient",
                 "target_patient", "scope_requested", "scope_granted", "outcome", "error", "reason", "jti",
-                "assertion_jti", "consent", "link", "user_link", "source_user", "target_user", "request_id"]
+                "assertion_jti", "consent", "link", "user_link", "source_user", "target_user", "request_id", "dpop_jkt"]
 
 
 @cli.group()

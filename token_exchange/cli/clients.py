@@ -40,6 +40,9 @@ def _options(update: bool):
         click.option("--redirect-uri", "redirect_uris", multiple=True, metavar="URI",
                      help="Where the consent flow may send the browser back: an absolute https URI without a "
                           "fragment (http only for loopback) (repeatable)." + listed),
+        click.option("--require-dpop/--no-require-dpop", default=None if update else False,
+                     help="Refuse its token requests without a DPoP proof (RFC 9449 section 5.2 "
+                          "dpop_bound_access_tokens): every token minted for it is DPoP-bound."),
     ]
 
     return options([*opts, *_CREDENTIALS])
@@ -114,6 +117,8 @@ def apply_options(ctx, row: Client, o: dict, name=FLAG):
     if o.get("redirect_uris"):
         row.redirect_uris = [url_arg(u, name("redirect_uris"), https_only_beyond_loopback=True)
                              for u in option_values(o["redirect_uris"])]
+    if o.get("require_dpop") is not None:
+        row.require_dpop = bool(o["require_dpop"])
 
 
 def new_client(ctx, change, client_id: str, o: dict, name=FLAG, id_name: str = "CLIENT_ID"):
@@ -127,7 +132,7 @@ def new_client(ctx, change, client_id: str, o: dict, name=FLAG, id_name: str = "
     creds, shown = credentials(ctx, o, required=True, name=name)
     if change.has_client(client_id):
         raise Fail(f"client {printable(client_id)!r} already exists; change it with `client update`")
-    row = Client(client_id=client_id, created=utcnow(), redirect_uris=[], **creds)
+    row = Client(client_id=client_id, created=utcnow(), redirect_uris=[], require_dpop=False, **creds)
     apply_options(ctx, row, o, name)
     change.add(row)
     return row, shown
@@ -193,7 +198,8 @@ def client_row(c: Client) -> dict:
     return {"client_id": c.client_id, "name": c.name, "auth_methods": method, "jwks_uri": c.jwks_uri,
             "jwks_kids": [k.get("kid") for k in (c.jwks or {}).get("keys", [])] or None,
             "redirect_uris": c.redirect_uris or [],
-            "created": c.created.isoformat() if c.created else None, "disabled": bool(c.disabled)}
+            "created": c.created.isoformat() if c.created else None, "disabled": bool(c.disabled),
+            "require_dpop": bool(c.require_dpop)}
 
 
 @client.command("list")

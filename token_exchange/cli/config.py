@@ -58,6 +58,7 @@ def export_doc(change) -> dict:
             entry["jwks_uri"] = row.jwks_uri
         else:
             entry["jwks"] = row.jwks
+        entry["require_dpop"] = d["require_dpop"]
         entry["disabled"] = d["disabled"]
         out["clients"].append(entry)
     for client_id, issuer_url, base_url, row in change.trusts():

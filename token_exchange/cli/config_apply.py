@@ -51,13 +51,13 @@ def fields_of(noun: str, row, keys=None) -> dict:
     if noun == "clients":
         return {"client_id": row.client_id, "name": row.name, "redirect_uris": row.redirect_uris or [],
                 "jwks": row.jwks if row.auth_method == "private_key_jwt" else None, "jwks_uri": row.jwks_uri,
-                "disabled": bool(row.disabled)}
+                "require_dpop": bool(row.require_dpop), "disabled": bool(row.disabled)}
     client_id, issuer_url, base_url = keys
     return {"client": client_id, "issuer": issuer_url, "target": base_url, "scopes": row.scopes,
             "upstream_client_id": row.upstream_client_id, "max_ttl": row.max_ttl,
             "allow_id_token": bool(row.allow_id_token), "allow_jwt_grant": bool(row.allow_jwt_grant),
             "consent": row.consent, "consent_max_days": row.consent_max_days,
-            "consent_signer": row.consent_signer}
+            "consent_signer": row.consent_signer, "require_dpop": bool(row.require_dpop)}
 
 
 def show(value) -> str:

@@ -39,12 +39,13 @@ FIELDS = {
                 ("match_identifiers", "match_identifiers"), ("match_ttl_days", "match_ttl"),
                 ("users", "users"), ("user_match_identifiers", "user_match_identifiers")],
     "clients": [("client_id", None), ("name", "name"), ("redirect_uris", "redirect_uris"),
-                ("secret_env", "secret_env"), ("jwks", "jwks"), ("jwks_uri", "jwks_uri"), ("disabled", None)],
+                ("secret_env", "secret_env"), ("jwks", "jwks"), ("jwks_uri", "jwks_uri"),
+                ("require_dpop", "require_dpop"), ("disabled", None)],
     "trusts": [("client", None), ("issuer", None), ("target", None), ("scopes", "scope_text"),
                ("upstream_client_id", "upstream_client_id"), ("max_ttl", "max_ttl"),
                ("allow_id_token", "allow_id_token"), ("allow_jwt_grant", "allow_jwt_grant"),
                ("consent", "consent"), ("consent_max_days", "consent_max_days"),
-               ("consent_signer", "consent_signer")],
+               ("consent_signer", "consent_signer"), ("require_dpop", "require_dpop")],
 }
 REQUIRED = {"issuers": ["url", "jwks_uri", "sources"], "targets": ["base_url"], "clients": ["client_id"],
             "trusts": ["client", "issuer", "target", "scopes", "upstream_client_id"]}
@@ -52,7 +53,7 @@ LISTS = {"sources", "audiences", "algs", "identifier_systems", "match_identifier
          "user_identifier_systems", "user_match_identifiers"}
 NOT_NULL = {"patient_claim", "source_claim", "identifier_claim", "user_identifier_claim", "users",
             "match_ttl_days", "allow_id_token",
-            "allow_jwt_grant", "consent", "consent_max_days", "consent_signer"}
+            "allow_jwt_grant", "consent", "consent_max_days", "consent_signer", "require_dpop"}
 SECRETS = {"introspection_secret_env", "login_secret_env", "secret_env"}
 
 

@@ -35,6 +35,9 @@ def _options(update: bool):
                      help="Longest lifetime of tokens minted under this trust."),
         flag("allow-id-token", "Allow the OpenID exchange (the ID token as subject_token)."),
         flag("allow-jwt-grant", "Allow the JWT authorization grant (identity chaining)."),
+        click.option("--require-dpop/--no-require-dpop", default=None if update else False,
+                     help="Refuse requests under this trust without a DPoP proof (RFC 9449): its tokens are "
+                          "DPoP-bound."),
         click.option("--consent", type=click.Choice(["none", "required"]), default=None if update else "none",
                      show_default=not update, help="Whether the user must approve, once, in the browser."),
         click.option("--consent-max-days", type=click.IntRange(1, 3650), default=None if update else 90,
@@ -78,7 +81,7 @@ def apply_options(row: Trust, o: dict, name=FLAG):
         row.max_ttl = o["max_ttl"]
     if o.get("no_max_ttl"):
         row.max_ttl = None
-    for key in ("allow_id_token", "allow_jwt_grant", "consent", "consent_max_days", "consent_signer"):
+    for key in ("allow_id_token", "allow_jwt_grant", "consent", "consent_max_days", "consent_signer", "require_dpop"):
         if o.get(key) is not None:
             setattr(row, key, o[key])
 
@@ -88,7 +91,7 @@ def new_trust(change, c, i, t, o: dict, name=FLAG) -> Trust:
     added to the change (not committed)."""
     if change.has_trust(c, i, t):
         raise Fail("that trust already exists; change it with `trust update`")
-    row = Trust(client_id=c.id, issuer_id=i.id, target_id=t.id, created=utcnow())
+    row = Trust(client_id=c.id, issuer_id=i.id, target_id=t.id, created=utcnow(), require_dpop=False)
     apply_options(row, o, name)
     change.add(row)
     return row
@@ -163,7 +166,8 @@ def trust_row(client, issuer, target, tr) -> dict:
     return {"client": client, "issuer": issuer, "target": target, "scopes": tr.scopes,
             "upstream_client_id": tr.upstream_client_id, "max_ttl": tr.max_ttl,
             "allow_id_token": bool(tr.allow_id_token), "allow_jwt_grant": bool(tr.allow_jwt_grant),
-            "consent": tr.consent, "consent_max_days": tr.consent_max_days, "consent_signer": tr.consent_signer}
+            "consent": tr.consent, "consent_max_days": tr.consent_max_days, "consent_signer": tr.consent_signer,
+            "require_dpop": bool(tr.require_dpop)}
 
 
 @trust.command("show")

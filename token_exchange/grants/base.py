@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 
-from .. import audit, policy, scopes, urns
+from .. import audit, dpop, policy, scopes, urns
 from ..errors import InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable, UnauthorizedClient
 from ..forms import reject_duplicates
 from ..mapping.patients import MatchingUnavailable
@@ -71,6 +71,7 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
     # and audience may repeat, RFC 8693 §2.1). grant_type and client authentication's are the pipeline's.
     PARAMETERS: tuple = ()
     ISSUED_TOKEN_TYPE: str | None = urns.ACCESS_TOKEN
+    BINDING_ERROR = InvalidRequest  # a presented token bound to another DPoP key (RFC 9449 §6)
 
     # (name, method): the contract's check order after client authentication and grant type.
     STEPS = (("parameters", "check_parameters"), ("target", "check_target"),
@@ -129,8 +130,12 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
             claims["fhirUser"] = p.fhir_user
         if self.target_patient is not None:
             claims["patient"] = self.target_patient
+        jkt = self.request.dpop_jkt
+        if jkt is not None:  # RFC 9449 §6.1: bound to the proof's key
+            claims["cnf"] = {"jkt": jkt}
         token = key.mint(claims)
-        body = {"access_token": token, "token_type": "Bearer", "expires_in": life, "scope": scope}
+        body = {"access_token": token, "token_type": "Bearer" if jkt is None else "DPoP", "expires_in": life,
+                "scope": scope}
         if self.ISSUED_TOKEN_TYPE:
             body["issued_token_type"] = self.request.requested_token_type
         if self.target_patient is not None:
@@ -183,14 +188,32 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
     def check_presented(self):
         p = self.presented = self.validate_presented()
         self.audit.update(issuer=p.issuer.url, subject=audit.clip(p.sub), source_patient=audit.clip(p.patient))
-        return f"issuer {p.issuer.url}, sub {p.sub}" + (f", patient {p.patient} at {p.source}" if p.patient else "")
+        # RFC 9449 §6: a token bound to a DPoP key (cnf.jkt) only with a proof by that key.
+        bound = dpop.check_bound(self.bound_tokens(), self.request.dpop_jkt, self.BINDING_ERROR,
+                                 proof_checked=not self.dry_run)
+        return (f"issuer {p.issuer.url}, sub {p.sub}" + (f", patient {p.patient} at {p.source}" if p.patient else "")
+                + (f", bound to DPoP key {bound}" if bound else ""))
 
     def validate_presented(self):
         raise NotImplementedError
 
+    def bound_tokens(self):
+        """(what, claims) of each presented token, for their DPoP binding (cnf)."""
+        p = self.presented
+        tokens = [("subject_token", p.claims)]
+        if p.id_claims is not None and p.id_claims is not p.claims:
+            tokens.append(("actor_token", p.id_claims))
+        return tokens
+
     def check_trust(self):  # rule 5
         self.trust = policy.find_trust(self.cfg, self.client_id, self.presented.issuer.url, self.target)
-        return f"{self.trust.client_id} may use {self.trust.issuer} tokens for {self.target.base_url}"
+        held = f"{self.trust.client_id} may use {self.trust.issuer} tokens for {self.target.base_url}"
+        if self.trust.require_dpop and self.request.dpop_jkt is None:  # `trust add|update --require-dpop`
+            if self.dry_run:
+                return held + "; a DPoP proof is required (explain checks none)"
+            raise InvalidRequest("A DPoP proof is required under this trust (RFC 9449): send a DPoP header.",
+                                 detail="no DPoP proof; the trust requires DPoP")
+        return held
 
     def check_allowed(self):
         raise NotImplementedError

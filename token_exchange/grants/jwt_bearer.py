@@ -41,6 +41,7 @@ class JWTAuthorizationGrant(ExchangeGrant):
     GRANT_NAME = "jwt-bearer"
     PARAMETERS = ("assertion", "scope")
     ISSUED_TOKEN_TYPE = None  # RFC 7523 answers as RFC 6749 §5.1: no issued_token_type
+    BINDING_ERROR = InvalidGrant  # an assertion bound to another DPoP key (or with no proof) is invalid_grant
     STEPS = tuple(("assertion (invalid_grant)", m) if m == "check_presented" else (n, m)
                   for n, m in ExchangeGrant.STEPS)
 
@@ -121,6 +122,9 @@ class JWTAuthorizationGrant(ExchangeGrant):
             raise InvalidGrant("The assertion's iat is in the future.")
         if claims.get("client_id") != client_id:
             raise InvalidGrant("The assertion was issued for another client (its client_id is not this client's).")
+
+    def bound_tokens(self):
+        return [("assertion", self.presented.claims)]
 
     def check_allowed(self):
         if not self.trust.allow_jwt_grant:

@@ -19,6 +19,7 @@ the CLI both use it).
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from ..clock import utcnow
 from ..config import Config
@@ -43,7 +44,7 @@ class Store:
         self._hot = HotPath(engine, group_commit=group_commit)
         self.snapshot = ConfigSnapshot(engine, settings, accelerator)
         self.links = PatientLinks(engine, self._hot)
-        self.replay = Replay(engine, accelerator)
+        self.replay = Replay(engine, accelerator, self._hot)
         self.revocations = Revocations(engine)
         self.audit_log = AuditLog(engine, self._hot)
         self.consents = ConsentQueries(engine, self._hot)
@@ -85,9 +86,19 @@ class Store:
         """(target_patient, origin, matched_at) or None: one indexed lookup."""
         return self.links.find(source, patient, target_id)
 
-    def record_audit(self, event: dict) -> None:
-        """Committed before the caller answers: a token issued always has its record."""
-        self.audit_log.record(event)
+    def record_audit(self, event: dict, proof=None) -> bool:
+        """Committed before the caller answers: a token issued always has its record.
+        ``proof``: a DPoP proof's (key, jti, exp), spent in the same transaction; False
+        (and nothing written) when it was spent meanwhile."""
+        if proof is None:
+            self.audit_log.record(event)
+            return True
+        try:
+            self.audit_log.record(event, self.replay.spend_statements(*proof))
+        except IntegrityError:
+            return False
+        self.replay.remember(*proof)
+        return True
 
     def revoke(self, jti: str, exp: int) -> None:
         self.revocations.revoke(jti, exp)

@@ -92,7 +92,7 @@ class ConfigSnapshot:
         clients, client_by_id = {}, {}
         for r in conn.execute(select(Client)).all():
             c = ClientCfg(r.client_id, r.auth_method, r.secret_salt, r.secret_hash, r.jwks, r.jwks_uri, r.name,
-                          tuple(r.redirect_uris or ()), bool(r.disabled))
+                          tuple(r.redirect_uris or ()), bool(r.disabled), bool(r.require_dpop))
             clients[r.client_id] = c
             client_by_id[r.id] = c
         trusts, by_client = {}, {}
@@ -100,7 +100,7 @@ class ConfigSnapshot:
             t = TrustCfg(client_by_id[r.client_id].client_id, issuer_by_id[r.issuer_id].url, r.target_id,
                          scopes.parse(r.scopes, strict=False), r.upstream_client_id, r.max_ttl,
                          bool(r.allow_id_token), bool(r.allow_jwt_grant), r.consent, r.consent_max_days,
-                         r.consent_signer)
+                         r.consent_signer, bool(r.require_dpop))
             trusts[(t.client_id, t.issuer, t.target_id)] = t
             by_client.setdefault(t.client_id, []).append(t)
         key_rows = conn.execute(select(SigningKey.kid, SigningKey.alg, SigningKey.state, SigningKey.public_jwk,
