@@ -6,7 +6,7 @@ proof. Each audit record gains ``dpop_jkt``: the RFC 7638 thumbprint of the
 proof's key, or null.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-03 09:00:00
 
 """
