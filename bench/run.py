@@ -3,7 +3,8 @@
 
 What it does (see bench/README.md):
 
-1. A fresh SQLite database in a temp dir, set up only through the
+1. A fresh SQLite database in a temp dir (`--backend postgres`: a PostgreSQL
+   database of its own, and Redis), set up only through the
    `token-exchange` CLI: a fake EHR issuer (an RSA key whose JWKS this process
    serves on loopback), a target, client `vendor`, a trust, and 1,000 patient
    links (`link import` of a generated CSV).
@@ -15,10 +16,9 @@ What it does (see bench/README.md):
    a short warm-up: exchanges/s, p50/p99 latency, non-2xx count, peak RSS per
    worker. The headline is service / floor; both are also set against the
    crypto-only ceiling = cores / (2 RS256 verify + 1 RS256 sign), measured here.
-   With `--backend postgres`: the production shape instead, PostgreSQL + Redis (a
-   database of its own, created and dropped here; see bench/backends.py), and per
-   exchange the round trips, statements and write transactions of each back end and
-   the CPU of PostgreSQL and Redis beside the service's.
+   With `--backend postgres`, per exchange also the round trips, statements and
+   write transactions of each back end and the CPU of PostgreSQL and Redis beside
+   the service's (bench/backends.py).
 4. Variants, in the same rounds as step 3 and against the same floor: the service
    signing with an ES256 key, exchanges under a user's existing consent, and
    exchanges that each match a new patient at a target (`--variants`).
