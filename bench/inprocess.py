@@ -7,7 +7,8 @@ token pairs, then a cProfile of the service's token endpoint.
 
 A diagnostic for bench/run.py's ratio: it shows the service's per-exchange cost
 above the floor's, and which functions account for it. The service is set up the
-same way as in run.py (the CLI, a fresh SQLite database, 1,000 links).
+same way as in run.py (the CLI, a fresh database, 1,000 links; `--backend postgres` for
+PostgreSQL + Redis).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from bench.backends import PG_ADMIN, REDIS_URL, open_backend  # noqa: E402
 from bench.common import FLOOR_DIR  # noqa: E402
 from bench.load import busy_seconds, wait_quiet  # noqa: E402
 from bench.workload import fake_ehr, make_bodies  # noqa: E402
@@ -41,10 +43,14 @@ def main():
     p.add_argument("--links", type=int, default=1000)
     p.add_argument("--profile-lines", type=int, default=35)
     p.add_argument("--dump", help="also save the raw cProfile stats here (e.g. bench/out/service.prof)")
+    p.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--pg-admin", default=PG_ADMIN)
+    p.add_argument("--redis", default=REDIS_URL)
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="te-inproc-"))
     ehr = fake_ehr()
-    world = World(tmp, ehr)
+    backend = open_backend(a, tmp)
+    world = World(tmp, ehr, backend=backend)
     try:
         world.setup_world(a.links)
         files = make_bodies(ehr, [(tag, n, a.links, "std") for tag, n in
@@ -59,12 +65,15 @@ def main():
         sys.path.insert(0, str(FLOOR_DIR))
         floor = importlib.import_module("floor_app").app.test_client()
 
+        cpu = {}
+
         def drive(client, items):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for b in items:
                 r = client.post("/token", data=b, headers=headers)
                 if r.status_code != 200:
                     raise SystemExit(f"HTTP {r.status_code}: {r.get_data(as_text=True)[:500]}")
+            cpu[client] = cpu.get(client, 0.0) + (time.process_time() - c) / len(items)
             return (time.perf_counter() - t) / len(items)
 
         wait_quiet(120)
@@ -75,6 +84,7 @@ def main():
         drive(floor, bodies["warm"][half:])
         # Alternate in slices so drift on a shared machine hits both alike.
         s_t = f_t = 0.0
+        cpu.clear()
         slices = 10
         step = a.n // slices
         for i in range(slices):
@@ -85,6 +95,8 @@ def main():
         print(f"  floor   {f_t * 1e6:8.0f} µs/exchange  ({1 / f_t:6.0f}/s on one core)")
         print(f"  service {s_t * 1e6:8.0f} µs/exchange  ({1 / s_t:6.0f}/s on one core)")
         print(f"  service - floor = {(s_t - f_t) * 1e6:.0f} µs; service / floor time = {s_t / f_t:.2f}")
+        print(f"  CPU of this process per exchange: floor {cpu[floor] / slices * 1e6:.0f} µs, service "
+              f"{cpu[svc] / slices * 1e6:.0f} µs (the rest of the service's time: waiting on {backend.name})")
         wall = time.perf_counter() - t0
         print(f"  (other processes used {max(0.0, busy_seconds() - b0 - (time.process_time() - o0)) / wall:.2f} "
               "cores meanwhile)")
@@ -148,6 +160,7 @@ def main():
             print(f"\n--- service profile by {key} ({a.n} exchanges) ---")
             print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:20000])
     finally:
+        backend.drop()
         ehr.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from bench.backends import cost as backend_cost
 from bench.common import FLOOR_DIR, ROOT, log
 from bench.load import (OTHER_MAX, Gunicorn, busy_seconds, children_cpu_seconds, post_token, proc_cpu_seconds,
                         run_wrk, wait_quiet)
@@ -60,9 +61,11 @@ class Runs:
             warmup = run_wrk(srv.base + "/token", warm, a.warmup, a.threads, a.connections, auth,
                              dump + "-warmup")
             gpids = [srv.proc.pid, *srv.workers()]
+            back0 = self.world.backend.sample(gpids) if service else None  # outside the CPU window
             cpu0 = (busy_seconds(), proc_cpu_seconds(gpids), children_cpu_seconds(), time.process_time())
             res = run_wrk(srv.base + "/token", bodies, a.duration, a.threads, a.connections, auth, dump)
             cpu1 = (busy_seconds(), proc_cpu_seconds(gpids), children_cpu_seconds(), time.process_time())
+            back1 = self.world.backend.sample(gpids) if back0 is not None else None
             rss = srv.peak_rss_kib()
         finally:
             srv.stop()
@@ -88,6 +91,15 @@ class Runs:
             "warmup": {k: warmup[k] for k in ("responses", "non2xx", "wrapped")},
             "wrk_stdout": res["wrk_stdout"],
         }
+        if back1 is not None:
+            run["backend"] = backend_cost(back0, back1, ok)
+            b = run["backend"]
+            log(f"  per exchange: PostgreSQL {b['pg_round_trips']:.2f} round trips, "
+                f"{b['pg_statements'] if b['pg_statements'] is None else round(b['pg_statements'], 2)} statements, "
+                f"{b['pg_write_transactions']:.2f} write transactions, {b['pg_wal_bytes']:.0f} WAL bytes, "
+                f"CPU {b['pg_backend_cpu_ms']:.3f} ms (all postgres {b['pg_all_cpu_ms']:.3f}); Redis "
+                f"{b['redis_round_trips']:.2f} round trips, {b['redis_commands']:.2f} commands, "
+                f"CPU {b['redis_cpu_ms']:.3f} ms")
         if service:
             self.service_2xx_seen += ok + warmup["responses"] - warmup["non2xx"]
             self.service_non2xx_seen += res["non2xx"] + warmup["non2xx"]

@@ -113,16 +113,18 @@ def summarize_variant(runs, kind):
 
 # -- RESULTS.md --------------------------------------------------------------------
 def report(info, args, command, crypto, runs, discarded, summaries, imports, checks, problems, sizes, started,
-           wall, variants=None) -> str:
+           wall, variants=None, backend=None) -> str:
+    from bench.backends import report_section
     variants = variants or {}
     return "\n".join([
         *_preamble(info, command, started, wall),
         *_headline(args, crypto, summaries, variants),
         *_runs(args, runs, discarded),
+        *report_section(runs, backend),
         *_by_link_count(args, crypto, summaries),
         *_variants(args, variants),
         *_ceiling(crypto),
-        *_setup(args, imports, sizes, variants),
+        *_setup(args, imports, sizes, variants, backend),
         *_checks(checks, problems),
     ])
 
@@ -300,13 +302,14 @@ def _ceiling(crypto) -> list[str]:
     return L
 
 
-def _setup(args, imports, sizes, variants) -> list[str]:
+def _setup(args, imports, sizes, variants, backend=None) -> list[str]:
     """How the world and the bodies were made."""
     L: list[str] = []
     w = L.append
     w("## Setup\n")
-    w("- A fresh SQLite database in a temp dir (`TOKEN_EXCHANGE_DATABASE_URL=sqlite:///TMP/te.db`, "
-      "`TOKEN_EXCHANGE_ISSUER=http://127.0.0.1:PORT`), configured only with the CLI: `db upgrade`, "
+    where = backend.describe() if backend is not None else "a fresh SQLite database in a temp dir"
+    w(f"- {where[0].upper() + where[1:]}, with `TOKEN_EXCHANGE_ISSUER=http://127.0.0.1:PORT`; "
+      "configured only with the CLI: `db upgrade`, "
       "`issuer add EHR --jwks-uri EHR/jwks --source https://fhir.a.example/fhir --algs RS256`, "
       "`target add https://fhir.b.example/fhir --name hospital-b`, `client add vendor --secret-env ...` "
       f"({len(CLIENT_SECRET)}-character secret, HTTP Basic), "
@@ -336,7 +339,8 @@ def _setup(args, imports, sizes, variants) -> list[str]:
           "a fresh jti, `htm` POST, `htu` the token endpoint, `iat` the time it was made) signed by the benchmark "
           "right before the run (a proof is good for 60 s), on the same database as the RS256 service.")
     if "es256" in variants:
-        w("- Variant es256: a copy of the set-up database (SQLite backup), then `keys stage --alg ES256` and "
+        w("- Variant es256: a copy of the set-up database (SQLite backup, or PostgreSQL's CREATE DATABASE ... "
+          "TEMPLATE), then `keys stage --alg ES256` and "
           "`keys rotate` on it; the service run with `TOKEN_EXCHANGE_DATABASE_URL` pointing at the copy.")
     for imp in imports:
         w(f"- `link import` of {imp['rows']:,} rows: {imp['seconds']:.1f} s, peak RSS of the CLI process "

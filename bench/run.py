@@ -3,7 +3,8 @@
 
 What it does (see bench/README.md):
 
-1. A fresh SQLite database in a temp dir, set up only through the
+1. A fresh SQLite database in a temp dir (`--backend postgres`: a PostgreSQL
+   database of its own, and Redis), set up only through the
    `token-exchange` CLI: a fake EHR issuer (an RSA key whose JWKS this process
    serves on loopback), a target, client `vendor`, a trust, and 1,000 patient
    links (`link import` of a generated CSV).
@@ -15,13 +16,17 @@ What it does (see bench/README.md):
    a short warm-up: exchanges/s, p50/p99 latency, non-2xx count, peak RSS per
    worker. The headline is service / floor; both are also set against the
    crypto-only ceiling = cores / (2 RS256 verify + 1 RS256 sign), measured here.
+   With `--backend postgres`, per exchange also the round trips, statements and
+   write transactions of each back end and the CPU of PostgreSQL and Redis beside
+   the service's (bench/backends.py).
 4. Variants, in the same rounds as step 3 and against the same floor: the service
    signing with an ES256 key, exchanges under a user's existing consent,
    exchanges that each match a new patient at a target, user/ scopes at an as-is
    target, at a mapped target whose users are all mapped already, and for users
    each matched for the first time (`--variants`).
 5. The service again at 1,000,000 links (100,000 with --quick).
-6. bench/RESULTS.md (--quick: bench/out/RESULTS-quick.md) and raw JSON in bench/out/.
+6. bench/RESULTS.md (--backend postgres: bench/RESULTS-postgres.md; --quick: in bench/out/) and raw
+   JSON in bench/out/.
 
 The parts are modules of the bench package (bench/__init__.py lists them); this file is the
 entry point: the command line and the order of the steps.
@@ -48,6 +53,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
+from bench.backends import PG_ADMIN, REDIS_URL, open_backend  # noqa: E402
 from bench.common import BENCH, BIN, FLOOR_DIR, OUT, VARIANTS, log  # noqa: E402
 from bench.load import busy_seconds, wait_quiet  # noqa: E402
 from bench.measure import Runs  # noqa: E402
@@ -73,6 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--out", help="report path (default bench/RESULTS.md; --quick bench/out/RESULTS-quick.md)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (database, logs, bodies)")
+    p.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
+                   help="sqlite (default: a file in the temp dir) or postgres: the production shape, PostgreSQL "
+                        "+ Redis, in a database of its own created (and dropped at the end) through --pg-admin")
+    p.add_argument("--pg-admin", default=PG_ADMIN, help=f"--backend postgres: a PostgreSQL URL that may create "
+                   f"and drop databases (default {PG_ADMIN})")
+    p.add_argument("--redis", default=REDIS_URL, help=f"--backend postgres: the Redis URL (default {REDIS_URL})")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated service variants run in every round at --links: {', '.join(VARIANTS)} "
                         "(default all), or 'none'")
@@ -104,7 +116,9 @@ def preflight():
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out) if args.out else (OUT / "RESULTS-quick.md" if args.quick else BENCH / "RESULTS.md")
+    suffix = "" if args.backend == "sqlite" else "-" + args.backend
+    out = Path(args.out) if args.out else (OUT / f"RESULTS{suffix}-quick.md" if args.quick
+                                           else BENCH / f"RESULTS{suffix}.md")
     preflight()
 
     command = "python bench/run.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
@@ -115,10 +129,11 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="te-bench-"))
     ehr = fake_ehr()
     fhir = FakeFHIR() if {"match", "user-match"} & set(args.variants) else None
-    world = World(tmp, ehr, fhir)
+    backend = open_backend(args, tmp)
+    world = World(tmp, ehr, fhir, backend)
     bench = Runs(args, world)
     try:
-        log(f"setting up the service in {tmp} (fake EHR at {ehr.issuer})")
+        log(f"setting up the service in {tmp} on {args.backend} (fake EHR at {ehr.issuer})")
         imports = [world.setup_world(args.links)]
         if args.variants:
             log(f"setting up the variants: {', '.join(args.variants)}")
@@ -151,11 +166,11 @@ def main(argv=None):
         variants = {v: summarize_variant(bench.runs, f"service-{v}") for v in args.variants}
         wall = time.time() - t0
         text = report(info, args, command, crypto, bench.runs, bench.discarded, summaries, imports, checks,
-                      bench.problems, sizes, started_at, wall, variants)
+                      bench.problems, sizes, started_at, wall, variants, backend)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         OUT.mkdir(parents=True, exist_ok=True)
-        raw = OUT / ("results-quick.json" if args.quick else "results.json")
+        raw = OUT / (f"results{suffix}-quick.json" if args.quick else f"results{suffix}.json")
         raw.write_text(json.dumps({"command": command, "machine": info, "crypto": crypto, "sizes": sizes,
                                    "imports": imports, "runs": bench.runs, "discarded_runs": bench.discarded,
                                    "summaries": summaries, "variants": variants,
@@ -164,6 +179,7 @@ def main(argv=None):
         print_summary(args, crypto, summaries, variants, bench.problems)
         return 1 if bench.problems else 0
     finally:
+        backend.drop()
         ehr.stop()
         if fhir:
             fhir.stop()

@@ -1,6 +1,7 @@
-"""The service's world: a fresh SQLite database set up only through the `token-exchange` CLI
-(issuer, targets, client, trusts, links, and the variants' extras), the environments the
-service and the floor app run with, and the fake FHIR target the match variant searches."""
+"""The service's world: a fresh database (SQLite, or PostgreSQL + Redis: bench/backends.py) set
+up only through the `token-exchange` CLI (issuer, targets, client, trusts, links, and the
+variants' extras), the environments the service and the floor app run with, and the fake FHIR
+target the match variant searches."""
 from __future__ import annotations
 
 import base64
@@ -8,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -81,21 +81,23 @@ class FakeFHIR:
 
 
 class World:
-    """The service's database in `tmp` and the environments of the service (and its es256
-    copy) and the floor app, each with its own loopback port."""
+    """The service's database (on `backend`, SQLite in `tmp` by default) and the environments
+    of the service (and its es256 copy) and the floor app, each with its own loopback port."""
 
-    def __init__(self, tmp: Path, ehr: FakeEHR, fhir: FakeFHIR | None = None):
+    def __init__(self, tmp: Path, ehr: FakeEHR, fhir: FakeFHIR | None = None, backend=None):
+        from bench.backends import SQLite
         self.tmp, self.ehr, self.fhir = tmp, ehr, fhir
+        self.backend = backend or SQLite(tmp)
         self.auth = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
         self.svc_port, self.floor_port = free_port(), free_port()
-        self.db = tmp / "te.db"
+        self.db_url = self.backend.url()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_EXCHANGE_", "FLOOR_"))}
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-        self.svc_env = dict(env, TOKEN_EXCHANGE_DATABASE_URL=f"sqlite:///{self.db}",
+        self.svc_env = dict(env, TOKEN_EXCHANGE_DATABASE_URL=self.db_url,
                             TOKEN_EXCHANGE_ISSUER=f"http://127.0.0.1:{self.svc_port}",
-                            BENCH_VENDOR_SECRET=CLIENT_SECRET)
-        self.es_db = tmp / "te-es256.db"  # variant es256: a copy of the set-up database whose active key is ES256
-        self.es_env = dict(self.svc_env, TOKEN_EXCHANGE_DATABASE_URL=f"sqlite:///{self.es_db}")
+                            BENCH_VENDOR_SECRET=CLIENT_SECRET, **self.backend.env())
+        self.es_url = None  # variant es256: a copy of the set-up database whose active key is ES256
+        self.es_env = dict(self.svc_env)
         pem = tmp / "ehr-public.pem"
         pem.write_bytes(ehr.key.public_key().public_bytes(serialization.Encoding.PEM,
                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
@@ -170,13 +172,9 @@ class World:
                      "--user-match-identifier", USER_SYSTEM)
             self.cli(*user_trust, "--target", self.fhir.user_base)
         if "es256" in variants:
-            # The same world in a second database file, whose active signing key is ES256.
-            src, dst = sqlite3.connect(self.db), sqlite3.connect(self.es_db)
-            try:
-                src.backup(dst)
-            finally:
-                src.close()
-                dst.close()
+            # The same world in a second database, whose active signing key is ES256.
+            self.es_url = self.backend.copy("es256")
+            self.es_env["TOKEN_EXCHANGE_DATABASE_URL"] = self.es_url
             self.cli("keys", "stage", "--alg", "ES256", env=self.es_env)
             self.cli("keys", "rotate", env=self.es_env)
         return imports
@@ -186,10 +184,11 @@ class World:
         hospital-c with patient/*.rs for a year, as the approval page records it."""
         from datetime import timedelta
 
-        from sqlalchemy import create_engine, insert, select
+        from sqlalchemy import insert, select
 
+        from token_exchange.db import make_engine
         from token_exchange.models import Consent, Target
-        engine = create_engine(f"sqlite:///{self.db}")
+        engine = make_engine(self.db_url)
         now = datetime.now(timezone.utc)
         with engine.begin() as conn:
             target_id = conn.execute(select(Target.id).where(Target.base_url == TARGET_CONSENT)).scalar_one()
@@ -215,21 +214,25 @@ class World:
 
     def audit_counts(self) -> dict:
         """Audit outcomes over both databases; links and matches per target in the main one."""
+        from sqlalchemy import text
+
+        from token_exchange.db import make_engine
         audit: dict = {}
-        for db in (self.db, self.es_db):
-            if not db.exists():
+        for url in (self.db_url, self.es_url):
+            if url is None:
                 continue
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            engine = make_engine(url)
             try:
-                for outcome, n in con.execute("SELECT outcome, count(*) FROM audit_event GROUP BY outcome"):
-                    audit[outcome] = audit.get(outcome, 0) + n
-                if db == self.db:
-                    links = dict(con.execute(
-                        "SELECT t.base_url || ' ' || l.origin, count(*) FROM patient_link l "
-                        "JOIN target t ON t.id = l.target_id GROUP BY t.base_url, l.origin").fetchall())
-                    links.update(con.execute(
-                        "SELECT 'users ' || t.base_url || ' ' || l.origin, count(*) FROM user_link l "
-                        "JOIN target t ON t.id = l.target_id GROUP BY t.base_url, l.origin").fetchall())
+                with engine.connect() as con:
+                    for outcome, n in con.execute(text("SELECT outcome, count(*) FROM audit_event GROUP BY outcome")):
+                        audit[outcome] = audit.get(outcome, 0) + n
+                    if url == self.db_url:
+                        links = dict(con.execute(text(
+                            "SELECT t.base_url || ' ' || l.origin, count(*) FROM patient_link l "
+                            "JOIN target t ON t.id = l.target_id GROUP BY t.base_url, l.origin")).fetchall())
+                        links.update(con.execute(text(
+                            "SELECT 'users ' || t.base_url || ' ' || l.origin, count(*) FROM user_link l "
+                            "JOIN target t ON t.id = l.target_id GROUP BY t.base_url, l.origin")).fetchall())
             finally:
-                con.close()
+                engine.dispose()
         return {"audit": audit, "links": links}

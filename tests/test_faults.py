@@ -163,14 +163,12 @@ def test_a_filesystem_that_refuses_flock_leaves_the_ordering_to_sqlite(writer_lo
 
 
 def test_group_commit_answers_each_audit_record_alone_when_a_shared_commit_fails(db_url, world, monkeypatch):
-    """Threaded workers on SQLite commit concurrent audit records together; a record that
-    cannot be written fails only its own request, and every other one is committed."""
+    """Threaded workers commit concurrent audit records together (SQLite and PostgreSQL); a
+    record that cannot be written fails only its own request, and every other one is committed."""
     import threading
 
     from conftest import base_env
     from token_exchange import create_app
-    if not db_url.startswith("sqlite"):
-        pytest.skip("group commit is the SQLite writer's; PostgreSQL commits per thread")
     app = create_app(env=base_env(db_url), group_commit=True)
     store = app.extensions["token_exchange"].store
     assert store._hot.group is not None

@@ -124,3 +124,72 @@ def test_assertion_jti_spent_at_one_instance_is_refused_at_the_other(pair, world
     assert a.exchange(ehr, data=form, auth=None).status_code == 200
     r = b.exchange(ehr, data=form, auth=None)
     assert r.status_code == 401 and r.json()["error"] == "invalid_client"
+
+
+def test_jwt_grant_jti_spent_at_one_instance_is_refused_at_the_other(pair, world, ehr):
+    from test_jwt_grant import JWT_BEARER, make_grant
+    a, b = pair
+    world("trust", "update", "--client", "vendor", "--issuer", ehr.issuer, "--target", TARGET, "--allow-jwt-grant")
+
+    def present(instance, assertion):
+        return requests.post(instance.base + "/token", data={"grant_type": JWT_BEARER, "assertion": assertion,
+                                                             "resource": TARGET, "scope": "patient/Observation.rs"},
+                             auth=("vendor", VENDOR_SECRET), timeout=10)
+    # the trust's change reaches both running instances within seconds
+    assert until(5, lambda: all(present(i, make_grant(ehr)).status_code == 200 for i in (a, b) for _ in range(4)))
+    grant = make_grant(ehr)
+    assert present(a, grant).status_code == 200
+    r = present(b, grant)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+
+
+def test_a_removed_link_is_refused_by_every_instance_within_seconds(pair, world, ehr):
+    """Table links are kept in memory per configuration generation: removing one (an admin
+    change, a generation bump) reaches every worker of every instance like any other change."""
+    from fakes import SOURCE
+    a, b = pair
+    patient_scope = {"scope": "patient/Observation.rs"}
+    assert all(i.exchange(ehr, data=patient_scope).json()["patient"] == "b-456"
+               for i in (a, b) for _ in range(4))  # read, and kept
+    world("link", "remove", "--source", SOURCE, "--patient", "a-123", "--target", TARGET)
+
+    def refused_everywhere():  # no patient at the target: no patient scope (rule 7)
+        answers = [i.exchange(ehr, data=patient_scope) for i in (a, b) for _ in range(4)]
+        return all(r.status_code == 400 and r.json()["error"] == "invalid_scope" for r in answers)
+    assert until(5, refused_everywhere)
+
+
+def test_a_withdrawn_consent_is_refused_by_every_instance_at_once(pair, world, ehr, env):
+    """Consents are read from the database on every exchange (never kept in memory): the
+    first exchange after a withdrawal, at any instance, is refused."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import insert, select
+
+    from fakes import SOURCE
+    from token_exchange.db import make_engine
+    from token_exchange.models import Consent, Target
+    a, b = pair
+    world("trust", "update", "--client", "vendor", "--issuer", ehr.issuer, "--target", TARGET,
+          "--consent", "required")
+
+    asked = {"scope": "patient/Observation.rs"}
+
+    def refused(error):
+        answers = [i.exchange(ehr, data=asked) for i in (a, b) for _ in range(4)]
+        return all(r.status_code == 400 and r.json()["error"] == error for r in answers)
+    assert until(5, lambda: refused("consent_required"))
+    # user-1's consent for patient a-123, as the approval page records it
+    engine = make_engine(env["TOKEN_EXCHANGE_DATABASE_URL"])
+    now = datetime.now(timezone.utc)
+    consent_id = uuid.uuid4().hex
+    with engine.begin() as conn:
+        target_id = conn.execute(select(Target.id).where(Target.base_url == TARGET)).scalar_one()
+        conn.execute(insert(Consent).values(
+            id=consent_id, issuer=ehr.issuer, sub="user-1", signer=None, source=SOURCE, patient="a-123",
+            client_id="vendor", target_id=target_id, scopes="patient/*.rs", granted=now,
+            expires=now + timedelta(days=30), decision="granted"))
+    engine.dispose()
+    assert all(i.exchange(ehr, data=asked).status_code == 200 for i in (a, b) for _ in range(4))
+    world("consent", "withdraw", consent_id)
+    assert refused("consent_required")

@@ -240,3 +240,47 @@ def test_a_body_not_sent_in_time_is_answered_408_as_a_json_error(env, world, tmp
         server.stop()
     assert status.startswith("HTTP/1.1 408 ") and headers["content-type"] == "application/json", (status, headers)
     assert json.loads(body) == {"error": "invalid_request", "error_description": "The request was not sent in time."}
+
+
+def test_the_whole_service_killed_under_load_loses_no_audit_record_of_a_token_it_answered(env, world, ehr,
+                                                                                          tmp_path):
+    """SIGKILL to the master and every worker at once, mid-load (threaded workers commit
+    audit records together): every token the service answered has its committed record."""
+    import base64
+    import os
+    import signal
+    import threading
+
+    from conftest import audit_rows
+    server = Instance(env, tmp_path)
+    jtis, killed, errors = [], threading.Event(), []
+    lock = threading.Lock()
+
+    def client(n):
+        for _ in range(n):
+            if killed.is_set():
+                return
+            try:
+                r = server.exchange(ehr)
+            except requests.RequestException:
+                continue  # the service is gone
+            if r.status_code == 200:
+                payload = r.json()["access_token"].split(".")[1]
+                claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+                with lock:
+                    jtis.append(claims["jti"])
+                    if len(jtis) == 40 and not killed.is_set():  # well into the load: kill them all
+                        os.killpg(server.proc.pid, signal.SIGKILL)
+                        killed.set()
+            elif r.status_code != 503:
+                errors.append(r.status_code)
+    threads = [threading.Thread(target=client, args=(30,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.proc.wait(20)
+    server.log.close()
+    assert killed.is_set() and len(jtis) >= 40 and errors == []
+    recorded = {row["jti"] for row in audit_rows(world, "--outcome", "granted")}
+    assert set(jtis) <= recorded, f"{len(set(jtis) - recorded)} answered tokens have no audit record"

@@ -713,3 +713,23 @@ def test_post_token_has_one_entry_the_pipeline_in_front_of_flask(app, ehr):
     h = seen["headers"]
     assert h["Cache-Control"] == "no-store" and h["Content-Type"] == "application/json"
     assert h["X-Request-Id"] == "same-id"
+
+
+def test_a_table_link_is_read_once_per_configuration_generation(app, world, exchange):
+    """The warm path asks the database nothing a warm cache knows: a table link read under
+    one configuration generation is answered from memory until an admin change moves it."""
+    hot = app.extensions["token_exchange"].store._hot
+    reads, run = [], hot.run
+
+    def counted(statement, params, **kw):
+        reads.append(statement is hot.find_link)
+        return run(statement, params, **kw)
+    hot.run = counted
+    try:
+        assert [exchange().get_json()["patient"] for _ in range(3)] == ["b-456"] * 3
+        assert sum(reads) == 1
+        world("link", "add", "--source", SOURCE, "--patient", "a-999", "--target", TARGET, "--target-patient", "b-9")
+        assert exchange().get_json()["patient"] == "b-456"
+        assert sum(reads) == 2
+    finally:
+        hot.run = run

@@ -43,7 +43,7 @@ class PatientMapper:
     def map(self, p, target, cfg, dry_run: bool = False, shared: dict | None = None) -> Mapped:
         """The presented patient (``p``: subject.Presented) at ``target`` under the
         trust snapshot ``cfg``: a stored link, else a match (not stored in a dry run)."""
-        row = self.store.find_link(p.source, p.patient, target.id)
+        row = self.store.find_link(p.source, p.patient, target.id, cfg.generation)
         if row is not None:
             target_patient, origin, matched_at = row
             if origin == "table":

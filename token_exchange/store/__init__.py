@@ -82,9 +82,10 @@ class Store:
         self.snapshot.invalidate()
 
     # -- per-request facts -------------------------------------------------
-    def find_link(self, source: str, patient: str, target_id: int):
-        """(target_patient, origin, matched_at) or None: one indexed lookup."""
-        return self.links.find(source, patient, target_id)
+    def find_link(self, source: str, patient: str, target_id: int, generation: int | None = None):
+        """(target_patient, origin, matched_at) or None: one indexed lookup, or none for a
+        table link or block already read under the snapshot ``generation``."""
+        return self.links.find(source, patient, target_id, generation)
 
     def record_audit(self, event: dict, proof=None) -> bool:
         """Committed before the caller answers: a token issued always has its record.

@@ -2,7 +2,9 @@
 consent lookup, audit insert), compiled once for the engine's dialect and run on
 a kept DBAPI connection, with SQLite's writers ordered by flock(2) and, in
 threaded workers, their audit commits grouped (``group_commit``, handed in by
-whoever builds the store: never a module global)."""
+whoever builds the store: never a module global). On PostgreSQL the kept
+connections run in autocommit: a lookup is one round trip and an audit insert
+one round trip and one commit (no BEGIN, no COMMIT of their own)."""
 from __future__ import annotations
 
 import logging
@@ -76,10 +78,14 @@ class HotPath:
         # process would only add page-cache invalidations and lock traffic.
         self._local = threading.local() if dialect.name != "sqlite" else _ProcessLocal()
         self._mutex = threading.Lock() if dialect.name == "sqlite" else None
-        # Threaded workers on SQLite: the audit writes of requests that arrive together
-        # are committed together (one transaction, one writer-lock turn), each request
-        # still waiting for its own record's commit before it answers.
-        self.group = GroupCommit(self) if dialect.name == "sqlite" and group_commit else None
+        # PostgreSQL: each statement is its own transaction (autocommit), so a lookup costs
+        # one round trip and an audit insert one round trip and one commit; several
+        # statements written together are wrapped in BEGIN ... COMMIT (_run).
+        self._autocommit = dialect.name == "postgresql"
+        # Threaded workers: the audit writes of requests that arrive together are committed
+        # together (one transaction: on SQLite one writer-lock turn, on PostgreSQL one WAL
+        # flush), each request still waiting for its own record's commit before it answers.
+        self.group = GroupCommit(self) if group_commit else None
         path = engine.url.database if dialect.name == "sqlite" else None
         self._writer_lock_path = f"{path}-writer.lock" if fcntl and path and path != ":memory:" else None
 
@@ -93,6 +99,13 @@ class HotPath:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
+            if self._autocommit:
+                try:  # back to the pool as the engine expects its connections: not autocommit
+                    conn.driver_connection.autocommit = False
+                except self.engine.dialect.loaded_dbapi.Error:
+                    self._local.conn = conn
+                    self._drop(conn)
+                    return
             conn.close()
         lock = getattr(self._local, "writer_lock", None)
         self._local.writer_lock = None
@@ -167,13 +180,18 @@ class HotPath:
             conn = getattr(self._local, "conn", None)
             if conn is None:
                 conn = self._local.conn = self.engine.raw_connection()
+                if self._autocommit:
+                    conn.driver_connection.autocommit = True
             try:
                 cur = conn.cursor()
-                for sql, args in work:
-                    cur.execute(sql, args)
-                row = cur.fetchone() if fetch else None
+                if self._autocommit:
+                    row = self._run_autocommit(cur, work, fetch, commit)
+                else:
+                    for sql, args in work:
+                        cur.execute(sql, args)
+                    row = cur.fetchone() if fetch else None
                 cur.close()
-                if commit:
+                if commit and not self._autocommit:
                     conn.commit()
                 return row
             except dbapi_error as e:
@@ -190,6 +208,38 @@ class HotPath:
                 if attempt == 2:
                     raise self._exc.DBAPIError.instance(sql, args, e, dbapi_error) from None
 
+    @staticmethod
+    def _run_autocommit(cur, work, fetch, commit):
+        """PostgreSQL in autocommit: one statement is its own transaction (one round trip,
+        committed when it returns if it wrote); several that must commit together run
+        in BEGIN ... COMMIT, consecutive ones of the same statement as one executemany
+        (psycopg pipelines it: one round trip for all of them, e.g. a group commit)."""
+        if len(work) == 1 or not commit:
+            for sql, args in work:
+                cur.execute(sql, args)
+            return cur.fetchone() if fetch else None
+        cur.execute("BEGIN")
+        try:
+            i = 0
+            while i < len(work):
+                j = i + 1
+                while j < len(work) and work[j][0] == work[i][0]:
+                    j += 1
+                if j - i > 1:
+                    cur.executemany(work[i][0], [args for _, args in work[i:j]])
+                else:
+                    cur.execute(*work[i])
+                i = j
+            row = cur.fetchone() if fetch else None
+            cur.execute("COMMIT")
+        except BaseException:
+            try:
+                cur.connection.rollback()
+            except Exception:  # noqa: BLE001 - the connection is gone; the first error says why
+                pass
+            raise
+        return row
+
     def _drop(self, conn):
         """Forget a broken connection, closing it so it holds no lock."""
         self._local.conn = None
@@ -202,7 +252,8 @@ class HotPath:
 
 class GroupCommit:
     """One writer thread per process that commits the audit records of every request
-    waiting at that moment in one transaction. A request returns only once its own
+    waiting at that moment in one transaction (SQLite: one writer-lock turn; PostgreSQL:
+    one WAL flush, the inserts pipelined in one round trip). A request returns only once its own
     record is committed (or with the error that kept it from being), so the contract's
     "committed before the response" holds; under load a commit and a writer-lock turn
     serve several requests. When a shared transaction fails, each record is tried on

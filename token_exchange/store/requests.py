@@ -30,16 +30,43 @@ class PatientLinks:
     remembered outcomes of matches that found none or several (contract, "Patient
     matching at the target")."""
 
+    # Links only an admin command changes (table links and blocks): each such change bumps
+    # the configuration generation in its own transaction, so they are kept in memory per
+    # generation. Matched links (which any instance's matching writes without a bump) and
+    # absent links are always read from the database.
+    ADMIN_ORIGINS = ("table", "blocked")
+    KEPT = 10_000  # admin links kept per process (the oldest dropped first)
+
     def __init__(self, engine, hot: HotPath):
         self.engine, self._hot = engine, hot
+        self._kept: tuple = (None, {})  # (generation, {(source, patient, target_id): row}), replaced whole
 
-    def find(self, source: str, patient: str, target_id: int):
+    def find(self, source: str, patient: str, target_id: int, generation: int | None = None):
         """(target_patient, origin, matched_at) or None: one indexed lookup (the
-        (source, patient, target) unique index)."""
+        (source, patient, target) unique index). ``generation``: that of the trust
+        snapshot the caller decides under; a table link or block read under it is
+        answered from memory until the generation moves (the same moment the snapshot
+        changes: an admin change reaches links and trusts together)."""
+        key = (source, patient, target_id)
+        kept_gen, kept = self._kept
+        if generation is not None and kept_gen == generation:
+            row = kept.get(key)
+            if row is not None:
+                return row
         row = self._hot.run(self._hot.find_link, {"source": source, "patient": patient, "target_id": target_id},
                             fetch=True)
         if row is not None and row[2] is not None and not isinstance(row[2], datetime):
             row = (row[0], row[1], self._hot.matched_at_result(row[2]))  # SQLite's DBAPI gives the stored text
+        if generation is not None and row is not None and row[1] in self.ADMIN_ORIGINS:
+            if kept_gen != generation:  # read under another generation: start over under this one
+                kept = {}
+                self._kept = (generation, kept)
+            if len(kept) >= self.KEPT:
+                try:
+                    del kept[next(iter(kept))]
+                except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+                    pass
+            kept[key] = tuple(row)
         return row
 
     def remembered_match(self, key: str) -> str | None:
