@@ -224,6 +224,29 @@ def test_a_table_link_serves_at_once_and_user_link_remove_revokes_its_tokens(use
     assert rows(users) == []
 
 
+def test_a_table_user_link_is_read_once_per_generation_and_its_removal_seen_at_once(users, medplum, service, ehr):
+    """The warm path asks the database nothing a warm cache knows (a mapped user costs no
+    read once its table link was read under this configuration generation), and an admin
+    change moves the generation: the next exchange sees the removal."""
+    users("user-link", "add", "--user", DOCTOR, "--target", "medplum", "--target-user", "Practitioner/789")
+    hot = service.app.extensions["token_exchange"].store._hot
+    reads, run = [], hot.run
+
+    def counted(statement, params, **kw):
+        reads.append(statement is hot.find_user_link)
+        return run(statement, params, **kw)
+    hot.run = counted
+    try:
+        for _ in range(3):
+            assert claims(exchange(service, ehr, medplum.base))["fhirUser"] == medplum.base + "/Practitioner/789"
+        assert sum(reads) == 1
+        users("user-link", "remove", "--user", DOCTOR, "--target", "medplum")
+        r = exchange(service, ehr, medplum.base)
+        assert r.status_code == 400 and "not known to the target" in r.json()["error_description"]
+    finally:
+        hot.run = run
+
+
 def test_block_is_an_admins_answer_to_a_wrong_match(users, medplum, service, ehr):
     seed(medplum, practitioner("wrong", (NPI, "5")))
     assert claims(exchange(service, ehr, medplum.base, [f"{NPI}|5"]))["fhirUser"].endswith("/Practitioner/wrong")

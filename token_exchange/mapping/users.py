@@ -108,7 +108,7 @@ class UserMapper:
         if u is None:
             return UserMapped(None, "none", "the tokens name no user (fhirUser) at a source this issuer vouches "
                                             "for")
-        row = self.store.users.find(u.url, target.id)
+        row = self.store.users.find(u.url, target.id, cfg.generation)
         mapped = self._stored(u, row, p, target, target_patient)
         if mapped is not None:
             return mapped

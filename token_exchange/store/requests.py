@@ -25,48 +25,61 @@ def dialect_insert(dialect_name: str, model):
     return own_insert(model)
 
 
+class KeptLinks:
+    """Links only an admin command changes (table links and blocks), patients' or users',
+    kept in memory per configuration generation: each such change bumps the generation
+    in its own transaction, so a link read under the generation of the trust snapshot a
+    request decides under stays true until the snapshot moves (an admin change reaches
+    links and trusts together). Matched links (which any instance's matching writes
+    without a bump) and absent links are always read from the database."""
+
+    ADMIN_ORIGINS = ("table", "blocked")
+    LIMIT = 10_000  # links kept per process (the oldest dropped first)
+
+    def __init__(self):
+        self._kept: tuple = (None, {})  # (generation, {key: row}), replaced whole
+
+    def get(self, key, generation):
+        kept_gen, kept = self._kept
+        return kept.get(key) if generation is not None and kept_gen == generation else None
+
+    def keep(self, key, row, generation) -> None:
+        if generation is None or row is None or row[1] not in self.ADMIN_ORIGINS:
+            return
+        kept_gen, kept = self._kept
+        if kept_gen != generation:  # read under another generation: start over under this one
+            kept = {}
+            self._kept = (generation, kept)
+        if len(kept) >= self.LIMIT:
+            try:
+                del kept[next(iter(kept))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+                pass
+        kept[key] = tuple(row)
+
+
 class PatientLinks:
     """Who is who at the target, as stored: links (table, matched, blocked) and the
     remembered outcomes of matches that found none or several (contract, "Patient
     matching at the target")."""
 
-    # Links only an admin command changes (table links and blocks): each such change bumps
-    # the configuration generation in its own transaction, so they are kept in memory per
-    # generation. Matched links (which any instance's matching writes without a bump) and
-    # absent links are always read from the database.
-    ADMIN_ORIGINS = ("table", "blocked")
-    KEPT = 10_000  # admin links kept per process (the oldest dropped first)
-
     def __init__(self, engine, hot: HotPath):
         self.engine, self._hot = engine, hot
-        self._kept: tuple = (None, {})  # (generation, {(source, patient, target_id): row}), replaced whole
+        self._kept = KeptLinks()
 
     def find(self, source: str, patient: str, target_id: int, generation: int | None = None):
         """(target_patient, origin, matched_at) or None: one indexed lookup (the
-        (source, patient, target) unique index). ``generation``: that of the trust
-        snapshot the caller decides under; a table link or block read under it is
-        answered from memory until the generation moves (the same moment the snapshot
-        changes: an admin change reaches links and trusts together)."""
+        (source, patient, target) unique index), or none for a table link or block read
+        under the snapshot ``generation`` already (``KeptLinks``)."""
         key = (source, patient, target_id)
-        kept_gen, kept = self._kept
-        if generation is not None and kept_gen == generation:
-            row = kept.get(key)
-            if row is not None:
-                return row
+        row = self._kept.get(key, generation)
+        if row is not None:
+            return row
         row = self._hot.run(self._hot.find_link, {"source": source, "patient": patient, "target_id": target_id},
                             fetch=True)
         if row is not None and row[2] is not None and not isinstance(row[2], datetime):
             row = (row[0], row[1], self._hot.matched_at_result(row[2]))  # SQLite's DBAPI gives the stored text
-        if generation is not None and row is not None and row[1] in self.ADMIN_ORIGINS:
-            if kept_gen != generation:  # read under another generation: start over under this one
-                kept = {}
-                self._kept = (generation, kept)
-            if len(kept) >= self.KEPT:
-                try:
-                    del kept[next(iter(kept))]
-                except (KeyError, RuntimeError, StopIteration):  # another thread got there first
-                    pass
-            kept[key] = tuple(row)
+        self._kept.keep(key, row, generation)
         return row
 
     def remembered_match(self, key: str) -> str | None:

@@ -16,7 +16,7 @@ from ..clock import utcnow
 from ..models import AdminEvent, Target, UserLink
 from .admin import bump_conn
 from .hotpath import HotPath
-from .requests import dialect_insert
+from .requests import KeptLinks, dialect_insert
 
 
 class UserLinks:
@@ -24,12 +24,20 @@ class UserLinks:
 
     def __init__(self, engine, hot: HotPath):
         self.engine, self._hot = engine, hot
+        self._kept = KeptLinks()
 
-    def find(self, user: str, target_id: int):
-        """(target_user, origin, matched_at) or None: one indexed lookup (the unique index)."""
+    def find(self, user: str, target_id: int, generation: int | None = None):
+        """(target_user, origin, matched_at) or None: one indexed lookup (the unique index),
+        or none for a table link or block read under the snapshot ``generation`` already
+        (``KeptLinks``, as for patient links)."""
+        key = (user, target_id)
+        row = self._kept.get(key, generation)
+        if row is not None:
+            return row
         row = self._hot.run(self._hot.find_user_link, {"user": user, "target_id": target_id}, fetch=True)
         if row is not None and row[2] is not None and not isinstance(row[2], datetime):
             row = (row[0], row[1], self._hot.matched_at_result(row[2]))  # SQLite's DBAPI gives the stored text
+        self._kept.keep(key, row, generation)
         return row
 
     def store_matched(self, user: str, target_id: int, target_user: str, system: str, replace: bool, actor: str,
