@@ -34,6 +34,16 @@ class Identifier:
     value: str
 
 
+def claimed_identifiers(claims, issuers, claim_of, systems) -> list[Identifier]:
+    """The usable identifiers (``usable_identifiers``) in the claim ``claim_of(issuer)``
+    names, of the first issuer whose claim carries any: a patient's or a user's."""
+    for issuer in issuers:
+        ids = usable_identifiers((claims or {}).get(claim_of(issuer)), systems)
+        if ids:
+            return ids
+    return []
+
+
 def usable_identifiers(raw, systems) -> list[Identifier]:
     """The identifiers matching may search: from a JSON array of FHIR Identifier
     objects or ``system|value`` strings, those of a system in ``systems`` (what the

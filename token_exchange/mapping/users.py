@@ -21,8 +21,8 @@ from datetime import datetime, timedelta, timezone
 from ..errors import TemporarilyUnavailable
 from ..fhir_client import FHIR_ID, FHIRClient, FHIRUnavailable, search_scope
 from ..upstream import Slots
-from .search import (BUSY_RETRY_AFTER, MEMORY_SECONDS, SERVICE_ACTOR, WOULD_SEARCH, Searcher, deadline_of, expired,
-                     memory_key, systems_text, usable_identifiers)
+from .search import (BUSY_RETRY_AFTER, MEMORY_SECONDS, SERVICE_ACTOR, WOULD_SEARCH, Searcher, claimed_identifiers,
+                     deadline_of, expired, memory_key, systems_text, usable_identifiers)
 
 log = logging.getLogger("token_exchange.matching")
 
@@ -204,11 +204,8 @@ class UserMatcher:
         if given is not None:
             ids, whence = usable_identifiers(given, allowed), "the identifiers given"
         else:
-            ids, whence = [], "the token that names the user"
-            for issuer in issuers:
-                ids = usable_identifiers((claims or {}).get(issuer.user_identifier_claim), allowed)
-                if ids:
-                    break
+            whence = "the token that names the user"
+            ids = claimed_identifiers(claims, issuers, lambda issuer: issuer.user_identifier_claim, allowed)
             reader = next((i for i in issuers if i.fhir_client_id), None)
             if not ids and reader is not None:
                 if not search:
