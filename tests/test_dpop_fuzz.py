@@ -7,9 +7,9 @@ import json
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
-import test_fuzz  # noqa: F401 - registers and loads the suite's hypothesis profiles (ci, default)
+from test_fuzz import FUZZ  # the suite's hypothesis profiles (ci, default) and its per-request example count
 from dpop_helpers import TOKEN_ENDPOINT, Prover, b64
 from token_exchange.dpop import normalize_url
 
@@ -32,7 +32,7 @@ def check(exchange, value):
 
 
 @given(value=HEADER_TEXT)
-@settings(deadline=None)
+@FUZZ
 def test_any_dpop_header_text_never_yields_a_5xx_or_a_token(exchange, value):
     r, body = check(exchange, value)
     assert r.status_code == 400 and body["error"] == "invalid_dpop_proof", body
@@ -40,7 +40,7 @@ def test_any_dpop_header_text_never_yields_a_5xx_or_a_token(exchange, value):
 
 @given(header=st.dictionaries(HEADER_KEYS, JSON_VALUES, max_size=5),
        claims=st.dictionaries(CLAIM_KEYS, JSON_VALUES, max_size=7), signature=st.binary(max_size=80))
-@settings(deadline=None)
+@FUZZ
 def test_any_json_in_a_proof_never_yields_a_5xx_or_a_token(exchange, header, claims, signature):
     value = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode()) + "." + b64(signature)
     r, body = check(exchange, value)
@@ -48,7 +48,7 @@ def test_any_json_in_a_proof_never_yields_a_5xx_or_a_token(exchange, header, cla
 
 
 @given(field=st.sampled_from(["typ", "alg", "jwk", "jti", "htm", "htu", "iat"]), value=JSON_VALUES)
-@settings(deadline=None)
+@FUZZ
 def test_a_valid_proof_with_one_field_changed_never_yields_a_5xx(exchange, field, value):
     good = {"typ": "dpop+jwt", "alg": "ES256", "jwk": KEY.jwk, "jti": None, "htm": "POST", "htu": TOKEN_ENDPOINT,
             "iat": int(time.time())}
