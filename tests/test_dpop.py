@@ -249,16 +249,15 @@ def test_jwt_library_agrees_the_minted_cnf_is_the_proof_key_thumbprint(exchange,
     assert jwt.decode(token, options={"verify_signature": False})["cnf"]["jkt"] == prover.jkt
 
 
-def test_a_replay_that_races_past_the_check_loses_at_the_commit_and_nothing_is_issued(app, exchange, world,
-                                                                                      prover, monkeypatch):
-    """The jti is spent in the transaction of the decision's audit record: of two requests
-    with one proof that both pass the lookup, the second's commit fails on the table's key,
-    and it is refused (its token never leaves the service)."""
+def test_a_replayed_proof_is_refused_at_the_commit_of_its_record_and_nothing_is_issued(exchange, world, prover):
+    """The jti is spent by the decision's audit record (unique per proof key), committed
+    before the answer: the replay's token is minted but its record cannot be committed, so
+    it is refused and its token never leaves the service; its refusal is recorded."""
     proof = prover.proof()
-    assert exchange(headers=with_proof(proof)).status_code == 200
-    monkeypatch.setattr(app.extensions["token_exchange"].store.replay, "proof_seen", lambda key, jti: False)
+    first = exchange(headers=with_proof(proof)).get_json()
     body = refused(exchange, proof)
     assert "access_token" not in body
     granted, lost = audit_rows(world)
     assert granted["outcome"] == "granted" and lost["outcome"] == "refused" and lost["jti"] is None
-    assert lost["error"] == "invalid_dpop_proof" and "concurrent" in lost["reason"]
+    assert granted["jti"] == jwt.decode(first["access_token"], options={"verify_signature": False})["jti"]
+    assert lost["error"] == "invalid_dpop_proof" and "earlier request" in lost["reason"]

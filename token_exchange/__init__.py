@@ -55,7 +55,7 @@ def create_app(settings=None, env=None, *, group_commit=False):
     deps = Collaborators(settings=settings, config=store.config, validator=validator, patients=patients,
                          consent=consents, replay=store.replay, users=users)
     nonces = Nonces(store.config)
-    proofs = ProofChecker(settings, store.replay, nonces)  # DPoP (RFC 9449), spending jtis as assertions do
+    proofs = ProofChecker(settings, nonces)  # DPoP (RFC 9449); the audit record spends each proof's jti
     pipeline = TokenPipeline(settings, store, authenticator, deps, metrics, proofs)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.extensions["token_exchange"] = Extension(settings, engine, store, pipeline, authenticator, consents,

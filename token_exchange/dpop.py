@@ -1,10 +1,12 @@
 """Sender-constrained tokens: DPoP (RFC 9449), the one home of its rules.
 
 - ``ProofChecker.check``: a DPoP proof at the token endpoint, every check of
-  RFC 9449 §4.3 in its order; its ``jti`` is looked up in the replay store every
-  worker and instance shares (the store that spends client-assertion and JWT-grant
-  ``jti``s: the database, with Redis as its fast path) and spent there with the
-  decision's audit record (``Store.record_audit``: one commit per request).
+  RFC 9449 §4.3 in its order but the last; the last (12, a ``jti`` used once) is
+  the database's: the decision's audit record carries the proof's ``jti``, unique
+  per proof key across every worker and instance (``AuditEvent.dpop_jti``), and it
+  is committed before the answer, so a replayed proof's request records nothing,
+  issues nothing and is refused (``Store.record_audit``; the pipeline). One insert
+  per request, as without a proof, and no read.
 - ``import_key``: the proof's public key and its RFC 7638 SHA-256 thumbprint,
   the ``cnf.jkt`` of a bound token (RFC 9449 §6.1).
 - ``Nonces``: server nonces (RFC 9449 §8), derived, not stored: an HMAC over a
@@ -193,24 +195,24 @@ REPLAYED = "The DPoP proof was already used; make a new proof for each request."
 
 
 class Proof:
-    """A checked proof: its key's thumbprint (jkt), and its jti to spend, (replay key,
-    jti, until) for Store.record_audit."""
-    __slots__ = ("jkt", "spend")
+    """A checked proof: its key's thumbprint (jkt) and its jti, which the decision's audit
+    record spends (AuditEvent.dpop_jkt, dpop_jti)."""
+    __slots__ = ("jkt", "jti")
 
-    def __init__(self, jkt: str, spend: tuple):
-        self.jkt, self.spend = jkt, spend
+    def __init__(self, jkt: str, jti: str):
+        self.jkt, self.jti = jkt, jti
 
 
 class ProofChecker:
     """RFC 9449 §4.3 at the token endpoint -> the checked Proof."""
 
-    def __init__(self, settings, replay, nonces: Nonces):
-        self.settings, self.replay, self.nonces = settings, replay, nonces
+    def __init__(self, settings, nonces: Nonces):
+        self.settings, self.nonces = settings, nonces
         self.htu = normalize_url(settings.token_endpoint)  # behind a proxy: what discovery publishes
 
     def check(self, header: str) -> Proof:
         """The one DPoP header's proof, checked; raises InvalidDPoPProof (or UseDPoPNonce)
-        saying which check failed. Its jti is spent by the caller, with the decision."""
+        saying which check failed. Its jti is spent by the decision's audit record (12)."""
         # §4.3 (1): exactly one DPoP header. Servers join repeated headers with ",", which a
         # compact JWS never contains.
         if "," in header:
@@ -243,12 +245,9 @@ class ProofChecker:
         self._claims(claims)
         if self.settings.dpop_nonce and not self.nonces.valid(claims.get("nonce")):  # (10), RFC 9449 §8
             raise UseDPoPNonce("Send a DPoP proof with the nonce from the DPoP-Nonce header.")
-        # (12) jti: single use while its iat window lasts, shared by every worker and instance:
-        # refused here when already spent; spent with the decision's audit record (one commit).
-        spend = (replay_key(jkt), claims["jti"], int(claims["iat"]) + IAT_WINDOW)
-        if self.replay.proof_seen(spend[0], spend[1]):
-            raise InvalidDPoPProof(REPLAYED)
-        return Proof(jkt, spend)
+        # (12) jti: single use, across every worker and instance: the decision's audit record
+        # spends it (the pipeline refuses a request whose record finds it spent).
+        return Proof(jkt, claims["jti"])
 
     def _claims(self, claims: dict) -> None:
         jti = claims.get("jti")  # (3) the required claims
@@ -266,11 +265,6 @@ class ProofChecker:
         if abs(iat - time.time()) > IAT_WINDOW:
             raise InvalidDPoPProof("The DPoP proof's iat is not within 60 seconds of now; check the clock and "
                                    "make a fresh proof.")
-
-
-def replay_key(jkt: str) -> str:
-    """The replay store is keyed (client, jti); a proof's jti is unique per key."""
-    return "dpop:" + jkt
 
 
 # -- bound inputs (RFC 9449 §6) ------------------------------------------------------------------

@@ -168,9 +168,14 @@ class AuditEvent(Base):
     # ix_audit_event_consent_jti: the tokens minted under a consent, by jti, so that
     # introspection follows a token to its consent (withdrawal revokes); partial, so
     # an exchange without consent pays nothing for it.
+    # ix_audit_event_dpop_proof: a DPoP proof's jti is spent by the record of the request
+    # that sent it (unique per proof key): one insert, no second table; partial, so a
+    # bearer exchange pays nothing for it.
     __table_args__ = (Index("ix_audit_event_time", "time"),
                       Index("ix_audit_event_consent_jti", "jti", sqlite_where=text("consent IS NOT NULL"),
-                            postgresql_where=text("consent IS NOT NULL")))
+                            postgresql_where=text("consent IS NOT NULL")),
+                      Index("ix_audit_event_dpop_proof", "dpop_jkt", "dpop_jti", unique=True,
+                            sqlite_where=text("dpop_jti IS NOT NULL"), postgresql_where=text("dpop_jti IS NOT NULL")))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     client_id: Mapped[str | None] = mapped_column(ID)
@@ -195,6 +200,7 @@ class AuditEvent(Base):
     source_user: Mapped[str | None] = mapped_column(URL)  # the user's URL at the source
     target_user: Mapped[str | None] = mapped_column(String(320))  # the target's reference (Practitioner/789)
     dpop_jkt: Mapped[str | None] = mapped_column(String(64))  # the DPoP proof key's thumbprint (RFC 7638)
+    dpop_jti: Mapped[str | None] = mapped_column(String(255))  # the proof's jti, spent by this record
 
 
 class AdminEvent(Base):

@@ -113,10 +113,9 @@ class TokenPipeline:
         except OAuth2Error as e:
             self._refuse(request, record, e)
             raise
-        spend = request.dpop.spend if request.dpop is not None else None
-        if not self.store.record_audit(record, spend):  # a replay of the proof won the race: nothing issued
-            e = InvalidDPoPProof(REPLAYED, detail="the proof's jti was spent by a concurrent request")
-            self._refuse(request, dict(record, jti=None, scope_granted=None, outcome="refused"), e)
+        if not self.store.record_audit(record):  # the proof's jti was spent (RFC 9449 §4.3 (12)): nothing issued
+            e = InvalidDPoPProof(REPLAYED, detail="the proof's jti was spent by an earlier request")
+            self._refuse(request, dict(record, jti=None, scope_granted=None, outcome="refused", dpop_jti=None), e)
             raise e
         self._count_user(record)
         self.metrics.exchange("granted", None)
@@ -129,9 +128,9 @@ class TokenPipeline:
         answer; a checked proof's jti spent with it, single use whatever the outcome),
         counted and logged."""
         audit.refused(record, error)
-        spend = request.dpop.spend if request.dpop is not None else None
-        if not self.store.record_audit(record, spend):
-            self.store.record_audit(record)  # spent meanwhile by another request: the refusal stands
+        if not self.store.record_audit(record):  # the proof was spent already: the refusal stands
+            record["dpop_jti"] = None
+            self.store.record_audit(record)
         self._count_user(record)
         self._refused(record, error)
 
@@ -148,6 +147,7 @@ class TokenPipeline:
             return
         request.dpop = self.proofs.check(header)
         request.dpop_jkt = record["dpop_jkt"] = request.dpop.jkt
+        record["dpop_jti"] = request.dpop.jti
 
     def grant_class(self, form):
         """RFC 6749 §5.2: the grant type, once, and one this server supports."""

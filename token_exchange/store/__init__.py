@@ -44,7 +44,7 @@ class Store:
         self._hot = HotPath(engine, group_commit=group_commit)
         self.snapshot = ConfigSnapshot(engine, settings, accelerator)
         self.links = PatientLinks(engine, self._hot)
-        self.replay = Replay(engine, accelerator, self._hot)
+        self.replay = Replay(engine, accelerator)
         self.revocations = Revocations(engine)
         self.audit_log = AuditLog(engine, self._hot)
         self.consents = ConsentQueries(engine, self._hot)
@@ -87,18 +87,16 @@ class Store:
         table link or block already read under the snapshot ``generation``."""
         return self.links.find(source, patient, target_id, generation)
 
-    def record_audit(self, event: dict, proof=None) -> bool:
+    def record_audit(self, event: dict) -> bool:
         """Committed before the caller answers: a token issued always has its record.
-        ``proof``: a DPoP proof's (key, jti, exp), spent in the same transaction; False
-        (and nothing written) when it was spent meanwhile."""
-        if proof is None:
-            self.audit_log.record(event)
-            return True
+        An event with ``dpop_jti`` spends that DPoP proof's jti: False (and nothing
+        written) when an earlier record spent it."""
         try:
-            self.audit_log.record(event, self.replay.spend_statements(*proof))
+            self.audit_log.record(event)
         except IntegrityError:
+            if event.get("dpop_jti") is None:
+                raise
             return False
-        self.replay.remember(*proof)
         return True
 
     def revoke(self, jti: str, exp: int) -> None:

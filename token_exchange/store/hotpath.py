@@ -16,9 +16,9 @@ try:
 except ImportError:  # not POSIX: SQLite's busy handler alone
     fcntl = None
 
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import bindparam, insert, select
 
-from ..models import AssertionJti, AuditEvent, Consent, PatientLink, UserLink
+from ..models import AuditEvent, Consent, PatientLink, UserLink
 
 log = logging.getLogger("token_exchange.store")
 
@@ -39,10 +39,6 @@ _FIND_CONSENT = select(_CONSENT.c.id, _CONSENT.c.scopes, _CONSENT.c.expires).whe
     _CONSENT.c.client_id == bindparam("client_id"), _CONSENT.c.target_id == bindparam("target_id"),
     _CONSENT.c.source == bindparam("source"), _CONSENT.c.patient == bindparam("patient"),
     _CONSENT.c.withdrawn.is_(None)).order_by(_CONSENT.c.granted.desc())
-_JTIS = AssertionJti.__table__
-_FIND_JTI = select(_JTIS.c.exp).where(_JTIS.c.client_id == bindparam("client_id"), _JTIS.c.jti == bindparam("jti"))
-_INSERT_JTI = insert(_JTIS).values(client_id=bindparam("client_id"), jti=bindparam("jti"), exp=bindparam("exp"))
-_SWEEP_JTIS = delete(_JTIS).where(_JTIS.c.exp < bindparam("before"))
 
 
 class HotPath:
@@ -63,10 +59,6 @@ class HotPath:
                             or (lambda v: v))
         self.insert_audit = self._compile(
             insert(AuditEvent.__table__).values({c: bindparam(c) for c in AUDIT_COLUMNS}), dialect)
-        # DPoP proofs' jtis (dpop.py): looked up at the proof, spent in the audit record's transaction.
-        self.find_jti = self._compile(_FIND_JTI, dialect)
-        self.insert_jti = self._compile(_INSERT_JTI, dialect)
-        self.sweep_jtis = self._compile(_SWEEP_JTIS, dialect)
         time_type = AuditEvent.__table__.c.time.type.dialect_impl(dialect)  # e.g. SQLite's DATETIME, as the ORM writes it
         self.time_bind = time_type.bind_processor(dialect) or (lambda v: v)
         # a link's matched_at read raw (SQLite's DBAPI gives the stored text)

@@ -138,42 +138,13 @@ class PatientLinks:
 
 
 class Replay:
-    """Spent client-assertion jtis (RFC 7523 §3 rule 7), JWT-grant jtis and DPoP proof
-    jtis. The database is the record; Redis, when configured, refuses known replays
-    without touching it.
+    """Spent client-assertion jtis (RFC 7523 §3 rule 7) and JWT-grant jtis. The
+    database is the record; Redis, when configured, refuses known replays without
+    touching it. (A DPoP proof's jti is spent by the audit record of its request:
+    AuditEvent.dpop_jti, unique per proof key.)"""
 
-    A DPoP proof's jti is looked up when the proof is checked (``proof_seen``) and spent
-    in the transaction that commits the decision's audit record (``spend_statements``,
-    run by ``AuditLog.record``): one commit per request, as without a proof; the table's
-    primary key lets one of two racing requests commit, and the other is refused."""
-
-    SWEEP_EVERY = 60.0  # seconds between sweeps of expired jtis by the proof path, per process
-
-    def __init__(self, engine, redis=None, hot: HotPath | None = None):
-        self.engine, self.redis, self._hot = engine, redis, hot
-        self._swept = 0.0
-
-    def proof_seen(self, key: str, jti: str) -> bool:
-        """Whether (key, jti) is spent: Redis first, then one precompiled lookup."""
-        if self.redis is not None and self.redis.jti_seen(key, jti):
-            return True
-        return self._hot.run(self._hot.find_jti, {"client_id": key, "jti": jti}, fetch=True) is not None
-
-    def spend_statements(self, key: str, jti: str, exp: int) -> list:
-        """The statements that spend (key, jti) until exp, for the audit record's
-        transaction (an IntegrityError there: already spent); with a sweep of expired
-        jtis at most every SWEEP_EVERY seconds."""
-        out = [(self._hot.insert_jti, {"client_id": key, "jti": jti, "exp": exp})]
-        now = time.time()
-        if now - self._swept > self.SWEEP_EVERY:
-            self._swept = now
-            out.insert(0, (self._hot.sweep_jtis, {"before": int(now) - 120}))
-        return out
-
-    def remember(self, key: str, jti: str, exp: int) -> None:
-        """After the commit: Redis refuses the replays from now on without the database."""
-        if self.redis is not None:
-            self.redis.jti_spent(key, jti, exp - int(time.time()) + 120)
+    def __init__(self, engine, redis=None):
+        self.engine, self.redis = engine, redis
 
     def spent(self, client_id: str, jti: str) -> bool:
         """Whether (client, jti) was spent and is still remembered (a read; nothing spent)."""
@@ -227,16 +198,16 @@ class AuditLog:
     def __init__(self, engine, hot: HotPath):
         self.engine, self._hot = engine, hot
 
-    def record(self, event: dict, also=()) -> None:
+    def record(self, event: dict) -> None:
         """Committed before the caller answers: a token issued always has its record.
         A token minted under a consent is found from its record (``jti`` with
         ``consent``, the partial index ix_audit_event_consent_jti), so introspection
-        can follow the consent. ``also``: (statement, params) committed in the same
-        transaction (a DPoP proof's jti, Replay.spend_statements)."""
+        can follow the consent. A record with ``dpop_jti`` spends that DPoP proof's jti
+        (IntegrityError, nothing written, when a record spent it already)."""
         row = {c: event.get(c) for c in AUDIT_COLUMNS}
         row["event"] = event.get("event") or "exchange"
         row["time"] = self._hot.time_bind(utcnow())
-        self._hot.write((*also, (self._hot.insert_audit, row)))
+        self._hot.write(((self._hot.insert_audit, row),))
 
     def record_admin(self, actor: str, action: str, detail: str) -> None:
         """An admin event for something the service did itself (a search token minted):
