@@ -43,7 +43,7 @@ VARIANTS = {  # --variants: service runs added to every round of the 1,000-link 
                   "service mints itself a search token, searches the target's Practitioners (the fake FHIR "
                   "server), stores the matched user link",
     "dpop": "the same exchanges, each with a DPoP proof (RFC 9449) signed just before the run by one ES256 "
-            "client key: one signature verification more, the proof's jti spent in the replay store, the "
+            "client key: one signature verification more, the proof's jti spent by the audit record, the "
             "token bound to the key (cnf.jkt, token_type DPoP)",
 }
 
