@@ -198,5 +198,19 @@ def test_explain_reports_a_bound_subject_token_without_refusing_it(world, ehr, k
     assert key.jkt in r.output
 
 
+def test_explain_says_when_the_client_requires_a_proof(world, ehr, tmp_path):
+    (tmp_path / "at").write_text(ehr.access_token())
+    (tmp_path / "id").write_text(ehr.id_token())
+    argv = ["explain", "--client", "vendor", "--subject-token", str(tmp_path / "at"), "--actor-token",
+            str(tmp_path / "id"), "--resource", TARGET, "--json"]
+    (client,) = [s for s in json.loads(world(*argv).output)["steps"] if s["step"] == "client"]
+    assert "DPoP" not in client["detail"]
+    world("client", "update", "vendor", "--require-dpop")
+    report = json.loads(world(*argv).output)
+    (client,) = [s for s in report["steps"] if s["step"] == "client"]
+    assert client["outcome"] == "held" and "--require-dpop" in client["detail"]
+    assert report["decision"]["outcome"] == "granted"  # as POST /token with a valid proof
+
+
 def test_grant_type_is_still_named_when_no_proof_is_needed(http):
     error_of(post_token(http, {"grant_type": TE, "subject_token_type": AT}), 400, "invalid_request")
