@@ -117,10 +117,10 @@ def run(client_id: str, form: MultiDict) -> dict:
                 return {"client": client_id, "steps": steps, "decision": {
                     "outcome": "refused", "status": e.status_code, "error": e.error,
                     "error_description": e.description}}
-            required = ("; it requires a DPoP proof on every request (client --require-dpop), which explain does "
-                        "not check" if client.cfg.require_dpop else "")
-            steps.append({"step": "client", "outcome": "held",
-                          "detail": f"registered ({client.cfg.auth_method}); explain does not authenticate it" + required})
+            detail = f"registered ({client.cfg.auth_method}); explain does not authenticate it"
+            if client.cfg.require_dpop:
+                detail += "; it requires a DPoP proof on every request (client --require-dpop), which explain does not check"
+            steps.append({"step": "client", "outcome": "held", "detail": detail})
             grant = None
             try:
                 grant_cls = pipeline.grant_class(form)
