@@ -119,7 +119,8 @@ def run(client_id: str, form: MultiDict) -> dict:
                     "error_description": e.description}}
             detail = f"registered ({client.cfg.auth_method}); explain does not authenticate it"
             if client.cfg.require_dpop:
-                detail += "; it requires a DPoP proof on every request (client --require-dpop), which explain does not check"
+                detail += ("; it requires a DPoP proof on every request (client --require-dpop), which explain "
+                           "does not check")
             steps.append({"step": "client", "outcome": "held", "detail": detail})
             grant = None
             try:
