@@ -164,6 +164,17 @@ def listed(stored, fields) -> list[dict]:
 
 
 # -- match -------------------------------------------------------------------------------
+def given_identifiers(identifiers, allowed, issuers, not_allowed: str, unread: str) -> list | None:
+    """`match`'s --identifier values (checked: ``check_identifiers``), or None when none is
+    given and an issuer can read them at the EHR (else the failure says ``unread``)."""
+    given = list(identifiers) or None
+    if given:
+        check_identifiers(given, allowed, not_allowed)
+    elif not any(i.fhir_client_id for i in issuers):
+        raise Fail(f"give --identifier SYSTEM|VALUE: {unread}")
+    return given
+
+
 def check_identifiers(given, allowed, not_allowed: str) -> None:
     """`match`'s --identifier values: SYSTEM|VALUE, of a system in ``allowed`` (else the
     failure says it ``not_allowed``), with a usable value."""

@@ -10,7 +10,7 @@ from ..models import PatientLink
 from ..store.admin import DuplicateLink
 from .common import (Fail, check_id, cli, commit, emit, get_target, json_option, options, pass_ctx, printable,
                      show, url_arg)
-from .link_files import (asking, at_line, check_identifiers, csv_rows, export_file, give_way, import_file, listed,
+from .link_files import (asking, at_line, csv_rows, export_file, give_way, given_identifiers, import_file, listed,
                          origin_option, remove_link, row_target, target_id, targets_by_ref)
 from .tokens import revoke_on_remove
 
@@ -259,14 +259,11 @@ def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
     if not target.match_identifiers:
         raise Fail(f"target {printable(target.base_url)} is not set up for matching: "
                    "`target update ... --match-identifier SYSTEM`")
-    given = list(identifiers) or None
-    if given:
-        check_identifiers(given, set(target.match_identifiers) & {s for i in issuers for s in i.identifier_systems},
-                          f"is not one the issuer of {printable(source)} vouches for (--identifier-system) and the "
-                          "target lists (--match-identifier)")
-    elif not any(i.fhir_client_id for i in issuers):
-        raise Fail(f"give --identifier SYSTEM|VALUE: no issuer of {printable(source)} has --fhir-client-id to "
-                   "read the source Patient's identifiers")
+    given = given_identifiers(
+        identifiers, set(target.match_identifiers) & {s for i in issuers for s in i.identifier_systems}, issuers,
+        f"is not one the issuer of {printable(source)} vouches for (--identifier-system) and the target lists "
+        "(--match-identifier)",
+        f"no issuer of {printable(source)} has --fhir-client-id to read the source Patient's identifiers")
     result = {"source": source, "patient": patient, "target": target.base_url}
     if origin in ("table", "blocked"):
         result.update(decision=origin, target_patient=stored_patient, system=None, searched=[], stored=False,

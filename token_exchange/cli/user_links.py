@@ -11,7 +11,7 @@ from ..mapping.users import SEARCHED_TYPES, USER_TYPES, SourceUser
 from ..models import UserLink
 from ..store.users import DuplicateUserLink, user_link
 from .common import Fail, cli, commit, emit, get_target, json_option, options, pass_ctx, printable, show, url_arg
-from .link_files import (asking, at_line, check_identifiers, csv_rows, export_file, give_way, import_file, listed,
+from .link_files import (asking, at_line, csv_rows, export_file, give_way, given_identifiers, import_file, listed,
                          origin_option, remove_link, row_target, target_id, targets_by_ref)
 from .tokens import revoke_on_remove
 
@@ -212,15 +212,11 @@ def user_link_match(ctx, user, target_ref, identifiers, dry_run, as_json):
     if not target.user_match_identifiers:
         raise Fail(f"target {printable(target.base_url)} is not set up for user matching: "
                    "`target update ... --user-match-identifier SYSTEM`")
-    given = list(identifiers) or None
-    if given:
-        check_identifiers(given,
-                          set(target.user_match_identifiers) & {s for i in issuers for s in i.user_identifier_systems},
-                          "is not one the issuer vouches for (--user-identifier-system) and the target lists "
-                          "(--user-match-identifier)")
-    elif not any(i.fhir_client_id for i in issuers):
-        raise Fail("give --identifier SYSTEM|VALUE: no issuer of the user's source has --fhir-client-id to read "
-                   "the user's identifiers")
+    given = given_identifiers(
+        identifiers, set(target.user_match_identifiers) & {s for i in issuers for s in i.user_identifier_systems},
+        issuers, "is not one the issuer vouches for (--user-identifier-system) and the target lists "
+        "(--user-match-identifier)",
+        "no issuer of the user's source has --fhir-client-id to read the user's identifiers")
     result = {"user": user, "target": target.base_url}
     if origin in ("table", "blocked"):
         result.update(decision=origin, target_user=stored_user, system=None, searched=[], stored=False,
