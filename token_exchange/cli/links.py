@@ -2,24 +2,20 @@
 (source FHIR base, patient) -> (target, target patient)."""
 from __future__ import annotations
 
-import csv
-import io
 import os
-import sys
 
 import click
 
 from ..models import PatientLink
 from ..store.admin import DuplicateLink
+from .common import (Fail, check_id, cli, commit, emit, get_target, json_option, options, pass_ctx, printable,
+                     show, url_arg)
+from .link_files import (asking, at_line, csv_rows, export_file, give_way, given_identifiers, import_file, listed,
+                         origin_option, remove_link, row_target, target_id, targets_by_ref)
 from .tokens import revoke_on_remove
-from .common import (Fail, check_id, cli, commit, emit, get_target, iso, json_option, options, pass_ctx,
-                     printable, show, url_arg)
 
-ORIGINS = ("table", "matched", "blocked")
 LINK_HEADER = ["source", "patient", "target", "target_patient"]
 LIST_FIELDS = LINK_HEADER + ["origin", "system", "matched_at"]
-# OWASP "CSV Injection": a cell starting with one of these is a formula to a spreadsheet.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @cli.group()
@@ -49,15 +45,12 @@ def link_add(ctx, source, patient, target_ref, target_patient):
     with ctx.store.admin.change() as change:
         t = get_target(change, target_ref)
         old = change.link(source, patient, t.id)
-        if old is not None and old.origin != "matched":
-            what = "a block" if old.origin == "blocked" else "a link"
-            raise Fail(f"{what} for patient {printable(patient)} at {printable(source)} to {printable(t.base_url)} "
-                       f"already exists; `link remove` it first")
         if old is not None:
-            change.remove(old)
-            change.flush()
-            if old.target_patient != target_patient:  # the tokens minted on the matched link it corrects
-                revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
+            give_way(change, old, lambda origin: (
+                f"{'a block' if origin == 'blocked' else 'a link'} for patient {printable(patient)} at "
+                f"{printable(source)} to {printable(t.base_url)} already exists; `link remove` it first"),
+                # the tokens minted on the matched link it corrects
+                None if old.target_patient == target_patient else _revoke(change, source, patient, t))
         change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=target_patient,
                                origin="table"))
         commit(ctx, change, "link.add", f"{source} {patient} -> {t.base_url} {target_patient}"
@@ -66,6 +59,11 @@ def link_add(ctx, source, patient, target_ref, target_patient):
     click.echo("link added" + (" (it replaced a matched link)" if old is not None else ""))
     if warning:
         click.echo(warning, err=True)
+
+
+def _revoke(change, source, patient, t):
+    """Revoking the tokens minted on the link of (source, patient) at target ``t``."""
+    return lambda: revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
 
 
 def _vouched(change) -> set:
@@ -96,13 +94,11 @@ def link_block(ctx, source, patient, target_ref):
     with ctx.store.admin.change() as change:
         t = get_target(change, target_ref)
         old = change.link(source, patient, t.id)
-        if old is not None and old.origin != "matched":
-            raise Fail(f"patient {printable(patient)} at {printable(source)} already has "
-                       f"{'a block' if old.origin == 'blocked' else 'a table link'} to {printable(t.base_url)}")
         if old is not None:
-            change.remove(old)
-            change.flush()
-            revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
+            give_way(change, old, lambda origin: (
+                f"patient {printable(patient)} at {printable(source)} already has "
+                f"{'a block' if origin == 'blocked' else 'a table link'} to {printable(t.base_url)}"),
+                _revoke(change, source, patient, t))
         change.add(PatientLink(source=source, patient=patient, target_id=t.id, target_patient=None,
                                origin="blocked"))
         commit(ctx, change, "link.block", f"{source} {patient} -> {t.base_url}")
@@ -116,14 +112,9 @@ def link_remove(ctx, source, patient, target_ref):
     """Remove a link of any origin, or a block."""
     with ctx.store.admin.change() as change:
         t = get_target(change, target_ref)
-        old = change.link(source, patient, t.id)
-        if old is None:
-            raise Fail("no such link")
-        change.remove(old)
-        if old.origin != "blocked":  # the tokens minted on the link (MATCHING: a wrong link)
-            revoke_on_remove(change, "patient", source=source, patient=patient, target=t.base_url)
-        commit(ctx, change, "link.remove", f"{source} {patient} -> {t.base_url} ({old.origin})")
-    click.echo(f"{'block' if old.origin == 'blocked' else 'link'} removed")
+        removed = remove_link(ctx, change, change.link(source, patient, t.id), "link",
+                              _revoke(change, source, patient, t), "link.remove", f"{source} {patient} -> {t.base_url}")
+    click.echo(f"{removed} removed")
 
 
 # -- import ----------------------------------------------------------------------
@@ -135,50 +126,14 @@ def link_import(ctx, file):
     source,patient,target,target_patient: all or nothing. Matched links are replaced;
     a link or block already stored refuses the file, naming the line."""
     with ctx.store.admin.change() as change:
-        targets = {}
-        for t in change.targets():
-            targets[t.base_url] = t.id
-            if t.name:
-                targets.setdefault(t.name, t.id)
+        targets = targets_by_ref(change)
         vouched = _vouched(change)
-    name = "<stdin>" if file == "-" else file
-    try:
-        if file == "-":  # the same bytes as a file would give, not the terminal's decoding
-            stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
-        else:
-            stream = open(file, newline="", encoding="utf-8-sig")  # noqa: SIM115
-    except OSError as e:
-        raise Fail(f"cannot read {printable(name)}: {e.strerror}") from None
-    try:
-        with stream if file != "-" else _no_close(stream):
-            total, replaced, per_source = _import_links(ctx, stream, name, targets)
-    except UnicodeDecodeError:
-        raise Fail(f"{printable(name)}: not UTF-8 text") from None
-    except csv.Error as e:
-        raise Fail(f"{printable(name)}: not a readable CSV ({e})") from None
+    with import_file(file) as (name, stream):
+        total, replaced, per_source = _import_links(ctx, stream, name, targets)
     click.echo(f"imported {total} links" + (f" ({replaced} replaced matched links)" if replaced else ""))
     warning = _unvouched_warning(vouched, per_source)
     if warning:
         click.echo(warning, err=True)
-
-
-class _no_close:
-    """Use standard input without closing it."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __enter__(self):
-        return self.stream
-
-    def __exit__(self, *exc):
-        self.stream.detach()
-        return False
-
-
-def _unneutralise(cell: str) -> str:
-    """Undo `link export`'s formula neutralisation (a ' before a formula character)."""
-    return cell[1:] if len(cell) > 1 and cell[0] == "'" and cell[1] in FORMULA_START else cell
 
 
 def _import_links(ctx, stream, name, targets):
@@ -186,23 +141,12 @@ def _import_links(ctx, stream, name, targets):
     batch, total, replaced = [], 0, 0
     with ctx.store.admin.link_import() as links:
         has_other = links.has_links()
-        reader = csv.reader(stream)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != LINK_HEADER:
-            raise Fail(f"{printable(name)}: the first line must be {','.join(LINK_HEADER)}")
-        for n, row in enumerate(reader, start=2):
-            if len(row) != 4:
-                raise Fail(f"{printable(name)}:{n}: expected 4 fields, found {len(row)}")
-            source, patient, target_ref, target_patient = (_unneutralise(c) for c in row)
-            tid = targets.get(target_ref)
-            if tid is None:
-                raise Fail(f"{printable(name)}:{n}: unknown target {printable(target_ref)!r}")
-            try:
+        for n, (source, patient, target_ref, target_patient) in csv_rows(stream, name, LINK_HEADER):
+            tid, _ = row_target(targets, target_ref, name, n)
+            with at_line(name, n):
                 url_arg(source, "source")
                 check_id(patient, "patient")
                 check_id(target_patient, "target_patient")
-            except Fail as e:
-                raise Fail(f"{printable(name)}:{n}: {e.message}") from None
             patients = seen.get((source, tid))
             if patients is None:
                 patients = seen[(source, tid)] = set()
@@ -261,61 +205,26 @@ def _insert_links(links, batch, name):
 
 
 # -- export and list --------------------------------------------------------------
-def _neutralise(cell):
-    """OWASP CSV injection: a cell that a spreadsheet would run as a formula gets a leading '."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_START) else cell
-
-
-def _target_id(ctx, target_ref):
-    if not target_ref:
-        return None
-    with ctx.store.admin.change() as change:
-        return get_target(change, target_ref).id
-
-
-origin_option = click.option("--origin", type=click.Choice(ORIGINS), default=None,
-                             help="Only links of this origin: table (an admin's), matched (found at the target), "
-                                  "blocked (never match).")
-
-
 @link.command("export")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
-@origin_option
+@origin_option("match")
 @pass_ctx
 def link_export(ctx, file, origin):
     """Write links as CSV (the import format) to FILE (default: standard output).
     Table links unless --origin says otherwise; formula-like cells get a leading '."""
-    to_stdout = not file or file == "-"
-    try:
-        out = sys.stdout if to_stdout else open(file, "w", newline="", encoding="utf-8")  # noqa: SIM115
-    except OSError as e:
-        raise Fail(f"cannot write {printable(file)}: {e.strerror}") from None
-    try:
-        w = csv.writer(out)
-        w.writerow(LINK_HEADER)
-        with ctx.store.admin.links(origins=[origin or "table"], stream=True) as stored:
-            for row in stored:
-                w.writerow([_neutralise(c) for c in row[:4]])
-    finally:
-        if not to_stdout:
-            out.close()
+    export_file(file, LINK_HEADER, lambda: ctx.store.admin.links(origins=[origin or "table"], stream=True))
 
 
 @link.command("list")
 @click.option("--source", metavar="FHIR_BASE", help="Only links from this source.")
 @click.option("--target", "target_ref", metavar="TARGET", help="Only links to this target (base URL or name).")
-@origin_option
+@origin_option("match")
 @json_option
 @pass_ctx
 def link_list(ctx, source, target_ref, origin, as_json):
     """List patient links (every origin unless --origin)."""
-    tid = _target_id(ctx, target_ref)
-    with ctx.store.admin.links(source, tid, [origin] if origin else None) as stored:
-        rows = []
-        for r in stored:
-            d = dict(zip(LIST_FIELDS, r))
-            d["matched_at"] = iso(d["matched_at"])
-            rows.append(d)
+    with ctx.store.admin.links(source, target_id(ctx, target_ref), [origin] if origin else None) as stored:
+        rows = listed(stored, LIST_FIELDS)
     emit(rows, as_json, LINK_HEADER + ["origin"])
 
 
@@ -334,9 +243,7 @@ def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
     and the target patient id. Exits 0 for any decision, 1 when the target or the
     EHR cannot be asked. A table link or a block is left as it is; a matched link
     takes the new outcome."""
-    from ..fhir_client import FHIRUnavailable
     from ..mapping.patients import make_matcher
-    from ..mapping.search import usable_identifiers
     from ..upstream import Upstream
     url_arg(source, "--source")
     check_id(patient, "--patient")
@@ -352,22 +259,11 @@ def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
     if not target.match_identifiers:
         raise Fail(f"target {printable(target.base_url)} is not set up for matching: "
                    "`target update ... --match-identifier SYSTEM`")
-    given = list(identifiers) or None
-    if given:
-        allowed = set(target.match_identifiers) & {s for i in issuers for s in i.identifier_systems}
-        for raw in given:
-            system, sep, value = raw.partition("|")
-            if not sep or not system or not value:
-                raise Fail(f"--identifier must be SYSTEM|VALUE: {printable(raw)!r}")
-            if system not in allowed:
-                raise Fail(f"--identifier system {printable(system)!r} is not one the issuer of {printable(source)} "
-                           f"vouches for (--identifier-system) and the target lists (--match-identifier)")
-            if not usable_identifiers([raw], allowed):
-                raise Fail(f"--identifier value for {printable(system)} must be 1-128 characters without "
-                           "control characters")
-    elif not any(i.fhir_client_id for i in issuers):
-        raise Fail(f"give --identifier SYSTEM|VALUE: no issuer of {printable(source)} has --fhir-client-id to "
-                   "read the source Patient's identifiers")
+    given = given_identifiers(
+        identifiers, set(target.match_identifiers) & {s for i in issuers for s in i.identifier_systems}, issuers,
+        f"is not one the issuer of {printable(source)} vouches for (--identifier-system) and the target lists "
+        "(--match-identifier)",
+        f"no issuer of {printable(source)} has --fhir-client-id to read the source Patient's identifiers")
     result = {"source": source, "patient": patient, "target": target.base_url}
     if origin in ("table", "blocked"):
         result.update(decision=origin, target_patient=stored_patient, system=None, searched=[], stored=False,
@@ -375,12 +271,9 @@ def link_match(ctx, source, patient, target_ref, identifiers, dry_run, as_json):
                              "this patient at this target (`link remove` lifts the block)")
     else:
         matcher = make_matcher(ctx.settings, ctx.store, Upstream(ctx.settings))
-        try:
+        with asking("link match"):
             d = matcher.run(cfg, issuers, target, source, patient, given=given, stale=origin == "matched",
                             store=not dry_run, memory=False, replace_any=True, actor=ctx.actor)
-        except FHIRUnavailable as e:
-            raise Fail(f"could not ask {printable(str(e))}; nothing stored: check that it is up and reachable "
-                       "from here, then run `link match` again") from None
         result.update(decision=d.outcome, target_patient=d.target_patient, system=d.system,
                       searched=list(d.searched), stored=d.stored, detail=d.explain)
     show(result, as_json)

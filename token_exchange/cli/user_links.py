@@ -2,10 +2,7 @@
 (source user URL, target) -> the target's own reference for the user (Practitioner/789)."""
 from __future__ import annotations
 
-import csv
-import io
 import os
-import sys
 
 import click
 
@@ -13,12 +10,11 @@ from ..fhir_client import FHIR_ID
 from ..mapping.users import SEARCHED_TYPES, USER_TYPES, SourceUser
 from ..models import UserLink
 from ..store.users import DuplicateUserLink, user_link
-from .common import (Fail, cli, commit, emit, get_target, iso, json_option, options, pass_ctx, printable, show,
-                     url_arg)
-from .links import FORMULA_START
+from .common import Fail, cli, commit, emit, get_target, json_option, options, pass_ctx, printable, show, url_arg
+from .link_files import (asking, at_line, csv_rows, export_file, give_way, given_identifiers, import_file, listed,
+                         origin_option, remove_link, row_target, target_id, targets_by_ref)
 from .tokens import revoke_on_remove
 
-ORIGINS = ("table", "matched", "blocked")
 HEADER = ["user", "target", "target_user"]
 LIST_FIELDS = HEADER + ["origin", "system", "matched_at"]
 
@@ -57,14 +53,15 @@ def check_target_user(value: str, what: str = "--target-user") -> str:
 
 def _replace_matched(change, old, user, t, new_target_user=None) -> None:
     """A matched link gives way to an admin's; the tokens minted on it are revoked when it changes."""
-    if old.origin != "matched":
-        what = "a block" if old.origin == "blocked" else "a user link"
-        raise Fail(f"{what} for {printable(user)} at {printable(t.base_url)} already exists; "
-                   "`user-link remove` it first")
-    change.remove(old)
-    change.flush()
-    if old.target_user != new_target_user:
-        revoke_on_remove(change, "user", fhir_user=user, target=t.base_url)
+    give_way(change, old, lambda origin: (
+        f"{'a block' if origin == 'blocked' else 'a user link'} for {printable(user)} at {printable(t.base_url)} "
+        "already exists; `user-link remove` it first"),
+        None if old.target_user == new_target_user else _revoke(change, user, t))
+
+
+def _revoke(change, user, t):
+    """Revoking the tokens minted for ``user`` at target ``t``."""
+    return lambda: revoke_on_remove(change, "user", fhir_user=user, target=t.base_url)
 
 
 @user_link_group.command("add")
@@ -110,71 +107,31 @@ def user_link_remove(ctx, user, target_ref):
     """Remove a user link of any origin, or a block; the tokens minted for the user at the target are revoked."""
     with ctx.store.admin.change() as change:
         t = get_target(change, target_ref)
-        old = user_link(change, user, t.id)
-        if old is None:
-            raise Fail("no such user link")
-        change.remove(old)
-        if old.origin != "blocked":
-            revoke_on_remove(change, "user", fhir_user=user, target=t.base_url)
-        commit(ctx, change, "user-link.remove", f"{user} -> {t.base_url} ({old.origin})")
-    click.echo(f"{'block' if old.origin == 'blocked' else 'user link'} removed")
-
-
-origin_option = click.option("--origin", type=click.Choice(ORIGINS), default=None,
-                             help="Only links of this origin: table (an admin's), matched (found at the target), "
-                                  "blocked (never map).")
-
-
-def _target_id(ctx, target_ref):
-    if not target_ref:
-        return None
-    with ctx.store.admin.change() as change:
-        return get_target(change, target_ref).id
+        removed = remove_link(ctx, change, user_link(change, user, t.id), "user link", _revoke(change, user, t),
+                              "user-link.remove", f"{user} -> {t.base_url}")
+    click.echo(f"{removed} removed")
 
 
 @user_link_group.command("list")
 @click.option("--target", "target_ref", metavar="TARGET", help="Only links to this target (base URL or name).")
-@origin_option
+@origin_option("map")
 @json_option
 @pass_ctx
 def user_link_list(ctx, target_ref, origin, as_json):
     """List user links (every origin unless --origin)."""
-    tid = _target_id(ctx, target_ref)
-    with ctx.store.user_admin.rows(tid, [origin] if origin else None) as stored:
-        rows = []
-        for r in stored:
-            d = dict(zip(LIST_FIELDS, r))
-            d["matched_at"] = iso(d["matched_at"])
-            rows.append(d)
+    with ctx.store.user_admin.rows(target_id(ctx, target_ref), [origin] if origin else None) as stored:
+        rows = listed(stored, LIST_FIELDS)
     emit(rows, as_json, HEADER + ["origin"])
-
-
-def _neutralise(cell):
-    """OWASP CSV injection: a cell that a spreadsheet would run as a formula gets a leading '."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_START) else cell
 
 
 @user_link_group.command("export")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
-@origin_option
+@origin_option("map")
 @pass_ctx
 def user_link_export(ctx, file, origin):
     """Write user links as CSV (the import format: user,target,target_user) to FILE
     (default: standard output). Table links unless --origin says otherwise."""
-    to_stdout = not file or file == "-"
-    try:
-        out = sys.stdout if to_stdout else open(file, "w", newline="", encoding="utf-8")  # noqa: SIM115
-    except OSError as e:
-        raise Fail(f"cannot write {printable(file)}: {e.strerror}") from None
-    try:
-        w = csv.writer(out)
-        w.writerow(HEADER)
-        with ctx.store.user_admin.rows(origins=[origin or "table"]) as stored:
-            for row in stored:
-                w.writerow([_neutralise(c or "") for c in row[:3]])
-    finally:
-        if not to_stdout:
-            out.close()
+    export_file(file, HEADER, lambda: ctx.store.user_admin.rows(origins=[origin or "table"]))
 
 
 @user_link_group.command("import")
@@ -185,55 +142,20 @@ def user_link_import(ctx, file):
     user,target,target_user: all or nothing. Matched links are replaced; a link or
     block already stored refuses the file, naming the line."""
     with ctx.store.admin.change() as change:
-        targets = {}
-        for t in change.targets():
-            targets[t.base_url] = (t.id, t.base_url)
-            if t.name:
-                targets.setdefault(t.name, (t.id, t.base_url))
-    name = "<stdin>" if file == "-" else file
-    try:
-        stream = (io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="") if file == "-"
-                  else open(file, newline="", encoding="utf-8-sig"))  # noqa: SIM115
-    except OSError as e:
-        raise Fail(f"cannot read {printable(name)}: {e.strerror}") from None
-    try:
+        targets = targets_by_ref(change)
+    with import_file(file) as (name, stream):
         total, replaced = _import(ctx, stream, name, targets)
-    except UnicodeDecodeError:
-        raise Fail(f"{printable(name)}: not UTF-8 text") from None
-    except csv.Error as e:
-        raise Fail(f"{printable(name)}: not a readable CSV ({e})") from None
-    finally:
-        if file == "-":
-            stream.detach()
-        else:
-            stream.close()
     click.echo(f"imported {total} user links" + (f" ({replaced} replaced matched links)" if replaced else ""))
-
-
-def _unneutralise(cell: str) -> str:
-    return cell[1:] if len(cell) > 1 and cell[0] == "'" and cell[1] in FORMULA_START else cell
 
 
 def _import(ctx, stream, name, targets):
     rows, seen, replaced = [], set(), 0
     with ctx.store.user_admin.importing() as imp:
-        reader = csv.reader(stream)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != HEADER:
-            raise Fail(f"{printable(name)}: the first line must be {','.join(HEADER)}")
-        for n, row in enumerate(reader, start=2):
-            if len(row) != 3:
-                raise Fail(f"{printable(name)}:{n}: expected 3 fields, found {len(row)}")
-            user, target_ref, target_user = (_unneutralise(c) for c in row)
-            found = targets.get(target_ref)
-            if found is None:
-                raise Fail(f"{printable(name)}:{n}: unknown target {printable(target_ref)!r}")
-            try:
+        for n, (user, target_ref, target_user) in csv_rows(stream, name, HEADER):
+            tid, base_url = row_target(targets, target_ref, name, n)
+            with at_line(name, n):
                 check_user(user, "user")
                 check_target_user(target_user, "target_user")
-            except Fail as e:
-                raise Fail(f"{printable(name)}:{n}: {e.message}") from None
-            tid, base_url = found
             if (user, tid) in seen:
                 raise Fail(f"{printable(name)}:{n}: duplicate user link for {printable(user)}")
             seen.add((user, tid))
@@ -270,8 +192,6 @@ def user_link_match(ctx, user, target_ref, identifiers, dry_run, as_json):
     the 10-minute memory), and print the decision and the target's reference. Exits 0
     for any decision, 1 when the target or the EHR cannot be asked. A table link or a
     block is left as it is; a matched link takes the new outcome."""
-    from ..fhir_client import FHIRUnavailable
-    from ..mapping.search import usable_identifiers
     from ..mapping.users import make_user_matcher
     from ..upstream import Upstream
     check_user(user)
@@ -292,22 +212,11 @@ def user_link_match(ctx, user, target_ref, identifiers, dry_run, as_json):
     if not target.user_match_identifiers:
         raise Fail(f"target {printable(target.base_url)} is not set up for user matching: "
                    "`target update ... --user-match-identifier SYSTEM`")
-    given = list(identifiers) or None
-    if given:
-        allowed = set(target.user_match_identifiers) & {s for i in issuers for s in i.user_identifier_systems}
-        for raw in given:
-            system, sep, value = raw.partition("|")
-            if not sep or not system or not value:
-                raise Fail(f"--identifier must be SYSTEM|VALUE: {printable(raw)!r}")
-            if system not in allowed:
-                raise Fail(f"--identifier system {printable(system)!r} is not one the issuer vouches for "
-                           "(--user-identifier-system) and the target lists (--user-match-identifier)")
-            if not usable_identifiers([raw], allowed):
-                raise Fail(f"--identifier value for {printable(system)} must be 1-128 characters without "
-                           "control characters")
-    elif not any(i.fhir_client_id for i in issuers):
-        raise Fail("give --identifier SYSTEM|VALUE: no issuer of the user's source has --fhir-client-id to read "
-                   "the user's identifiers")
+    given = given_identifiers(
+        identifiers, set(target.user_match_identifiers) & {s for i in issuers for s in i.user_identifier_systems},
+        issuers, "is not one the issuer vouches for (--user-identifier-system) and the target lists "
+        "(--user-match-identifier)",
+        "no issuer of the user's source has --fhir-client-id to read the user's identifiers")
     result = {"user": user, "target": target.base_url}
     if origin in ("table", "blocked"):
         result.update(decision=origin, target_user=stored_user, system=None, searched=[], stored=False,
@@ -316,12 +225,9 @@ def user_link_match(ctx, user, target_ref, identifiers, dry_run, as_json):
     else:
         matcher = make_user_matcher(ctx.settings, ctx.store, Upstream(ctx.settings))
         u = SourceUser(user, source, rtype, rid, {})
-        try:
+        with asking("user-link match"):
             d = matcher.run(cfg, issuers, target, u, given=given, stale=origin == "matched", store=not dry_run,
                             memory=False, replace_any=True, actor=ctx.actor)
-        except FHIRUnavailable as e:
-            raise Fail(f"could not ask {printable(str(e))}; nothing stored: check that it is up and reachable "
-                       "from here, then run `user-link match` again") from None
         result.update(decision=d.outcome, target_user=d.target_user, system=d.system, searched=list(d.searched),
                       stored=d.stored, detail=d.explain)
     show(result, as_json)

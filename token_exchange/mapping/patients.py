@@ -6,17 +6,14 @@ both sides trust (see ``Matcher``), and linked only on exactly one match.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 
 from ..errors import TemporarilyUnavailable
 from ..fhir_client import FHIRClient, FHIRUnavailable
 from ..upstream import Slots
 from .search import (BUSY_RETRY_AFTER, MEMORY_SECONDS, SERVICE_ACTOR, WOULD_SEARCH, Searcher, claimed_identifiers,
-                     deadline_of, expired, memory_key, systems_text, usable_identifiers)
-
-log = logging.getLogger("token_exchange.matching")
+                     deadline_of, expired, matching_slot, memory_key, read_identifiers, rematch_cutoff, systems_text,
+                     unreachable, usable_identifiers)
 
 
 @dataclass(frozen=True)
@@ -91,30 +88,20 @@ class Matcher:
         the 10-minute memory honoured; ``dry_run`` (explain) searches and writes nothing.
         At most ``slots`` exchanges of this process match at once; one more is refused
         at once (503) rather than queued behind them (docs/SECURITY.md, resource model)."""
-        if self.slots is not None and not self.slots.take():
-            if self.metrics is not None:
-                self.metrics.inc("match_busy")
-            raise MatchingUnavailable("Patient matching is busy with other exchanges; retry after the indicated "
-                                      "delay.", retry_after=BUSY_RETRY_AFTER,
-                                      detail="every matching slot of this worker is waiting on an upstream")
-        try:
-            decision = self.run(cfg, [p.issuer], target, p.source, p.patient,
-                                claims=p.patient_claims or {}, stale=stale, search=not dry_run, store=not dry_run,
-                                shared=shared)
-        except FHIRUnavailable as e:
-            raise self.unavailable(e, target) from None
-        finally:
-            if self.slots is not None:
-                self.slots.give_back()
+        with matching_slot(self.slots, self.metrics, lambda: MatchingUnavailable(
+                "Patient matching is busy with other exchanges; retry after the indicated delay.",
+                retry_after=BUSY_RETRY_AFTER, detail="every matching slot of this worker is waiting on an upstream")):
+            try:
+                decision = self.run(cfg, [p.issuer], target, p.source, p.patient,
+                                    claims=p.patient_claims or {}, stale=stale, search=not dry_run, store=not dry_run,
+                                    shared=shared)
+            except FHIRUnavailable as e:
+                raise self.unavailable(e, target) from None
         return decision.mapped()
 
     def unavailable(self, e: FHIRUnavailable, target) -> MatchingUnavailable:
         """Contract step 4: 503 with Retry-After; a log line naming the target and the status; a metric."""
-        if self.metrics is not None:
-            self.metrics.inc("match_failures")
-        log.warning("patient matching unavailable", extra={
-            "target": target.base_url, "party": e.party, "url": e.where, "status": e.status, "reason": e.reason})
-        what = "the target FHIR server" if e.party == "target" else "the EHR"
+        what = unreachable(e, target, self.metrics, "patient")
         return MatchingUnavailable(f"Patient matching could not reach {what}; retry after the indicated delay.",
                                    retry_after=e.retry_after, detail=f"matching: {e}")
 
@@ -141,11 +128,8 @@ class Matcher:
                         f"no link yet; the token carries no usable identifier, so the service would read "
                         f"Patient/{patient} at {source} (SMART Backend Services) and search the target for its "
                         f"identifiers of {systems_text(allowed)}; explain reads and searches nothing"))
-                if cfg.active_key is None:
-                    raise FHIRUnavailable("EHR", source, "no active signing key for the Backend Services assertion")
-                resource = self.fhir.read_patient(reader, cfg.active_key, source, patient, deadline)
-                if resource is not None:
-                    ids = usable_identifiers(resource.get("identifier"), allowed)
+                ids = read_identifiers(cfg, source, allowed,
+                                       lambda key: self.fhir.read_patient(reader, key, source, patient, deadline))
                 whence = "the source Patient at the EHR"
         if not ids:  # no search, nothing remembered
             return Decision("none", explain=f"no link, and {whence} carries no usable identifier of "
@@ -190,8 +174,7 @@ class Matcher:
             return Decision(outcome, searched=systems, explain=f"the target has {what} for these identifiers "
                                                                "(nothing stored)")
         if stale or replace_any:  # the new outcome replaces the matched row: it goes
-            cutoff = None if replace_any else datetime.now(timezone.utc) - timedelta(days=target.match_ttl_days or 30)
-            self.store.drop_matched_link(source, patient, target.id, cutoff, actor,
+            self.store.drop_matched_link(source, patient, target.id, rematch_cutoff(target, replace_any), actor,
                                          f"{source} {patient} -> {target.base_url}: rematched, {outcome}")
         self.store.remember_match(key, outcome, MEMORY_SECONDS)
         return Decision(outcome, searched=systems, stored=True, explain=(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -25,6 +27,8 @@ BUSY_RETRY_AFTER = 2  # seconds, when every matching slot is taken
 SERVICE_ACTOR = "token-exchange"  # the admin events' actor for what the service does itself
 WOULD_SEARCH = "would-search"  # a dry run (explain) stopped where the exchange would search the target
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+
+log = logging.getLogger("token_exchange.matching")
 
 
 # -- usable identifiers (contract step 1) ------------------------------------------------
@@ -42,6 +46,15 @@ def claimed_identifiers(claims, issuers, claim_of, systems) -> list[Identifier]:
         if ids:
             return ids
     return []
+
+
+def read_identifiers(cfg, source: str, systems, read) -> list[Identifier]:
+    """The usable identifiers of the resource ``read(key)`` reads at the EHR (SMART Backend
+    Services, its assertion signed with the active key); none when it is not found."""
+    if cfg.active_key is None:
+        raise FHIRUnavailable("EHR", source, "no active signing key for the Backend Services assertion")
+    resource = read(cfg.active_key)
+    return usable_identifiers(resource.get("identifier"), systems) if resource is not None else []
 
 
 def usable_identifiers(raw, systems) -> list[Identifier]:
@@ -194,6 +207,38 @@ def deadline_of(upstream, shared: dict | None):
     if "deadline" not in shared:
         shared["deadline"] = upstream.deadline()
     return shared["deadline"]
+
+
+def rematch_cutoff(target, replace_any: bool):
+    """A rematch that found none or several drops the matched row: any (``replace_any``, an
+    admin's `match`), else only one past the target's --match-ttl (days; 30 by default)."""
+    return None if replace_any else datetime.now(timezone.utc) - timedelta(days=target.match_ttl_days or 30)
+
+
+@contextmanager
+def matching_slot(slots, metrics, busy):
+    """One of the process's ``slots`` for one exchange's matching, given back after it;
+    when every slot is taken the exchange is refused at once with ``busy()`` (503) rather
+    than queued behind them (docs/SECURITY.md, resource model)."""
+    if slots is not None and not slots.take():
+        if metrics is not None:
+            metrics.inc("match_busy")
+        raise busy()
+    try:
+        yield
+    finally:
+        if slots is not None:
+            slots.give_back()
+
+
+def unreachable(e: FHIRUnavailable, target, metrics, what: str) -> str:
+    """Contract step 4: ``what`` (patient, user) matching could not reach the target or
+    the EHR: a log line naming the target and the status, a metric; -> which it was."""
+    if metrics is not None:
+        metrics.inc("match_failures")
+    log.warning(f"{what} matching unavailable", extra={
+        "target": target.base_url, "party": e.party, "url": e.where, "status": e.status, "reason": e.reason})
+    return "the target FHIR server" if e.party == "target" else "the EHR"
 
 
 def systems_text(systems) -> str:

@@ -14,17 +14,14 @@ names them, placed at one of the issuer's sources) is mapped as the patient is:
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 
 from ..errors import TemporarilyUnavailable
 from ..fhir_client import FHIR_ID, FHIRClient, FHIRUnavailable, search_scope
 from ..upstream import Slots
 from .search import (BUSY_RETRY_AFTER, MEMORY_SECONDS, SERVICE_ACTOR, WOULD_SEARCH, Searcher, claimed_identifiers,
-                     deadline_of, expired, memory_key, systems_text, usable_identifiers)
-
-log = logging.getLogger("token_exchange.matching")
+                     deadline_of, expired, matching_slot, memory_key, read_identifiers, rematch_cutoff, systems_text,
+                     unreachable, usable_identifiers)
 
 USER_TYPES = ("Practitioner", "PractitionerRole", "RelatedPerson", "Patient", "Person")
 SEARCHED_TYPES = ("Practitioner", "RelatedPerson", "Patient")  # PractitionerRole, Person: the table only
@@ -166,30 +163,20 @@ class UserMatcher:
 
     def match(self, u: SourceUser, issuer, target, cfg, stale: bool, dry_run: bool,
               shared: dict | None = None) -> UserMapped:
-        if self.slots is not None and not self.slots.take():
-            if self.metrics is not None:
-                self.metrics.inc("match_busy")
-            raise UserMappingUnavailable("User matching is busy with other exchanges; retry after the indicated "
-                                         "delay.", retry_after=BUSY_RETRY_AFTER,
-                                         detail="every matching slot of this worker is waiting on an upstream")
-        try:
-            d = self.run(cfg, [issuer], target, u, claims=u.claims, stale=stale, search=not dry_run,
-                         store=not dry_run, shared=shared)
-        except FHIRUnavailable as e:
-            raise self.unavailable(e, target) from None
-        finally:
-            if self.slots is not None:
-                self.slots.give_back()
+        with matching_slot(self.slots, self.metrics, lambda: UserMappingUnavailable(
+                "User matching is busy with other exchanges; retry after the indicated delay.",
+                retry_after=BUSY_RETRY_AFTER, detail="every matching slot of this worker is waiting on an upstream")):
+            try:
+                d = self.run(cfg, [issuer], target, u, claims=u.claims, stale=stale, search=not dry_run,
+                             store=not dry_run, shared=shared)
+            except FHIRUnavailable as e:
+                raise self.unavailable(e, target) from None
         if d.outcome in ("matched", "table"):
             return UserMapped(d.target_user, d.outcome, d.explain, u.url)
         return UserMapped(None, d.outcome, d.explain, u.url)
 
     def unavailable(self, e: FHIRUnavailable, target) -> UserMappingUnavailable:
-        if self.metrics is not None:
-            self.metrics.inc("match_failures")
-        log.warning("user matching unavailable", extra={
-            "target": target.base_url, "party": e.party, "url": e.where, "status": e.status, "reason": e.reason})
-        what = "the target FHIR server" if e.party == "target" else "the EHR"
+        what = unreachable(e, target, self.metrics, "user")
         return UserMappingUnavailable(f"User matching could not reach {what}; retry after the indicated delay.",
                                       retry_after=e.retry_after, detail=f"user matching: {e}")
 
@@ -213,12 +200,8 @@ class UserMatcher:
                         f"no user link yet; the token carries no usable identifier, so the service would read "
                         f"{u.url} (SMART Backend Services) and search the target's {u.type} resources for its "
                         f"identifiers of {systems_text(allowed)}; explain reads and searches nothing"))
-                if cfg.active_key is None:
-                    raise FHIRUnavailable("EHR", u.source, "no active signing key for the Backend Services assertion")
-                resource = self.fhir.read(reader, cfg.active_key, u.source, u.type, u.id, deadline,
-                                          search_scope(u.type))
-                if resource is not None:
-                    ids = usable_identifiers(resource.get("identifier"), allowed)
+                ids = read_identifiers(cfg, u.source, allowed, lambda key: self.fhir.read(
+                    reader, key, u.source, u.type, u.id, deadline, search_scope(u.type)))
                 whence = f"the user's {u.type} at the EHR"
         if not ids:
             return UserDecision("none", explain=f"no user link, and {whence} carries no usable identifier of "
@@ -259,8 +242,7 @@ class UserMatcher:
             return UserDecision(outcome, searched=systems, explain=f"the target has {what} for these identifiers "
                                                                    "(nothing stored)")
         if stale or replace_any:
-            cutoff = None if replace_any else datetime.now(timezone.utc) - timedelta(days=target.match_ttl_days or 30)
-            self.store.users.drop_matched(u.url, target.id, cutoff, actor,
+            self.store.users.drop_matched(u.url, target.id, rematch_cutoff(target, replace_any), actor,
                                           f"{u.url} -> {target.base_url}: rematched, {outcome}")
         self.store.remember_match(key, outcome, MEMORY_SECONDS)
         return UserDecision(outcome, searched=systems, stored=True, explain=(

@@ -25,6 +25,43 @@ def dialect_insert(dialect_name: str, model):
     return own_insert(model)
 
 
+def store_matched_row(engine, model, key: dict, answer: str, value: str, system: str, replace: bool, actor: str,
+                      action: str, detail: str) -> tuple:
+    """Store a matched link of ``model`` (PatientLink, UserLink) at ``key`` (its unique
+    columns) answering ``value`` in column ``answer``; return the row now stored as
+    (answer, origin), (None, "removed") when none is. Insert if absent (ON CONFLICT DO
+    NOTHING): of concurrent first matches one row is stored and every caller reads it
+    back; a table link or a block stored meanwhile is never overwritten. ``replace``: a
+    matched row (past its TTL) takes the new outcome. A row written here is an admin
+    event ``action`` (not a configuration change: the generation stays)."""
+    where = [getattr(model, column) == v for column, v in key.items()]
+    values = {answer: value, "system": system, "matched_at": utcnow()}
+    with engine.begin() as conn:
+        written = 0
+        if replace:
+            written = conn.execute(update(model).where(*where, model.origin == "matched").values(**values)).rowcount
+        if not written:
+            stmt = dialect_insert(conn.dialect.name, model).values(**key, origin="matched", **values)
+            written = conn.execute(stmt.on_conflict_do_nothing(index_elements=list(key))
+                                   .returning(model.id)).first() is not None
+        if written:
+            conn.execute(insert(AdminEvent).values(**audit.admin(actor, action, detail)))
+        row = conn.execute(select(getattr(model, answer), model.origin).where(*where)).first()
+    return (row[0], row[1]) if row is not None else (None, "removed")
+
+
+def drop_matched_row(engine, model, key: dict, matched_before, actor: str, action: str, detail: str) -> None:
+    """Delete the matched link of ``model`` at ``key`` (a rematch found none or several),
+    only one matched before ``matched_before`` when given, so a fresh match by another
+    instance stays. A link deleted here is an admin event ``action``."""
+    cond = [getattr(model, column) == v for column, v in key.items()] + [model.origin == "matched"]
+    if matched_before is not None:
+        cond.append((model.matched_at < matched_before) | model.matched_at.is_(None))
+    with engine.begin() as conn:
+        if conn.execute(delete(model).where(*cond)).rowcount:
+            conn.execute(insert(AdminEvent).values(**audit.admin(actor, action, detail)))
+
+
 class KeptLinks:
     """Links only an admin command changes (table links and blocks), patients' or users',
     kept in memory per configuration generation: each such change bumps the generation
@@ -100,41 +137,17 @@ class PatientLinks:
 
     def store_matched(self, source: str, patient: str, target_id: int, target_patient: str, system: str,
                       replace: bool, actor: str, detail: str) -> tuple:
-        """Store a matched link and return the row now stored as (target_patient, origin).
-        Insert if absent (ON CONFLICT DO NOTHING): of concurrent first matches one row
-        is stored and every caller reads it back; a table link or a block stored
-        meanwhile is never overwritten. ``replace``: a matched row (past its TTL) takes
-        the new outcome. A row written here is an admin event (not a configuration
-        change: the generation stays)."""
-        key = (PatientLink.source == source, PatientLink.patient == patient, PatientLink.target_id == target_id)
-        values = {"target_patient": target_patient, "system": system, "matched_at": utcnow()}
-        with self.engine.begin() as conn:
-            written = 0
-            if replace:
-                written = conn.execute(update(PatientLink).where(*key, PatientLink.origin == "matched")
-                                       .values(**values)).rowcount
-            if not written:
-                stmt = dialect_insert(conn.dialect.name, PatientLink).values(
-                    source=source, patient=patient, target_id=target_id, origin="matched", **values)
-                written = conn.execute(stmt.on_conflict_do_nothing(index_elements=["source", "patient", "target_id"])
-                                       .returning(PatientLink.id)).first() is not None
-            if written:
-                conn.execute(insert(AdminEvent).values(**audit.admin(actor, "link.match", detail)))
-            row = conn.execute(select(PatientLink.target_patient, PatientLink.origin).where(*key)).first()
-        return (row[0], row[1]) if row is not None else (None, "removed")
+        """Store a matched link (insert if absent, ``store_matched_row``); return the row now
+        stored as (target_patient, origin)."""
+        key = {"source": source, "patient": patient, "target_id": target_id}
+        return store_matched_row(self.engine, PatientLink, key, "target_patient", target_patient, system, replace,
+                                 actor, "link.match", detail)
 
     def drop_matched(self, source: str, patient: str, target_id: int, matched_before, actor: str,
                      detail: str) -> None:
-        """Delete a matched link (a rematch found none or several), only one matched
-        before ``matched_before`` when given, so a fresh match by another instance
-        stays. A link deleted here is an admin event."""
-        cond = [PatientLink.source == source, PatientLink.patient == patient, PatientLink.target_id == target_id,
-                PatientLink.origin == "matched"]
-        if matched_before is not None:
-            cond.append((PatientLink.matched_at < matched_before) | PatientLink.matched_at.is_(None))
-        with self.engine.begin() as conn:
-            if conn.execute(delete(PatientLink).where(*cond)).rowcount:
-                conn.execute(insert(AdminEvent).values(**audit.admin(actor, "link.unmatch", detail)))
+        """Delete a matched link (a rematch found none or several): ``drop_matched_row``."""
+        drop_matched_row(self.engine, PatientLink, {"source": source, "patient": patient, "target_id": target_id},
+                         matched_before, actor, "link.unmatch", detail)
 
 
 class Replay:

@@ -8,15 +8,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from .. import audit
-from ..clock import utcnow
-from ..models import AdminEvent, Target, UserLink
+from ..models import Target, UserLink
 from .admin import bump_conn
 from .hotpath import HotPath
-from .requests import KeptLinks, dialect_insert
+from .requests import KeptLinks, drop_matched_row, store_matched_row
 
 
 class UserLinks:
@@ -42,36 +40,15 @@ class UserLinks:
 
     def store_matched(self, user: str, target_id: int, target_user: str, system: str, replace: bool, actor: str,
                       detail: str) -> tuple:
-        """Store a matched user link; return the row now stored as (target_user, origin).
-        Insert if absent (ON CONFLICT DO NOTHING): of concurrent first matches one row is
-        stored and every caller reads it back; a table link or a block is never
-        overwritten. ``replace``: a matched row (past its TTL) takes the new outcome."""
-        key = (UserLink.user == user, UserLink.target_id == target_id)
-        values = {"target_user": target_user, "system": system, "matched_at": utcnow()}
-        with self.engine.begin() as conn:
-            written = 0
-            if replace:
-                written = conn.execute(update(UserLink).where(*key, UserLink.origin == "matched")
-                                       .values(**values)).rowcount
-            if not written:
-                stmt = dialect_insert(conn.dialect.name, UserLink).values(user=user, target_id=target_id,
-                                                                          origin="matched", **values)
-                written = conn.execute(stmt.on_conflict_do_nothing(index_elements=["user", "target_id"])
-                                       .returning(UserLink.id)).first() is not None
-            if written:
-                conn.execute(insert(AdminEvent).values(**audit.admin(actor, "user-link.match", detail)))
-            row = conn.execute(select(UserLink.target_user, UserLink.origin).where(*key)).first()
-        return (row[0], row[1]) if row is not None else (None, "removed")
+        """Store a matched user link (insert if absent, ``store_matched_row``); return the row
+        now stored as (target_user, origin)."""
+        return store_matched_row(self.engine, UserLink, {"user": user, "target_id": target_id}, "target_user",
+                                 target_user, system, replace, actor, "user-link.match", detail)
 
     def drop_matched(self, user: str, target_id: int, matched_before, actor: str, detail: str) -> None:
-        """Delete a matched user link (a rematch found none or several); only one matched
-        before ``matched_before`` when given, so a fresh match by another instance stays."""
-        cond = [UserLink.user == user, UserLink.target_id == target_id, UserLink.origin == "matched"]
-        if matched_before is not None:
-            cond.append((UserLink.matched_at < matched_before) | UserLink.matched_at.is_(None))
-        with self.engine.begin() as conn:
-            if conn.execute(delete(UserLink).where(*cond)).rowcount:
-                conn.execute(insert(AdminEvent).values(**audit.admin(actor, "user-link.unmatch", detail)))
+        """Delete a matched user link (a rematch found none or several): ``drop_matched_row``."""
+        drop_matched_row(self.engine, UserLink, {"user": user, "target_id": target_id}, matched_before, actor,
+                         "user-link.unmatch", detail)
 
 
 class DuplicateUserLink(Exception):
