@@ -21,6 +21,8 @@ from sqlalchemy import bindparam, insert, select
 from ..models import AuditEvent, Consent, PatientLink, UserLink
 
 log = logging.getLogger("token_exchange.store")
+SQLITE_AUTOCHECKPOINT = 1000  # pages: SQLite's default, for every other connection
+CHECKPOINT_EVERY = 500  # the hot path's commits between its own WAL checkpoints (SQLite; about as often as SQLite would)
 
 # Hot-path statements, built once (Core on the tables: no ORM work per request).
 _LINKS = PatientLink.__table__
@@ -80,6 +82,11 @@ class HotPath:
         self.group = GroupCommit(self) if group_commit else None
         path = engine.url.database if dialect.name == "sqlite" else None
         self._writer_lock_path = f"{path}-writer.lock" if fcntl and path and path != ":memory:" else None
+        # SQLite: this connection's commits do not checkpoint the WAL themselves (a checkpoint
+        # ends with an fsync, and inside a commit it would hold the writer lock meanwhile);
+        # it checkpoints every CHECKPOINT_EVERY commits, after letting the lock go.
+        self._checkpoints = dialect.name == "sqlite" and path not in (None, ":memory:")
+        self._commits = 0
 
     @staticmethod
     def _compile(stmt, dialect):
@@ -90,6 +97,13 @@ class HotPath:
     def close(self):
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
+        if conn is not None and self._checkpoints:
+            try:  # back to the pool as the engine's other connections are: checkpointing themselves
+                conn.cursor().execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT}").close()
+            except self.engine.dialect.loaded_dbapi.Error:
+                self._local.conn = conn
+                self._drop(conn)
+                return
         if conn is not None:
             if self._autocommit:
                 try:  # back to the pool as the engine expects its connections: not autocommit
@@ -165,6 +179,21 @@ class HotPath:
         finally:
             if lock is not None:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+            if commit and self._checkpoints:
+                self._commits += 1
+                if self._commits % CHECKPOINT_EVERY == 0:
+                    self._checkpoint()
+
+    def _checkpoint(self):
+        """SQLite: copy the WAL's committed pages into the database (PASSIVE: it waits for no
+        reader or writer, and other writers go on meanwhile), outside the writer lock."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        try:
+            conn.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").close()
+        except self.engine.dialect.loaded_dbapi.Error as e:  # the next commit's checkpoint will try again
+            log.warning("WAL checkpoint failed", extra={"reason": str(e)})
 
     def _run(self, work, fetch, commit):
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
@@ -174,6 +203,8 @@ class HotPath:
                 conn = self._local.conn = self.engine.raw_connection()
                 if self._autocommit:
                     conn.driver_connection.autocommit = True
+                if self._checkpoints:
+                    conn.cursor().execute("PRAGMA wal_autocheckpoint=0").close()
             try:
                 cur = conn.cursor()
                 if self._autocommit:
