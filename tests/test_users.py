@@ -11,11 +11,12 @@ import jwt
 import pytest
 import requests
 
-from conftest import AT, IDT, SERVICE, TE, TARGET_SECRET, VENDOR_SECRET, audit_rows
+from conftest import AT, IDT, TE, TARGET_SECRET, VENDOR_SECRET, audit_rows
 from fakes import SOURCE, UPSTREAM, free_port
 from fhirserver import require_all, unavailable
 from test_jwt_grant import JWT_BEARER, make_grant
-from test_matching_medplum import ServedApp, patient, seed
+# the served app and the Medplum target, as patient matching's tests set them up (fixtures)
+from test_matching_medplum import medplum, patient, seed, servers, service  # noqa: F401
 
 if unavailable() and not require_all():
     pytest.skip(unavailable(), allow_module_level=True)
@@ -25,30 +26,6 @@ OTHER = "urn:example:staff-id"
 SSN = "urn:oid:2.16.840.1.113883.4.1"
 DOCTOR = SOURCE + "/Practitioner/p1"  # the fake EHR's default fhirUser
 USER_SCOPE = "user/Observation.rs"
-
-
-@pytest.fixture(scope="module")
-def servers():
-    running = {}
-    yield running
-    for s in running.values():
-        s.stop()
-
-
-@pytest.fixture
-def service(servers, env, world):
-    from token_exchange import create_app
-    served = servers.setdefault(env["TOKEN_EXCHANGE_DATABASE_URL"].split(":", 1)[0], ServedApp())
-    served.app = create_app(env=env)
-    yield served
-    served.app.extensions["token_exchange"].store.close()
-    served.app.extensions["token_exchange"].engine.dispose()
-    served.app = None
-
-
-@pytest.fixture
-def medplum(fhir_server_factory, service):
-    return fhir_server_factory(jwks_url=service.url + "/jwks", issuer=SERVICE)
 
 
 @pytest.fixture
