@@ -249,6 +249,19 @@ def test_jwt_library_agrees_the_minted_cnf_is_the_proof_key_thumbprint(exchange,
     assert jwt.decode(token, options={"verify_signature": False})["cnf"]["jkt"] == prover.jkt
 
 
+def test_a_replayed_proof_is_invalid_dpop_proof_even_when_the_request_is_wrong_otherwise(exchange, world, prover):
+    """A replayed proof is refused as one (RFC 9449 §4.3 (12)), whatever else the request
+    gets wrong: here a resource no trust covers, which without the replay is invalid_target."""
+    proof = prover.proof()
+    assert exchange(headers=with_proof(proof)).status_code == 200
+    error_of(exchange(headers=with_proof(prover.proof()), resource="https://fhir.nowhere.example/fhir"), 400,
+             "invalid_target")
+    body = refused(exchange, proof, resource="https://fhir.nowhere.example/fhir")
+    assert body["error_description"] == "The DPoP proof was already used; make a new proof for each request."
+    refusal = audit_rows(world)[-1]
+    assert refusal["error"] == "invalid_dpop_proof" and "earlier request" in refusal["reason"]
+
+
 def test_a_replayed_proof_is_refused_at_the_commit_of_its_record_and_nothing_is_issued(exchange, world, prover):
     """The jti is spent by the decision's audit record (unique per proof key), committed
     before the answer: the replay's token is minted but its record cannot be committed, so

@@ -194,6 +194,11 @@ class Nonces:
 REPLAYED = "The DPoP proof was already used; make a new proof for each request."
 
 
+def replayed() -> InvalidDPoPProof:
+    """(12): the request's audit record found the proof's jti spent by an earlier request."""
+    return InvalidDPoPProof(REPLAYED, detail="the proof's jti was spent by an earlier request")
+
+
 class Proof:
     """A checked proof: its key's thumbprint (jkt) and its jti, which the decision's audit
     record spends (AuditEvent.dpop_jkt, dpop_jti)."""

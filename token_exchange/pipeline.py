@@ -18,7 +18,7 @@ from authlib.oauth2.rfc6749.requests import OAuth2Payload, OAuth2Request
 from werkzeug.datastructures import MultiDict
 
 from . import audit, logs
-from .dpop import REPLAYED, InvalidDPoPProof
+from .dpop import replayed
 from .errors import InvalidRequest, OAuth2Error, TemporarilyUnavailable, UnsupportedGrantType
 from .forms import read_form, reject_duplicates
 from .grants import GRANTS, advertised_grant_types
@@ -111,28 +111,31 @@ class TokenPipeline:
             grant.validate_token_request()
             answer = grant.create_token_response()
         except OAuth2Error as e:
-            self._refuse(request, record, e)
-            raise
+            raise self._refuse(request, record, e)
         if not self.store.record_audit(record):  # the proof's jti was spent (RFC 9449 §4.3 (12)): nothing issued
-            e = InvalidDPoPProof(REPLAYED, detail="the proof's jti was spent by an earlier request")
-            self._refuse(request, dict(record, jti=None, scope_granted=None, outcome="refused", dpop_jti=None), e)
-            raise e
+            raise self._refuse(request, dict(record, jti=None, scope_granted=None, outcome="refused", dpop_jti=None),
+                               replayed())
         self._count_user(record)
         self.metrics.exchange("granted", None)
         self.metrics.token_type("DPoP" if request.dpop_jkt else "Bearer")
         log_decision(record, None)
         return answer
 
-    def _refuse(self, request, record, error) -> None:
+    def _refuse(self, request, record, error) -> OAuth2Error:
         """A refusal of an authenticated client's request: audited (committed before the
         answer; a checked proof's jti spent with it, single use whatever the outcome),
-        counted and logged."""
+        counted and logged. -> the error to answer: ``error``, or invalid_dpop_proof when
+        the record finds the proof spent already (a replayed proof is refused as one,
+        whatever else was wrong with the request, as when it is checked first)."""
         audit.refused(record, error)
-        if not self.store.record_audit(record):  # the proof was spent already: the refusal stands
+        if not self.store.record_audit(record):
+            error = replayed()
             record["dpop_jti"] = None
+            audit.refused(record, error)
             self.store.record_audit(record)
         self._count_user(record)
         self._refused(record, error)
+        return error
 
     def check_dpop(self, request: TokenRequest, record: dict) -> None:
         """RFC 9449 §4.3, right after client authentication (and its rate limit): the one
