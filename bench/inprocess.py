@@ -125,12 +125,14 @@ def main():
         wrap(ext.pipeline.deps.validator, "validate", "  validate subject + actor JWTs")
         wrap(ext.store, "find_link", "  store.find_link (patient link SELECT)")
         wrap(keymod.ActiveKey, "mint", "  mint (RS256 sign)")
-        wrap(ext.store, "record_audit", "  store.record_audit (INSERT + COMMIT)")
+        wrap(ext.store, "send_audit", "  store.send_audit (INSERT started)")
+        from token_exchange.store import AuditRecording
+        wrap(AuditRecording, "committed", "  AuditRecording.committed (the wait for the COMMIT, after signing)")
         from token_exchange import endpoints, pipeline
         from token_exchange.grants import TokenExchangeGrant
         for step, method in TokenExchangeGrant.STEPS:
             wrap(TokenExchangeGrant, method, f"  grant step: {step}")
-        wrap(TokenExchangeGrant, "create_token_response", "  grant.create_token_response (mint and body)")
+        wrap(TokenExchangeGrant, "decide_token", "  grant.decide_token (claims, body, the record complete)")
         wrap(pipeline, "log_decision", "  the decision's log line")
         wrap(pipeline, "read_form", "forms.read_form (size, type, parse)")
         wrap(endpoints, "json_answer", "endpoints.json_answer")

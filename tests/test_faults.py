@@ -2,6 +2,7 @@
 keep serving), issuer hanging (bounded timeouts)."""
 from __future__ import annotations
 
+import jwt
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -57,6 +58,32 @@ def test_service_started_while_database_is_down_serves_503_then_recovers(proxied
     proxy.up()
     assert http.get("/readyz").status_code == 200
     app.extensions["token_exchange"].engine.dispose()
+
+
+@needs_pg
+def test_an_exchange_after_the_server_closed_the_kept_connection_is_answered_and_audited(db_url, exchange, world):
+    """The hot path keeps one PostgreSQL connection per thread and sends the audit insert on it
+    without waiting (libpq's asynchronous calls). A connection the server closed while it sat
+    idle (a restart, a failover, an idle timeout) is found closed before anything is sent on
+    it: the exchange opens a fresh one and is answered and audited as usual."""
+    import sqlalchemy
+    if not db_url.startswith("postgresql"):
+        pytest.skip("closing the server side of a kept connection applies to PostgreSQL")
+    assert exchange().status_code == 200  # the kept connection is opened
+    assert exchange().status_code == 200  # and used again (the insert sent without waiting)
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.connect() as conn:
+        closed = conn.execute(sqlalchemy.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    engine.dispose()
+    assert closed >= 1
+    before = len(audit_rows(world))
+    r = exchange()
+    assert r.status_code == 200, r.get_data(as_text=True)
+    rows = audit_rows(world)
+    assert len(rows) == before + 1 and rows[-1]["jti"] == jwt.decode(
+        r.get_json()["access_token"], options={"verify_signature": False})["jti"]
 
 
 def test_cached_jwks_keeps_serving_while_the_issuer_is_down(exchange, ehr):

@@ -700,3 +700,13 @@ def test_idle_connections_do_not_hold_threads(serve, ehr):
         for s in idle:
             s.close()
         kept.close()
+
+
+def test_a_nul_in_what_a_record_keeps_is_stored_as_a_replacement_character_never_cut_short(world, exchange, ehr):
+    """PostgreSQL's text cannot hold NUL: the record keeps U+FFFD in its place, on every back
+    end, so what follows the NUL is still on record and the request is answered for what it is."""
+    sub = "alice\x00evil"
+    r = exchange(subject_token=ehr.access_token(sub=sub), actor_token=ehr.id_token(sub=sub, patient="p-unlinked"))
+    error_of(r, 400, "invalid_scope")  # the patient is not linked: refused, and recorded
+    row = audit_rows(world)[-1]
+    assert row["subject"] == "alice\ufffdevil"

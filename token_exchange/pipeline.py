@@ -109,10 +109,15 @@ class TokenPipeline:
             self.check_dpop(request, record)
             grant = self.grant_class(form)(request, self.deps, record)
             grant.validate_token_request()
-            answer = grant.create_token_response()
+            minting = grant.decide_token()
         except OAuth2Error as e:
             raise self._refuse(request, record, e)
-        if not self.store.record_audit(record):  # the proof's jti was spent (RFC 9449 §4.3 (12)): nothing issued
+        recording = self.store.send_audit(record)  # committed while the token is signed, before the answer
+        try:
+            answer = minting.sign()
+        finally:
+            recorded = recording.committed()
+        if not recorded:  # the proof's jti was spent (RFC 9449 §4.3 (12)): nothing issued
             raise self._refuse(request, dict(record, jti=None, scope_granted=None, outcome="refused", dpop_jti=None),
                                replayed())
         self._count_user(record)

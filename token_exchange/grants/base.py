@@ -110,6 +110,13 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
                 self.trace.append(StepOutcome(name, True, str(detail or "held"), pending=isinstance(detail, Pending)))
 
     def create_token_response(self):
+        """Authlib's second phase: the token decided (``decide_token``), then signed."""
+        return self.decide_token().sign()
+
+    def decide_token(self) -> Minting:
+        """Everything about the token but its signature: claims, answer and the audit
+        record complete (outcome, scope, jti), so the record can be committing while the
+        token is signed (the token pipeline)."""
         p = self.presented
         now = int(time.time())
         life = self.lifetime(now)
@@ -133,15 +140,14 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         jkt = self.request.dpop_jkt
         if jkt is not None:  # RFC 9449 §6.1: bound to the proof's key
             claims["cnf"] = {"jkt": jkt}
-        token = key.mint(claims)
-        body = {"access_token": token, "token_type": "Bearer" if jkt is None else "DPoP", "expires_in": life,
+        body = {"access_token": None, "token_type": "Bearer" if jkt is None else "DPoP", "expires_in": life,
                 "scope": scope}
         if self.ISSUED_TOKEN_TYPE:
             body["issued_token_type"] = self.request.requested_token_type
         if self.target_patient is not None:
             body["patient"] = self.target_patient
         self.audit.update(outcome="granted", scope_granted=scope, jti=jti)  # with `consent`: revocable by it
-        return 200, body, self.TOKEN_RESPONSE_HEADER
+        return Minting(key, claims, body, self.TOKEN_RESPONSE_HEADER)
 
     @classmethod
     def advertised(cls, cfg) -> bool:
@@ -288,6 +294,18 @@ class ExchangeGrant(BaseGrant, TokenEndpointMixin):
         self.target_user = mapped.target_user
         self.audit["target_user"] = mapped.target_user
         return f"{mapped.source_user} is {mapped.target_user} at the target ({mapped.explain})"
+
+
+class Minting:
+    """A decided token, not signed yet: ``sign()`` -> the token response (status, body, headers)."""
+    __slots__ = ("key", "claims", "body", "headers")
+
+    def __init__(self, key, claims: dict, body: dict, headers):
+        self.key, self.claims, self.body, self.headers = key, claims, body, headers
+
+    def sign(self) -> tuple:
+        self.body["access_token"] = self.key.mint(self.claims)
+        return 200, self.body, self.headers
 
 
 def resolve_target(form, cfg):

@@ -7,7 +7,8 @@
   ``Revocations``, ``AuditLog``), queried or written directly;
 - ``consent``: consent records (``ConsentQueries``);
 - ``hotpath``: the precompiled statements of every exchange (``HotPath``), with
-  group commit handed in by whoever builds the store;
+  group commit handed in by whoever builds the store; ``libpq``: its PostgreSQL
+  writes sent now and collected later;
 - ``admin``: the CLI's reads and writes (``Admin``);
 - ``users``: user links (``UserLinks``; the CLI's ``UserLinkAdmin``).
 
@@ -91,13 +92,12 @@ class Store:
         """Committed before the caller answers: a token issued always has its record.
         An event with ``dpop_jti`` spends that DPoP proof's jti: False (and nothing
         written) when an earlier record spent it."""
-        try:
-            self.audit_log.record(event)
-        except IntegrityError:
-            if event.get("dpop_jti") is None:
-                raise
-            return False
-        return True
+        return self.send_audit(event).committed()
+
+    def send_audit(self, event: dict) -> AuditRecording:
+        """``record_audit`` in two halves, so the caller can work while the record is
+        being committed: the insert starts now, ``committed()`` on the answer waits for it."""
+        return AuditRecording(self.audit_log.send(event), event.get("dpop_jti") is not None)
 
     def revoke(self, jti: str, exp: int) -> None:
         self.revocations.revoke(jti, exp)
@@ -141,3 +141,22 @@ class Store:
     def drop_matched_link(self, source: str, patient: str, target_id: int, matched_before, actor: str,
                           detail: str) -> None:
         self.links.drop_matched(source, patient, target_id, matched_before, actor, detail)
+
+
+class AuditRecording:
+    """An audit record being committed (Store.send_audit)."""
+    __slots__ = ("_pending", "_spends_proof")
+
+    def __init__(self, pending, spends_proof: bool):
+        self._pending, self._spends_proof = pending, spends_proof
+
+    def committed(self) -> bool:
+        """Once the record is committed: True; False (nothing written) when it spends a
+        DPoP proof's jti an earlier record spent. Any other failure raises."""
+        try:
+            self._pending.wait()
+        except IntegrityError:
+            if not self._spends_proof:
+                raise
+            return False
+        return True

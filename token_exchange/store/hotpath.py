@@ -4,12 +4,19 @@ a kept DBAPI connection, with SQLite's writers ordered by flock(2) and, in
 threaded workers, their audit commits grouped (``group_commit``, handed in by
 whoever builds the store: never a module global). On PostgreSQL the kept
 connections run in autocommit: a lookup is one round trip and an audit insert
-one round trip and one commit (no BEGIN, no COMMIT of their own)."""
+one round trip and one commit (no BEGIN, no COMMIT of their own).
+
+An audit write can be started and waited for apart (``send`` -> ``Pending.wait``),
+so a request signs its token while its record is being committed: on PostgreSQL
+the insert is sent with libpq's asynchronous calls and the server commits it
+meanwhile; with group commit it joins the writer thread's next transaction. The
+request still answers only after ``wait`` returns: the record is committed first."""
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from typing import NamedTuple
 
 try:
     import fcntl
@@ -19,6 +26,7 @@ except ImportError:  # not POSIX: SQLite's busy handler alone
 from sqlalchemy import bindparam, insert, select
 
 from ..models import AuditEvent, Consent, PatientLink, UserLink
+from . import libpq
 
 log = logging.getLogger("token_exchange.store")
 SQLITE_AUTOCHECKPOINT = 1000  # pages: SQLite's default, for every other connection
@@ -43,6 +51,15 @@ _FIND_CONSENT = select(_CONSENT.c.id, _CONSENT.c.scopes, _CONSENT.c.expires).whe
     _CONSENT.c.withdrawn.is_(None)).order_by(_CONSENT.c.granted.desc())
 
 
+class Compiled(NamedTuple):
+    """A hot-path statement compiled for the engine's dialect: ``sql`` and the order of its
+    parameters (None: the DBAPI takes them by name); on PostgreSQL also ``libpq``, the same
+    statement with $n placeholders and their order, for libpq's own asynchronous calls."""
+    sql: str
+    names: list | None
+    libpq: tuple | None = None
+
+
 class HotPath:
     """The two statements every exchange runs (link lookup, audit insert), compiled
     once for the engine's dialect and run on a pooled DBAPI connection: the
@@ -59,8 +76,9 @@ class HotPath:
         # what the ORM would make of a DateTime column read raw (SQLite returns text)
         self.time_result = (_CONSENT.c.expires.type.dialect_impl(dialect).result_processor(dialect, None)
                             or (lambda v: v))
+        # inline(): no RETURNING of the new row's id (nothing reads it)
         self.insert_audit = self._compile(
-            insert(AuditEvent.__table__).values({c: bindparam(c) for c in AUDIT_COLUMNS}), dialect)
+            insert(AuditEvent.__table__).values({c: bindparam(c) for c in AUDIT_COLUMNS}).inline(), dialect)
         time_type = AuditEvent.__table__.c.time.type.dialect_impl(dialect)  # e.g. SQLite's DATETIME, as the ORM writes it
         self.time_bind = time_type.bind_processor(dialect) or (lambda v: v)
         # a link's matched_at read raw (SQLite's DBAPI gives the stored text)
@@ -92,7 +110,11 @@ class HotPath:
     def _compile(stmt, dialect):
         compiled = stmt.compile(dialect=dialect)
         names = list(compiled.positiontup) if dialect.positional else None
-        return compiled.string, names
+        libpq = None
+        if dialect.name == "postgresql":
+            dollar = stmt.compile(dialect=type(dialect)(paramstyle="numeric_dollar"))
+            libpq = (dollar.string.encode(), list(dollar.positiontup))
+        return Compiled(compiled.string, names, libpq)
 
     def close(self):
         conn = getattr(self._local, "conn", None)
@@ -148,23 +170,37 @@ class HotPath:
         """Each thread keeps one DBAPI connection for these statements (no pool
         checkout per request). A failure drops it; one retry on a fresh connection
         covers a database that restarted since."""
-        sql, names = statement
-        args = tuple(params[n] for n in names) if names is not None else params
-        return self._locked(((sql, args),), fetch, commit)
+        return self._locked((_bind(statement, params),), fetch, commit)
 
     def write(self, statements):
         """(statement, params)... committed as one before this returns: with group
         commit, in a transaction shared with other threads' writes."""
-        work = [(sql, tuple(params[n] for n in names) if names is not None else params)
-                for (sql, names), params in statements]
+        self.send(statements).wait()
+
+    def send(self, statements) -> Pending:
+        """(statement, params)... to be committed as one, started now: the caller goes on
+        with its own work and calls ``wait()`` on the answer, which returns once they are
+        committed (or raises what kept them from being, as ``write``). With group commit
+        they join the writer thread's next transaction; a single statement on PostgreSQL
+        is sent on the thread's connection and committed by the server meanwhile (libpq's
+        asynchronous calls); otherwise they are committed before this returns."""
+        work = [_bind(statement, params) for statement, params in statements]
         if self.group is not None:
-            return self.group.submit(work)
-        return self._locked(work, False, True)
+            return self.group.send(work)
+        if self._autocommit and len(work) == 1:
+            (statement, params), = statements
+            sent = libpq.send(self, getattr(self._local, "conn", None), statement, params, work[0])
+            if sent is not None:
+                return sent
+        try:
+            self._locked(work, False, True)
+        except self._exc.DBAPIError as e:
+            return Pending(e)
+        return Pending()
 
     def run_all(self, statements, fetch=False, commit=False):
         """Several (statement, params) in one transaction; the last one's row if fetch."""
-        return self._locked([(sql, tuple(params[n] for n in names) if names is not None else params)
-                             for (sql, names), params in statements], fetch, commit)
+        return self._locked([_bind(statement, params) for statement, params in statements], fetch, commit)
 
     def _locked(self, work, fetch, commit):
         if self._mutex is None:
@@ -272,6 +308,29 @@ class HotPath:
             pass
 
 
+class Pending:
+    """A write under way (HotPath.send): ``wait()`` returns once it is committed, or raises
+    what kept it from being. This one was done when it was made."""
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _bind(statement, params) -> tuple:
+    """(sql, arguments in the DBAPI's order) of a compiled statement and its parameters."""
+    return statement.sql, (tuple(params[n] for n in statement.names) if statement.names is not None else params)
+
+
+def storable(value):
+    """A value as a record keeps it: PostgreSQL's text cannot hold NUL, so U+FFFD stands in
+    its place (on every back end alike; what follows it stays on record)."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
 
 class GroupCommit:
     """One writer thread per process that commits the audit records of every request
@@ -288,17 +347,16 @@ class GroupCommit:
         self.queue: list = []
         self.thread = None
 
-    def submit(self, work) -> None:
-        item = [work, threading.Event(), None]
+    def send(self, work) -> Pending:
+        """Queued for the writer's next transaction; ``wait()`` on the answer."""
+        item = _Queued(work)
         with self.cv:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._loop, daemon=True, name="token-exchange-audit")
                 self.thread.start()
             self.queue.append(item)
             self.cv.notify()
-        item[1].wait()
-        if item[2] is not None:
-            raise item[2]
+        return item
 
     def _loop(self):
         while True:
@@ -307,18 +365,31 @@ class GroupCommit:
                     self.cv.wait()
                 batch, self.queue = self.queue, []
             try:
-                self.hot._locked([w for item in batch for w in item[0]], False, True)
+                self.hot._locked([w for item in batch for w in item.work], False, True)
             except Exception as e:  # noqa: BLE001 - handed to the waiting requests
                 if len(batch) == 1:
-                    batch[0][2] = e
+                    batch[0].error = e
                 else:
                     for item in batch:
                         try:
-                            self.hot._locked(item[0], False, True)
+                            self.hot._locked(item.work, False, True)
                         except Exception as one:  # noqa: BLE001
-                            item[2] = one
+                            item.error = one
             for item in batch:
-                item[1].set()
+                item.done.set()
+
+
+class _Queued(Pending):
+    """A write queued for the group commit's writer thread."""
+    __slots__ = ("work", "done")
+
+    def __init__(self, work):
+        super().__init__()
+        self.work, self.done = work, threading.Event()
+
+    def wait(self) -> None:
+        self.done.wait()
+        super().wait()
 
 
 class _ProcessLocal:

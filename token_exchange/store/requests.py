@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from .. import audit
 from ..clock import utcnow
 from ..models import AdminEvent, AssertionJti, AuditEvent, MatchMemory, PatientLink, Revocation
-from .hotpath import AUDIT_COLUMNS, HotPath
+from .hotpath import AUDIT_COLUMNS, HotPath, Pending, storable
 
 
 def dialect_insert(dialect_name: str, model):
@@ -211,16 +211,17 @@ class AuditLog:
     def __init__(self, engine, hot: HotPath):
         self.engine, self._hot = engine, hot
 
-    def record(self, event: dict) -> None:
-        """Committed before the caller answers: a token issued always has its record.
+    def send(self, event: dict) -> Pending:
+        """The record's insert, started: committed once ``wait()`` on the answer returns,
+        which the caller does before it answers (a token issued always has its record).
         A token minted under a consent is found from its record (``jti`` with
         ``consent``, the partial index ix_audit_event_consent_jti), so introspection
         can follow the consent. A record with ``dpop_jti`` spends that DPoP proof's jti
         (IntegrityError, nothing written, when a record spent it already)."""
-        row = {c: event.get(c) for c in AUDIT_COLUMNS}
+        row = {c: storable(event.get(c)) for c in AUDIT_COLUMNS}
         row["event"] = event.get("event") or "exchange"
         row["time"] = self._hot.time_bind(utcnow())
-        self._hot.write(((self._hot.insert_audit, row),))
+        return self._hot.send(((self._hot.insert_audit, row),))
 
     def record_admin(self, actor: str, action: str, detail: str) -> None:
         """An admin event for something the service did itself (a search token minted):
