@@ -218,7 +218,10 @@ class AuditLog:
         ``consent``, the partial index ix_audit_event_consent_jti), so introspection
         can follow the consent. A record with ``dpop_jti`` spends that DPoP proof's jti
         (IntegrityError, nothing written, when a record spent it already)."""
-        row = {c: storable(event.get(c)) for c in AUDIT_COLUMNS}
+        row = {c: event.get(c) for c in AUDIT_COLUMNS}
+        for c, v in row.items():
+            if v.__class__ is str and "\x00" in v:
+                row[c] = storable(v)
         row["event"] = event.get("event") or "exchange"
         row["time"] = self._hot.time_bind(utcnow())
         return self._hot.send(((self._hot.insert_audit, row),))
