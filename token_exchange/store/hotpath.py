@@ -183,7 +183,8 @@ class HotPath:
         committed (or raises what kept them from being, as ``write``). With group commit
         they join the writer thread's next transaction; a single statement on PostgreSQL
         is sent on the thread's connection and committed by the server meanwhile (libpq's
-        asynchronous calls); otherwise they are committed before this returns."""
+        asynchronous calls); otherwise (SQLite, whose commit is a local write, not a wait)
+        they are written when ``wait()`` is called, as ``write`` would."""
         work = [_bind(statement, params) for statement, params in statements]
         if self.group is not None:
             return self.group.send(work)
@@ -192,11 +193,7 @@ class HotPath:
             sent = libpq.send(self, getattr(self._local, "conn", None), statement, params, work[0])
             if sent is not None:
                 return sent
-        try:
-            self._locked(work, False, True)
-        except self._exc.DBAPIError as e:
-            return Pending(e)
-        return Pending()
+        return _Deferred(self, work)
 
     def run_all(self, statements, fetch=False, commit=False):
         """Several (statement, params) in one transaction; the last one's row if fetch."""
@@ -319,6 +316,20 @@ class Pending:
     def wait(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+class _Deferred(Pending):
+    """A write done when waited for (HotPath.send where nothing is gained by starting it early)."""
+    __slots__ = ("hot", "work")
+
+    def __init__(self, hot, work):
+        super().__init__()
+        self.hot, self.work = hot, work
+
+    def wait(self) -> None:
+        work, self.work = self.work, None
+        if work is not None:
+            self.hot._locked(work, False, True)
 
 
 def _bind(statement, params) -> tuple:
