@@ -337,12 +337,6 @@ def _bind(statement, params) -> tuple:
     return statement.sql, (tuple(params[n] for n in statement.names) if statement.names is not None else params)
 
 
-def storable(value):
-    """A value as a record keeps it: PostgreSQL's text cannot hold NUL, so U+FFFD stands in
-    its place (on every back end alike; what follows it stays on record)."""
-    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
-
-
 class GroupCommit:
     """One writer thread per process that commits the audit records of every request
     waiting at that moment in one transaction (SQLite: one writer-lock turn; PostgreSQL:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from .. import audit
 from ..clock import utcnow
 from ..models import AdminEvent, AssertionJti, AuditEvent, MatchMemory, PatientLink, Revocation
-from .hotpath import AUDIT_COLUMNS, HotPath, Pending, storable
+from .hotpath import AUDIT_COLUMNS, HotPath, Pending
 
 
 def dialect_insert(dialect_name: str, model):
@@ -219,9 +219,9 @@ class AuditLog:
         can follow the consent. A record with ``dpop_jti`` spends that DPoP proof's jti
         (IntegrityError, nothing written, when a record spent it already)."""
         row = {c: event.get(c) for c in AUDIT_COLUMNS}
-        for c, v in row.items():
+        for c, v in row.items():  # PostgreSQL's text cannot hold NUL: U+FFFD stands in its place (every back end)
             if v.__class__ is str and "\x00" in v:
-                row[c] = storable(v)
+                row[c] = v.replace("\x00", "\ufffd")
         row["event"] = event.get("event") or "exchange"
         row["time"] = self._hot.time_bind(utcnow())
         return self._hot.send(((self._hot.insert_audit, row),))
