@@ -109,9 +109,16 @@ OTHER_MAX = 0.2  # cores other processes may use during a run before it is done 
 
 def busy_seconds() -> float:
     """CPU time spent on all cores (user, nice, system, irq, softirq, steal), from /proc/stat."""
+    return sum(machine_seconds()[:3])
+
+
+def machine_seconds() -> tuple:
+    """(process time: user, nice and system; interrupts: irq and softirq, which on loopback
+    is most of the networking's cost and belongs to no process; steal: time the hypervisor
+    gave another guest) of all cores, from /proc/stat."""
     f = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
-    return (user + nice + system + irq + softirq + steal) / HZ
+    return (user + nice + system) / HZ, (irq + softirq) / HZ, steal / HZ
 
 
 def proc_cpu_seconds(pids) -> float:

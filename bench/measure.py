@@ -10,8 +10,8 @@ from pathlib import Path
 
 from bench.backends import cost as backend_cost
 from bench.common import FLOOR_DIR, ROOT, log
-from bench.load import (OTHER_MAX, Gunicorn, busy_seconds, children_cpu_seconds, post_token, proc_cpu_seconds,
-                        run_wrk, wait_quiet)
+from bench.load import (OTHER_MAX, Gunicorn, busy_seconds, children_cpu_seconds, machine_seconds, post_token,
+                        proc_cpu_seconds, run_wrk, wait_quiet)
 from bench.workload import with_proofs
 from bench.world import World
 
@@ -62,9 +62,11 @@ class Runs:
                              dump + "-warmup")
             gpids = [srv.proc.pid, *srv.workers()]
             back0 = self.world.backend.sample(gpids) if service else None  # outside the CPU window
+            machine0 = machine_seconds()
             cpu0 = (busy_seconds(), proc_cpu_seconds(gpids), children_cpu_seconds(), time.process_time())
             res = run_wrk(srv.base + "/token", bodies, a.duration, a.threads, a.connections, auth, dump)
             cpu1 = (busy_seconds(), proc_cpu_seconds(gpids), children_cpu_seconds(), time.process_time())
+            machine1 = machine_seconds()
             back1 = self.world.backend.sample(gpids) if back0 is not None else None
             rss = srv.peak_rss_kib()
         finally:
@@ -75,6 +77,9 @@ class Runs:
         cpu = {"app": app_cpu / secs, "wrk": wrk_cpu / secs,
                "other": max(0.0, busy - app_cpu - wrk_cpu - own) / secs,
                "idle": max(0.0, (os.cpu_count() or 1) - busy / secs)}
+        # the part of "other" that is no process's: interrupts (loopback networking) and steal
+        _, irq, steal = (b - a_ for a_, b in zip(machine0, machine1))
+        cpu["interrupts"], cpu["steal"] = irq / secs, steal / secs
         run = {
             "phase": phase, "links": links, "round": rnd, "app": kind,
             "requests": res["requests"], "ok": ok, "non2xx": res["non2xx"],
@@ -107,7 +112,8 @@ class Runs:
         log(f"  {kind:7s} {phase} r{rnd}: {run['exchanges_per_s']:7.1f} exchanges/s  p50 {run['p50_ms']:6.2f} ms  "
             f"p99 {run['p99_ms']:6.2f} ms  non-2xx {run['non2xx']}  sock-err {run['socket_errors']}  "
             f"RSS {run['rss_peak_mib']} MiB  CPU app {cpu['app']:.2f} wrk {cpu['wrk']:.2f} "
-            f"other {cpu['other']:.2f} idle {cpu['idle']:.2f} cores")
+            f"other {cpu['other']:.2f} (interrupts {cpu['interrupts']:.2f}, steal {cpu['steal']:.2f}) "
+            f"idle {cpu['idle']:.2f} cores")
         if run["wrapped"]:
             self.problems.append(f"{kind} {phase} round {rnd}: the body file ran out ({run['bodies']} bodies); "
                                  "tokens were re-sent. Raise the body count.")

@@ -15,6 +15,11 @@ from bench.common import (CLIENT_SECRET, EHR_SCOPE, IDT, MATCH_SYSTEM, REQ_SCOPE
 from bench.load import OTHER_MAX
 
 
+def other_split(c: dict) -> str:
+    """' (irq 0.07, steal 0.02)' for runs that recorded them (older results did not)."""
+    return f" (irq {c['interrupts']:.2f}, steal {c['steal']:.2f})" if "interrupts" in c else ""
+
+
 def git_head() -> str:
     """The checked-out commit, read from .git without running git."""
     try:
@@ -212,12 +217,13 @@ def _runs(args, runs, discarded) -> list[str]:
         w(f"| {r['links']:,} | {r['round']} | {r['app']} | {r['exchanges_per_s']:.1f} | {r['p50_ms']:.2f} | "
           f"{r['p99_ms']:.2f} | {r['non2xx']} | {r['socket_errors']} | {r['requests']:,} | "
           f"{' / '.join(f'{x:.0f}' for x in r['rss_peak_mib'])} | {r['app_cpu_ms_per_exchange'] or 0:.2f} | "
-          f"{c['app']:.2f} / {c['wrk']:.2f} / {c['other']:.2f} / {c['idle']:.2f} |")
+          f"{c['app']:.2f} / {c['wrk']:.2f} / {c['other']:.2f}{other_split(c)} / {c['idle']:.2f} |")
     w("")
     w("CPU cores are averages over the measured run, from /proc: *app* = the gunicorn master and workers, "
       "*wrk* = the load generator, *other* = every other process on the machine (a shared machine shows it "
       f"here; each run first waits up to {args.quiet_wait:g} s for other processes to use under 0.2 cores), "
-      "*idle* = unused.\n")
+      "*idle* = unused. Where recorded, *other* names its share that is no process's: *irq* (interrupts, "
+      "on loopback most of the networking's cost) and *steal* (a virtual machine's core given to another guest).\n")
     if discarded:
         w(f"{len(discarded)} disturbed run(s) were done again and dropped (their figures are in "
           "bench/out/results.json of the run that wrote this file, which git ignores).\n")
