@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import gc
 import os
 import selectors
 import shutil
@@ -250,6 +251,14 @@ class _App(BaseApplication):
         return create_app(group_commit=self.options["threads"] > 1)
 
 
+def _pre_fork(server, worker):
+    """What the master holds (every module imported) moves to the collector's permanent
+    generation before a worker forks (as the gc module's documentation advises), so that a
+    worker's collections never visit those objects: no copy-on-write of the shared pages, and
+    a worker that exits does not spend seconds collecting the whole inherited heap."""
+    gc.freeze()
+
+
 def _child_exit(server, worker):
     """A worker's live gauges go with it; its counts stay in the sum."""
     from prometheus_client import multiprocess
@@ -282,6 +291,6 @@ def run(host: str, port: int, workers: int, settings=None) -> None:
         _App({"bind": f"{host}:{port}", "workers": workers, "worker_class": ThreadWorker,
               "threads": settings.worker_threads, "graceful_timeout": 20, "timeout": 30, "keepalive": 5,
               "accesslog": None, "errorlog": "-", "loglevel": "warning", "logger_class": JSONLogger,
-              "child_exit": _child_exit, "on_exit": on_exit}).run()
+              "child_exit": _child_exit, "on_exit": on_exit, "pre_fork": _pre_fork}).run()
     finally:
         remove_metrics_dir()
