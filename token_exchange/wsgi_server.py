@@ -22,9 +22,9 @@ workers) and one at shut-down.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
-import gc
 import os
 import selectors
 import shutil
