@@ -22,9 +22,18 @@ BIN = Path(sys.executable).parent
 
 class Instance:
     def __init__(self, env, tmp):
+        # free_port() only picks a port that was free: another process (a parallel test, or a
+        # client connection's ephemeral port) may take it before serve binds; then try another.
+        for _ in range(3):
+            if self._start(env, tmp):
+                return
+        raise AssertionError("instance could not find a free port")
+
+    def _start(self, env, tmp) -> bool:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / f"serve-{self.port}.log", "w")
+        self.log_path = tmp / f"serve-{self.port}.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([str(BIN / "token-exchange"), "serve", "--port", str(self.port), "--workers", "2"],
                                      env=dict(os.environ, **env), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -32,10 +41,14 @@ class Instance:
         while time.monotonic() < deadline:
             try:
                 if requests.get(self.base + "/readyz", timeout=1).status_code == 200:
-                    return
+                    return True
             except requests.RequestException:
                 pass
-            assert self.proc.poll() is None, "instance exited at start"
+            if self.proc.poll() is not None:
+                self.log.close()
+                if "address already in use" in self.log_path.read_text():
+                    return False
+                raise AssertionError("instance exited at start")
             time.sleep(0.1)
         raise AssertionError("instance did not become ready")
 
